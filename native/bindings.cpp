@@ -1,0 +1,153 @@
+// Python bindings (_native): Model, Engine, Vocab, Sampler. Thin: validation lives in the C++ classes
+// (BadInput -> ValueError) and the Python layer; nothing here decides policy.
+#include "engine.h"
+#include "errors.h"
+#include "model.h"
+#include "sampler.h"
+#include "vocab.h"
+
+#include <ggml.h>
+#include <llama.h>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace simkv;
+
+namespace {
+
+using FloatArray2 = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
+using TokenArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+FloatArray2 to_numpy(std::vector<float> && v, size_t rows, size_t cols) {
+    auto * heap = new std::vector<float>(std::move(v));
+    nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+    return FloatArray2(heap->data(), {rows, cols}, owner);
+}
+
+nb::dict hparams_dict(const HParams & h) {
+    nb::dict d;
+    d["arch"] = h.arch_name;
+    d["n_layer"] = h.n_layer;
+    d["n_embd"] = h.n_embd;
+    d["n_head"] = h.n_head;
+    d["n_head_kv"] = h.n_head_kv;
+    d["head_dim"] = h.head_dim;
+    d["n_ff"] = h.n_ff;
+    d["n_vocab"] = h.n_vocab;
+    d["n_ctx_train"] = h.n_ctx_train;
+    d["rope_freq_base"] = h.rope_freq_base;
+    return d;
+}
+
+nb::list kv_stats(const Engine & e) {
+    nb::list layers;
+    const KvCache & kv = e.kv();
+    for (size_t il = 0; il < kv.n_layer(); ++il) {
+        const KvStore & s = kv.store((int) il);
+        nb::dict d;
+        d["layer"] = il;
+        d["kind"] = kv.groups()[s.group].policy->kind();
+        d["type_k"] = std::string(ggml_type_name(s.k->type));
+        d["type_v"] = std::string(ggml_type_name(s.v->type));
+        d["capacity"] = (uint32_t) s.k->ne[1];
+        d["bytes"] = s.bytes();
+        d["device"] = s.device;
+        layers.append(d);
+    }
+    return layers;
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+    llama_backend_init();
+    set_native_logging(false);
+    m.def("set_logging", &set_native_logging, "verbose"_a);
+    m.def("cell_pad", []() { return kCellPad; });
+
+    nb::class_<Model>(m, "Model")
+        .def_prop_ro("hparams", [](const Model & md) { return hparams_dict(md.hp()); })
+        .def_prop_ro("metadata", &Model::metadata)
+        .def_prop_ro("weight_bytes", &Model::weight_bytes);
+    m.def("load_model", [](const std::string & path) { return std::make_shared<Model>(path); }, "path"_a,
+          nb::call_guard<nb::gil_scoped_release>());
+
+    nb::class_<Engine>(m, "Engine")
+        .def("__init__",
+             [](Engine * self, std::shared_ptr<Model> model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
+                int n_threads, std::string type_k, std::string type_v, std::string lazy_type,
+                std::vector<int> lazy_layers, uint32_t n_sink, uint32_t n_window) {
+                 EngineConfig c;
+                 c.n_ctx = n_ctx; c.n_batch = n_batch; c.n_ubatch = n_ubatch; c.n_threads = n_threads;
+                 c.type_k = type_k; c.type_v = type_v; c.lazy_type = lazy_type;
+                 c.lazy_layers = lazy_layers; c.n_sink = n_sink; c.n_window = n_window;
+                 new (self) Engine(std::move(model), c);
+             },
+             "model"_a, "n_ctx"_a, "n_batch"_a, "n_ubatch"_a, "n_threads"_a, "type_k"_a, "type_v"_a,
+             "lazy_type"_a, "lazy_layers"_a, "n_sink"_a, "n_window"_a)
+        .def("eval",
+             [](Engine & e, TokenArray tokens, bool all_logits) {
+                 const uint32_t n = (uint32_t) tokens.shape(0);
+                 std::vector<float> logits;
+                 {
+                     nb::gil_scoped_release release;
+                     logits = e.eval(tokens.data(), n, all_logits);
+                 }
+                 const size_t n_vocab = e.model().hp().n_vocab;
+                 return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
+             },
+             "tokens"_a, "all_logits"_a)
+        .def("truncate", &Engine::truncate, "n_keep"_a)
+        .def("reset", &Engine::reset)
+        .def_prop_ro("n_past", &Engine::n_past)
+        .def_prop_ro("max_ubatch", [](const Engine & e) { return std::min(e.config().n_ubatch, e.kv().max_ubatch()); })
+        .def("kv_layers", &kv_stats)
+        .def_prop_ro("kv_total_bytes", [](const Engine & e) { return e.kv().total_bytes(); });
+
+    nb::class_<Vocab>(m, "Vocab")
+        .def(nb::init<const std::string &>(), "path"_a)
+        .def("tokenize",
+             [](const Vocab & v, nb::bytes text, bool add_special, bool parse_special) {
+                 return v.tokenize(std::string(text.c_str(), text.size()), add_special, parse_special);
+             },
+             "text"_a, "add_special"_a, "parse_special"_a)
+        .def("token_to_piece",
+             [](const Vocab & v, int32_t token, bool special) {
+                 std::string s = v.token_to_piece(token, special);
+                 return nb::bytes(s.data(), s.size());
+             },
+             "token"_a, "special"_a)
+        .def_prop_ro("n_vocab", &Vocab::n_vocab)
+        .def_prop_ro("bos", &Vocab::bos)
+        .def_prop_ro("eos", &Vocab::eos)
+        .def_prop_ro("add_bos", &Vocab::add_bos)
+        .def("is_eog", &Vocab::is_eog, "token"_a);
+
+    nb::class_<Sampler>(m, "Sampler")
+        .def("__init__",
+             [](Sampler * self, int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p,
+                float repeat_penalty, float frequency_penalty, float presence_penalty, int32_t penalty_last_n,
+                uint32_t seed) {
+                 SamplerParams p;
+                 p.temperature = temperature; p.top_k = top_k; p.top_p = top_p; p.min_p = min_p;
+                 p.repeat_penalty = repeat_penalty; p.frequency_penalty = frequency_penalty;
+                 p.presence_penalty = presence_penalty; p.penalty_last_n = penalty_last_n; p.seed = seed;
+                 new (self) Sampler(n_vocab, p);
+             },
+             "n_vocab"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
+             "frequency_penalty"_a, "presence_penalty"_a, "penalty_last_n"_a, "seed"_a)
+        .def("sample",
+             [](Sampler & s, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
+                 return s.sample(logits.data());
+             },
+             "logits"_a)
+        .def("accept", &Sampler::accept, "token"_a)
+        .def("reset", &Sampler::reset);
+}

@@ -1,0 +1,174 @@
+#include "engine.h"
+
+#include "errors.h"
+#include "graph.h"
+
+#include <ggml-cpu.h>
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+namespace simkv {
+
+ggml_type parse_cache_type(const std::string & name, const char * what) {
+    if (name == "f16") return GGML_TYPE_F16;
+    if (name == "bf16") return GGML_TYPE_BF16;
+    if (name == "q8_0") return GGML_TYPE_Q8_0;
+    if (name == "q4_0") return GGML_TYPE_Q4_0;
+    throw BadInput(std::string("unknown ") + what + " '" + name + "' (expected one of: f16, bf16, q8_0, q4_0)");
+}
+
+namespace {
+
+void validate(const HParams & hp, const EngineConfig & c) {
+    if (c.n_ctx < 1) throw BadInput("n_ctx must be >= 1");
+    if (c.n_batch < 1 || c.n_ubatch < 1) throw BadInput("n_batch and n_ubatch must be >= 1");
+    if (c.n_threads < 1) throw BadInput("n_threads must be >= 1");
+    if (c.n_window < 1) throw BadInput("n_window must be >= 1");
+    ggml_type tk = parse_cache_type(c.type_k, "type_k"), tv = parse_cache_type(c.type_v, "type_v");
+    ggml_type tl = parse_cache_type(c.lazy_type, "lazy_type");
+    if (tk != tv) {
+        throw BadInput("type_k and type_v must be equal (got " + c.type_k + " and " + c.type_v +
+                       "): mixed K/V types fall off the fast flash-attention kernels");
+    }
+    for (ggml_type t : {tk, tl}) {
+        if (hp.head_dim % ggml_blck_size(t) != 0) {
+            throw BadInput(std::string("cache type ") + ggml_type_name(t) + " needs a head size divisible by " +
+                           std::to_string(ggml_blck_size(t)) + "; this model's is " + std::to_string(hp.head_dim));
+        }
+    }
+    std::set<int> seen;
+    for (int il : c.lazy_layers) {
+        if (il < 0 || (uint32_t) il >= hp.n_layer) {
+            throw BadInput("lazy layer " + std::to_string(il) + " is out of range: the model has " +
+                           std::to_string(hp.n_layer) + " layers (0.." + std::to_string(hp.n_layer - 1) + ")");
+        }
+        if (!seen.insert(il).second) throw BadInput("lazy layer " + std::to_string(il) + " is listed twice");
+    }
+}
+
+}  // namespace
+
+Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg) : model_(std::move(model)), cfg_(cfg) {
+    const HParams & hp = model_->hp();
+    validate(hp, cfg_);
+    cfg_.n_ubatch = std::min(cfg_.n_ubatch, cfg_.n_batch);
+
+    cpu_ = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    if (!cpu_) throw std::runtime_error("ggml CPU backend unavailable");
+    ggml_backend_cpu_set_n_threads(cpu_, cfg_.n_threads);
+
+    KvConfig kc;
+    kc.n_ctx = cfg_.n_ctx;
+    kc.n_ubatch = cfg_.n_ubatch;
+    kc.type_full = parse_cache_type(cfg_.type_k, "type_k");
+    kc.type_lazy = parse_cache_type(cfg_.lazy_type, "lazy_type");
+    kc.n_sink = cfg_.n_sink;
+    kc.n_window = cfg_.n_window;
+    kc.lazy_layers = cfg_.lazy_layers;
+    std::vector<ggml_backend_buffer_type_t> bufts(hp.n_layer, ggml_backend_get_default_buffer_type(cpu_));
+    kv_ = std::make_unique<KvCache>(hp, kc, bufts);
+
+    graph_nodes_ = std::max<size_t>(2048, (size_t) hp.n_layer * 64);
+    graph_meta_.resize(ggml_tensor_overhead() * graph_nodes_ + ggml_graph_overhead_custom(graph_nodes_, false));
+    ggml_backend_t backends[] = {cpu_};
+    sched_ = ggml_backend_sched_new(backends, nullptr, 1, graph_nodes_, false, false);
+}
+
+Engine::~Engine() {
+    if (sched_) ggml_backend_sched_free(sched_);
+    kv_.reset();
+    if (cpu_) ggml_backend_free(cpu_);
+}
+
+std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_logits) {
+    const HParams & hp = model_->hp();
+    if (n == 0) throw BadInput("eval() needs at least one token");
+    if ((uint64_t) n_past_ + n > cfg_.n_ctx) {
+        throw BadInput("context overflow: " + std::to_string(n_past_) + " tokens in context + " + std::to_string(n) +
+                       " new > n_ctx " + std::to_string(cfg_.n_ctx));
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || (uint32_t) tokens[i] >= hp.n_vocab) {
+            throw BadInput("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
+                           std::to_string(hp.n_vocab - 1) + ")");
+        }
+    }
+    const uint32_t n_out = all_logits ? n : 1;
+    std::vector<float> logits((size_t) n_out * hp.n_vocab);
+    // Split like llama.cpp: n_batch chunks, each cut into ubatches (kernels' numerics depend on the
+    // batch shape, so the same split gives the same logits).
+    const uint32_t step = std::min(cfg_.n_ubatch, kv_->max_ubatch());
+    for (uint32_t b0 = 0; b0 < n; b0 += cfg_.n_batch) {
+        const uint32_t b1 = std::min(n, b0 + cfg_.n_batch);
+        for (uint32_t i = b0; i < b1; i += step) {
+            const uint32_t m = std::min(step, b1 - i);
+            if (all_logits) {
+                eval_ubatch(tokens + i, m, m, logits.data() + (size_t) i * hp.n_vocab);
+            } else {
+                const bool last = i + m == n;
+                eval_ubatch(tokens + i, m, last ? 1 : 0, last ? logits.data() : nullptr);
+            }
+        }
+    }
+    return logits;
+}
+
+void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out) {
+    const HParams & hp = model_->hp();
+    std::vector<int32_t> pos(n);
+    for (uint32_t i = 0; i < n; ++i) pos[i] = (int32_t) (n_past_ + i);
+    kv_->plan_ubatch(pos.data(), n);
+
+    ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), true};
+    ggml_context * ctx = ggml_init(ip);
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_nodes_, false);
+    // A ubatch with no output still needs a graph sink: keep one row of logits and drop it.
+    const uint32_t n_rows = std::max<uint32_t>(n_outputs, 1);
+    GraphBuild b{ctx, gf, *model_, *kv_, n, n_rows, {}};
+    ggml_tensor * logits = build_graph_llama(b);
+    ggml_build_forward_expand(gf, logits);
+
+    ggml_backend_sched_reset(sched_);
+    if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
+        ggml_free(ctx);
+        throw std::runtime_error("failed to allocate the compute graph");
+    }
+    ggml_backend_tensor_set(b.in.tokens, tokens, 0, sizeof(int32_t) * n);
+    ggml_backend_tensor_set(b.in.pos, pos.data(), 0, sizeof(int32_t) * n);
+    if (b.in.out_ids) {
+        std::vector<int32_t> ids(n_rows);
+        for (uint32_t i = 0; i < n_rows; ++i) ids[i] = (int32_t) (n - n_rows + i);  // the last rows
+        ggml_backend_tensor_set(b.in.out_ids, ids.data(), 0, sizeof(int32_t) * n_rows);
+    }
+    const auto & groups = kv_->groups();
+    for (size_t g = 0; g < groups.size(); ++g) {
+        ggml_backend_tensor_set(b.in.kq_mask[g], groups[g].mask.data(), 0, ggml_nbytes(b.in.kq_mask[g]));
+        ggml_backend_tensor_set(b.in.write_idx[g], groups[g].write_cells.data(), 0, ggml_nbytes(b.in.write_idx[g]));
+    }
+    const ggml_status st = ggml_backend_sched_graph_compute(sched_, gf);
+    if (st != GGML_STATUS_SUCCESS) {
+        ggml_free(ctx);
+        throw std::runtime_error("graph compute failed");
+    }
+    if (out && n_outputs > 0) ggml_backend_tensor_get(logits, out, 0, sizeof(float) * (size_t) n_outputs * hp.n_vocab);
+    ggml_free(ctx);
+    n_past_ += n;
+    n_written_ = std::max(n_written_, n_past_);
+}
+
+bool Engine::truncate(uint32_t n_keep) {
+    if (n_keep >= n_past_) return true;
+    if (!kv_->truncate((int32_t) n_keep, (int32_t) n_written_)) return false;
+    n_past_ = n_keep;
+    return true;
+}
+
+void Engine::reset() {
+    kv_->clear();
+    n_past_ = 0;
+    n_written_ = 0;
+}
+
+}  // namespace simkv

@@ -1,0 +1,43 @@
+// Building one ubatch's compute graph: inputs, shared helpers, and one builder per architecture family.
+#pragma once
+#include <ggml.h>
+
+#include <vector>
+
+namespace simkv {
+
+class Model;
+class KvCache;
+
+// Graph inputs, filled after the scheduler has allocated them.
+struct UbatchInputs {
+    ggml_tensor * tokens = nullptr;   // I32 [n_tokens]
+    ggml_tensor * pos = nullptr;      // I32 [n_tokens]
+    ggml_tensor * out_ids = nullptr;  // I32 [n_outputs], null when every token is output
+    std::vector<ggml_tensor *> kq_mask;    // per KV group: F16 [n_kv, n_tokens]
+    std::vector<ggml_tensor *> write_idx;  // per KV group: I64 [n_tokens]
+};
+
+struct GraphBuild {
+    ggml_context * ctx;
+    ggml_cgraph * gf;
+    const Model & model;
+    const KvCache & kv;
+    uint32_t n_tokens;
+    uint32_t n_outputs;
+    UbatchInputs in;
+};
+
+// rms_norm(x) * w
+ggml_tensor * build_rms_norm(GraphBuild & b, ggml_tensor * x, ggml_tensor * w, float eps);
+// down(silu(gate(x)) * up(x))
+ggml_tensor * build_ffn_swiglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
+// Writes this ubatch's K/V into layer il's store, then attends over the store's visible cells.
+// q_cur [head_dim, n_head, n_tokens], k_cur/v_cur [head_dim, n_head_kv, n_tokens], all F32, RoPE applied.
+// Returns [head_dim * n_head, n_tokens].
+ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur);
+
+// Creates b.in and returns the logits tensor [n_vocab, n_outputs].
+ggml_tensor * build_graph_llama(GraphBuild & b);  // llama, qwen2, qwen3
+
+}  // namespace simkv

@@ -1,0 +1,49 @@
+// Attention over one layer's KV store: the only place a store is written and read in the graph.
+// Which cells are written and which are visible was decided by KvCache::plan_ubatch (the policy);
+// here that becomes a set_rows into the store and a flash-attention over its first n_kv cells.
+#include "graph.h"
+
+#include "kv_cache.h"
+#include "model.h"
+
+#include <cmath>
+
+namespace simkv {
+
+ggml_tensor * build_rms_norm(GraphBuild & b, ggml_tensor * x, ggml_tensor * w, float eps) {
+    return ggml_mul(b.ctx, ggml_rms_norm(b.ctx, x, eps), w);
+}
+
+ggml_tensor * build_ffn_swiglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) {
+    ggml_tensor * u = ggml_mul_mat(b.ctx, up, x);
+    ggml_tensor * g = ggml_mul_mat(b.ctx, gate, x);
+    return ggml_mul_mat(b.ctx, down, ggml_swiglu_split(b.ctx, g, u));
+}
+
+ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur) {
+    ggml_context * ctx = b.ctx;
+    const HParams & hp = b.model.hp();
+    const KvStore & s = b.kv.store(il);
+    const KvGroup & g = b.kv.groups()[s.group];
+    const uint32_t n_kv = g.n_kv;
+    const int64_t d = hp.head_dim, n_embd_gqa = hp.n_embd_k_gqa();
+
+    // Write: rows of the store at the cells the policy chose (F32 -> store type, quantizing if needed).
+    ggml_tensor * idx = b.in.write_idx[s.group];
+    ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.k, ggml_reshape_2d(ctx, k_cur, n_embd_gqa, b.n_tokens), idx));
+    ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.v, ggml_reshape_2d(ctx, v_cur, n_embd_gqa, b.n_tokens), idx));
+
+    // Read: the first n_kv cells as [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does.
+    ggml_tensor * k = ggml_view_3d(ctx, s.k, d, n_kv, hp.n_head_kv, ggml_row_size(s.k->type, n_embd_gqa),
+                                   ggml_row_size(s.k->type, d), 0);
+    ggml_tensor * v = ggml_view_3d(ctx, s.v, d, n_kv, hp.n_head_kv, ggml_row_size(s.v->type, n_embd_gqa),
+                                   ggml_row_size(s.v->type, d), 0);
+    ggml_tensor * q = ggml_permute(ctx, q_cur, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
+
+    // Mask: the group's, shared by all its layers (causal for FULL, sink + window for LAZY).
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, b.in.kq_mask[s.group], 1.0f / std::sqrt((float) d), 0.0f, 0.0f);
+    ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
+    return ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);  // out is [head_dim, n_head, n_tokens]
+}
+
+}  // namespace simkv

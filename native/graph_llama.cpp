@@ -1,0 +1,73 @@
+// The Llama family (llama, qwen2 = + QKV bias, qwen3 = + per-head Q/K RMS norm), top to bottom.
+#include "graph.h"
+
+#include "kv_cache.h"
+#include "model.h"
+
+namespace simkv {
+
+ggml_tensor * build_graph_llama(GraphBuild & b) {
+    ggml_context * ctx = b.ctx;
+    const Model & m = b.model;
+    const HParams & hp = m.hp();
+    const uint32_t n = b.n_tokens;
+
+    b.in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    b.in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    ggml_set_input(b.in.tokens);
+    ggml_set_input(b.in.pos);
+    if (b.n_outputs < n) {
+        b.in.out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, b.n_outputs);
+        ggml_set_input(b.in.out_ids);
+    }
+    for (const KvGroup & g : b.kv.groups()) {
+        ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, g.n_kv, n);
+        ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+        ggml_set_input(mask);
+        ggml_set_input(idx);
+        b.in.kq_mask.push_back(mask);
+        b.in.write_idx.push_back(idx);
+    }
+
+    auto rope = [&](ggml_tensor * x) {
+        return ggml_rope_ext(ctx, x, b.in.pos, m.rope_freqs, hp.n_rot, hp.rope_type, hp.n_ctx_train,
+                             hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+    };
+
+    ggml_tensor * x = ggml_get_rows(ctx, m.tok_embd, b.in.tokens);  // [n_embd, n]
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const LayerWeights & L = m.layers[il];
+        ggml_tensor * cur = build_rms_norm(b, x, L.attn_norm, hp.rms_eps);
+
+        ggml_tensor * q = ggml_mul_mat(ctx, L.wq, cur);
+        ggml_tensor * k = ggml_mul_mat(ctx, L.wk, cur);
+        ggml_tensor * v = ggml_mul_mat(ctx, L.wv, cur);
+        if (L.bq) q = ggml_add(ctx, q, L.bq);
+        if (L.bk) k = ggml_add(ctx, k, L.bk);
+        if (L.bv) v = ggml_add(ctx, v, L.bv);
+        q = ggml_reshape_3d(ctx, q, hp.head_dim, hp.n_head, n);
+        k = ggml_reshape_3d(ctx, k, hp.head_dim, hp.n_head_kv, n);
+        v = ggml_reshape_3d(ctx, v, hp.head_dim, hp.n_head_kv, n);
+        if (L.q_norm) q = build_rms_norm(b, q, L.q_norm, hp.rms_eps);
+        if (L.k_norm) k = build_rms_norm(b, k, L.k_norm, hp.rms_eps);
+        q = rope(q);
+        k = rope(k);
+
+        cur = build_attention(b, (int) il, q, k, v);
+        cur = ggml_mul_mat(ctx, L.wo, cur);
+
+        if (il == hp.n_layer - 1 && b.in.out_ids) {
+            // Only the output rows go through the last FFN and the vocabulary projection.
+            cur = ggml_get_rows(ctx, cur, b.in.out_ids);
+            x = ggml_get_rows(ctx, x, b.in.out_ids);
+        }
+        ggml_tensor * ffn_in = ggml_add(ctx, cur, x);
+        cur = build_rms_norm(b, ffn_in, L.ffn_norm, hp.rms_eps);
+        cur = build_ffn_swiglu(b, cur, L.ffn_gate, L.ffn_up, L.ffn_down);
+        x = ggml_add(ctx, cur, ffn_in);
+    }
+    x = build_rms_norm(b, x, m.output_norm, hp.rms_eps);
+    return ggml_mul_mat(ctx, m.output, x);
+}
+
+}  // namespace simkv

@@ -1,0 +1,35 @@
+// What a layer's KV store keeps: how many cells, which cell a position goes to, and which keys a query
+// may see. A store is one layer's K/V tensors plus one of these; a new per-layer policy is one new file
+// that implements this interface and a factory, nothing else.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace simkv {
+
+constexpr uint32_t kCellPad = 256;  // CUDA's vector FA kernel wants n_kv % 256 == 0; keep shapes stable
+inline uint32_t pad_cells(uint32_t n) { return (n + kCellPad - 1) / kCellPad * kCellPad; }
+
+class KvPolicy {
+public:
+    virtual ~KvPolicy() = default;
+    virtual std::string kind() const = 0;            // "full", "lazy", ...
+    virtual uint32_t capacity() const = 0;           // cells allocated (a multiple of kCellPad)
+    virtual uint32_t cell_of(int32_t pos) const = 0; // where position `pos` is written
+    // Whether a query at q_pos attends to the key at k_pos (k_pos <= q_pos is checked by the caller).
+    virtual bool visible(int32_t q_pos, int32_t k_pos) const = 0;
+    // Largest ubatch that can be written before being attended to without overwriting a key that one of
+    // its own queries still needs (or writing one cell twice).
+    virtual uint32_t max_ubatch() const = 0;
+    // Whether, after positions [0, n_written) were written, the store still holds every key that a query
+    // at n_keep needs, so the context can be cut back to n_keep tokens without re-evaluating.
+    virtual bool can_rewind_to(int32_t n_keep, int32_t n_written) const = 0;
+    // Parameters that identify the policy (stores with equal keys share masks and cell maps).
+    virtual std::string key() const = 0;
+};
+
+std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx);
+std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch);
+
+}  // namespace simkv

@@ -1,0 +1,28 @@
+// FULL: one cell per position, causal mask. What every layer of a normal transformer keeps.
+#include "kv_policy.h"
+
+namespace simkv {
+
+namespace {
+
+class FullPolicy final : public KvPolicy {
+public:
+    explicit FullPolicy(uint32_t n_ctx) : n_ctx_(n_ctx), capacity_(pad_cells(n_ctx)) {}
+    std::string kind() const override { return "full"; }
+    uint32_t capacity() const override { return capacity_; }
+    uint32_t cell_of(int32_t pos) const override { return (uint32_t) pos; }
+    bool visible(int32_t, int32_t) const override { return true; }
+    uint32_t max_ubatch() const override { return capacity_; }
+    bool can_rewind_to(int32_t, int32_t) const override { return true; }
+    std::string key() const override { return "full/" + std::to_string(capacity_); }
+
+private:
+    uint32_t n_ctx_;
+    uint32_t capacity_;
+};
+
+}  // namespace
+
+std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx) { return std::make_unique<FullPolicy>(n_ctx); }
+
+}  // namespace simkv

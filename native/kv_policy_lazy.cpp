@@ -1,0 +1,51 @@
+// LAZY (SimLayerKV / StreamingLLM): the first n_sink positions keep fixed cells; every later position
+// goes to a ring. A query sees the sinks plus the n_window most recent keys (itself included).
+//
+// The ring holds at least n_window + n_ubatch - 1 positions so that a whole ubatch is written before it
+// is attended to: the oldest key the ubatch's first query needs is still there when its last token
+// lands. Capacity is padded to kCellPad and the padding joins the ring (free headroom).
+#include "kv_policy.h"
+
+#include <algorithm>
+
+namespace simkv {
+
+namespace {
+
+class SinkRingPolicy final : public KvPolicy {
+public:
+    SinkRingPolicy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch)
+        : n_sink_(n_sink), n_window_(n_window),
+          capacity_(pad_cells(n_sink + n_window + n_ubatch - 1)), ring_(capacity_ - n_sink) {}
+
+    std::string kind() const override { return "lazy"; }
+    uint32_t capacity() const override { return capacity_; }
+    uint32_t cell_of(int32_t pos) const override {
+        return (uint32_t) pos < n_sink_ ? (uint32_t) pos : n_sink_ + ((uint32_t) pos - n_sink_) % ring_;
+    }
+    bool visible(int32_t q_pos, int32_t k_pos) const override {
+        return (uint32_t) k_pos < n_sink_ || (int64_t) q_pos - k_pos < (int64_t) n_window_;
+    }
+    uint32_t max_ubatch() const override { return ring_ - n_window_ + 1; }
+    bool can_rewind_to(int32_t n_keep, int32_t n_written) const override {
+        // The ring holds positions [n_written - ring, n_written). The next query (at n_keep) needs
+        // positions [n_keep - n_window + 1, n_keep) besides the sinks; they must not have been overwritten.
+        const int64_t needed_from = std::max<int64_t>(n_sink_, (int64_t) n_keep - n_window_ + 1);
+        const int64_t kept_from = (int64_t) n_written - ring_;
+        return needed_from >= n_keep || needed_from >= kept_from;
+    }
+    std::string key() const override {
+        return "lazy/" + std::to_string(n_sink_) + "/" + std::to_string(n_window_) + "/" + std::to_string(capacity_);
+    }
+
+private:
+    uint32_t n_sink_, n_window_, capacity_, ring_;
+};
+
+}  // namespace
+
+std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch) {
+    return std::make_unique<SinkRingPolicy>(n_sink, n_window, n_ubatch);
+}
+
+}  // namespace simkv

@@ -1,0 +1,189 @@
+#include "model.h"
+
+#include "errors.h"
+#include "gguf_file.h"
+
+#include <gguf.h>
+#include <ggml-cpu.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <sstream>
+
+namespace simkv {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t> & ne) {
+    std::ostringstream s;
+    s << "[";
+    for (size_t i = 0; i < ne.size(); ++i) s << (i ? ", " : "") << ne[i];
+    s << "]";
+    return s.str();
+}
+
+}  // namespace
+
+Model::Model(const std::string & path) : path_(path) {
+    GgufFile f(path);
+    load_hparams(f);
+    metadata_ = f.metadata();
+    // Take over the descriptor context: weights are bound by name and mapped from the file.
+    bind_tensors(f);
+    map_weights(f);
+}
+
+Model::~Model() {
+    if (buffer_) ggml_backend_buffer_free(buffer_);
+    if (mapping_) munmap(mapping_, mapping_size_);
+    if (ctx_) ggml_free(ctx_);
+}
+
+void Model::load_hparams(const GgufFile & f) {
+    if (!f.has("general.architecture")) throw BadInput("GGUF has no general.architecture: " + f.path());
+    const std::string arch = f.get_str("general.architecture");
+    hp_.arch_name = arch;
+    if (arch == "llama") {
+        hp_.arch = Arch::LLAMA;
+        hp_.rope_type = 0;
+    } else if (arch == "qwen2") {
+        hp_.arch = Arch::QWEN2;
+        hp_.rope_type = GGML_ROPE_TYPE_NEOX;
+    } else if (arch == "qwen3") {
+        hp_.arch = Arch::QWEN3;
+        hp_.rope_type = GGML_ROPE_TYPE_NEOX;
+    } else {
+        throw BadInput("unsupported model architecture '" + arch + "' (supported: llama, qwen2, qwen3)");
+    }
+    const std::string p = arch + ".";
+    hp_.n_layer = f.get_u32(p + "block_count");
+    hp_.n_embd = f.get_u32(p + "embedding_length");
+    hp_.n_ff = f.get_u32(p + "feed_forward_length");
+    hp_.n_head = f.get_u32(p + "attention.head_count");
+    hp_.n_head_kv = f.get_u32(p + "attention.head_count_kv", hp_.n_head);
+    hp_.n_ctx_train = f.get_u32(p + "context_length", 4096);
+    if (hp_.n_layer == 0 || hp_.n_embd == 0 || hp_.n_head == 0 || hp_.n_head_kv == 0 || hp_.n_ff == 0) {
+        throw BadInput("GGUF hyperparameters must be positive (block_count, embedding_length, head counts, feed_forward_length)");
+    }
+    if (hp_.n_head % hp_.n_head_kv != 0) throw BadInput("head_count must be a multiple of head_count_kv");
+    hp_.head_dim = f.get_u32(p + "attention.key_length", hp_.n_embd / hp_.n_head);
+    if (f.get_u32(p + "attention.value_length", hp_.head_dim) != hp_.head_dim) {
+        throw BadInput("models whose V head size differs from K head size are not supported");
+    }
+    hp_.n_rot = f.get_u32(p + "rope.dimension_count", hp_.head_dim);
+    hp_.rms_eps = f.get_f32(p + "attention.layer_norm_rms_epsilon", 1e-5f);
+    hp_.rope_freq_base = f.get_f32(p + "rope.freq_base", 10000.0f);
+    if (f.has(p + "rope.scaling.type")) {
+        const std::string st = f.get_str(p + "rope.scaling.type");
+        if (st == "linear") {
+            float factor = f.get_f32(p + "rope.scaling.factor", 1.0f);
+            hp_.rope_freq_scale = factor > 0 ? 1.0f / factor : 1.0f;
+        } else if (st != "none") {
+            throw BadInput("unsupported RoPE scaling type '" + st + "' (supported: none, linear)");
+        }
+    }
+    if (f.has("tokenizer.ggml.tokens")) {
+        hp_.n_vocab = (uint32_t) gguf_get_arr_n(f.gguf(), gguf_find_key(f.gguf(), "tokenizer.ggml.tokens"));
+    }
+}
+
+void Model::bind_tensors(const GgufFile & f) {
+    ggml_context * meta = f.meta();
+    std::vector<std::string> problems;
+    auto get = [&](const std::string & name, std::vector<int64_t> ne, bool required) -> ggml_tensor * {
+        ggml_tensor * t = ggml_get_tensor(meta, name.c_str());
+        if (!t) {
+            if (required) problems.push_back("missing tensor " + name + " " + shape_str(ne));
+            return nullptr;
+        }
+        std::vector<int64_t> have;
+        for (int i = 0; i < ggml_n_dims(t); ++i) have.push_back(t->ne[i]);
+        while (have.size() < ne.size()) have.push_back(1);
+        if (have != ne) problems.push_back("tensor " + name + " has shape " + shape_str(have) + ", expected " + shape_str(ne));
+        return t;
+    };
+    const auto & h = hp_;
+    ggml_tensor * te = ggml_get_tensor(meta, "token_embd.weight");
+    if (te && h.n_vocab == 0) hp_.n_vocab = (uint32_t) te->ne[1];
+    const int64_t nv = hp_.n_vocab, E = h.n_embd, Dq = (int64_t) h.head_dim * h.n_head, Dkv = h.n_embd_k_gqa();
+    tok_embd = get("token_embd.weight", {E, nv}, true);
+    output_norm = get("output_norm.weight", {E}, true);
+    output = get("output.weight", {E, nv}, false);
+    if (!output) output = tok_embd;  // tied embeddings
+    rope_freqs = get("rope_freqs.weight", {(int64_t) h.n_rot / 2}, false);
+    layers.resize(h.n_layer);
+    for (uint32_t il = 0; il < h.n_layer; ++il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        LayerWeights & L = layers[il];
+        L.attn_norm = get(b + "attn_norm.weight", {E}, true);
+        L.wq = get(b + "attn_q.weight", {E, Dq}, true);
+        L.wk = get(b + "attn_k.weight", {E, Dkv}, true);
+        L.wv = get(b + "attn_v.weight", {E, Dkv}, true);
+        L.wo = get(b + "attn_output.weight", {Dq, E}, true);
+        const bool qwen2 = h.arch == Arch::QWEN2;
+        L.bq = get(b + "attn_q.bias", {Dq}, qwen2);
+        L.bk = get(b + "attn_k.bias", {Dkv}, qwen2);
+        L.bv = get(b + "attn_v.bias", {Dkv}, qwen2);
+        if (h.arch == Arch::QWEN3) {
+            L.q_norm = get(b + "attn_q_norm.weight", {(int64_t) h.head_dim}, true);
+            L.k_norm = get(b + "attn_k_norm.weight", {(int64_t) h.head_dim}, true);
+        }
+        L.ffn_norm = get(b + "ffn_norm.weight", {E}, true);
+        L.ffn_gate = get(b + "ffn_gate.weight", {E, (int64_t) h.n_ff}, true);
+        L.ffn_up = get(b + "ffn_up.weight", {E, (int64_t) h.n_ff}, true);
+        L.ffn_down = get(b + "ffn_down.weight", {(int64_t) h.n_ff, E}, true);
+    }
+    if (!problems.empty()) {
+        std::string msg = "model '" + h.arch_name + "' in " + f.path() + " does not match the expected layout:";
+        size_t shown = 0;
+        for (const auto & p : problems) {
+            if (++shown > 8) { msg += "\n  ... and " + std::to_string(problems.size() - 8) + " more"; break; }
+            msg += "\n  " + p;
+        }
+        throw BadInput(msg);
+    }
+    if (h.n_rot > h.head_dim || h.n_rot % 2) throw BadInput("rope.dimension_count must be even and <= head size");
+}
+
+void Model::map_weights(const GgufFile & f) {
+    // Keep the descriptor context alive as ours: the GgufFile will free only the gguf side.
+    int fd = open(f.path().c_str(), O_RDONLY);
+    if (fd < 0) throw BadInput("cannot open model file: " + f.path());
+    mapping_size_ = f.file_size();
+    mapping_ = mmap(nullptr, mapping_size_, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (mapping_ == MAP_FAILED) {
+        mapping_ = nullptr;
+        throw std::runtime_error("mmap failed for " + f.path());
+    }
+    // Copy the descriptors into a context we own (the GgufFile's context dies with it).
+    const int64_t n = gguf_get_n_tensors(f.gguf());
+    ggml_init_params ip = {ggml_tensor_overhead() * (size_t) (n + 1), nullptr, true};
+    ctx_ = ggml_init(ip);
+    // The CPU buffer wraps the mapping; ggml never writes weights.
+    buffer_ = ggml_backend_cpu_buffer_from_ptr(mapping_, mapping_size_);
+    ggml_backend_buffer_set_usage(buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    std::map<ggml_tensor *, ggml_tensor *> remap;
+    char * base = (char *) mapping_ + f.data_offset();
+    for (int64_t i = 0; i < n; ++i) {
+        const char * name = gguf_get_tensor_name(f.gguf(), i);
+        ggml_tensor * src = ggml_get_tensor(f.meta(), name);
+        ggml_tensor * dst = ggml_dup_tensor(ctx_, src);
+        ggml_set_name(dst, name);
+        ggml_backend_tensor_alloc(buffer_, dst, base + gguf_get_tensor_offset(f.gguf(), i));
+        remap[src] = dst;
+        weight_bytes_ += ggml_nbytes(dst);
+    }
+    auto fix = [&](ggml_tensor *& t) { if (t) t = remap.at(t); };
+    fix(tok_embd); fix(output_norm); fix(output); fix(rope_freqs);
+    for (auto & L : layers) {
+        for (ggml_tensor ** t : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.q_norm, &L.k_norm,
+                                 &L.ffn_norm, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) {
+            fix(*t);
+        }
+    }
+}
+
+}  // namespace simkv

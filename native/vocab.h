@@ -1,0 +1,36 @@
+// Tokenizer and detokenizer: libllama's, loaded with vocab_only (no weights), from the same GGUF.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct llama_model;
+struct llama_vocab;
+
+namespace simkv {
+
+class Vocab {
+public:
+    explicit Vocab(const std::string & path);
+    ~Vocab();
+    Vocab(const Vocab &) = delete;
+    Vocab & operator=(const Vocab &) = delete;
+
+    std::vector<int32_t> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    std::string token_to_piece(int32_t token, bool special) const;
+    int32_t n_vocab() const;
+    int32_t bos() const;
+    int32_t eos() const;
+    bool add_bos() const;
+    bool is_eog(int32_t token) const;
+    const llama_vocab * get() const { return vocab_; }
+
+private:
+    llama_model * model_ = nullptr;
+    const llama_vocab * vocab_ = nullptr;
+};
+
+// Route ggml/libllama log messages: silent unless verbose.
+void set_native_logging(bool verbose);
+
+}  // namespace simkv

@@ -1,0 +1,283 @@
+"""`Llama`: the user-facing model object, shaped like llama-cpp-python's.
+
+It validates arguments (so that nothing invalid reaches ggml, whose asserts abort the process), owns one
+native Engine (model + per-layer KV cache) and one Vocab (libllama's tokenizer), and keeps the tokens and
+logits of the current context.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from . import _native
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_cache_type(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string such as 'f16' or 'q4_0', got {type(value).__name__}")
+    if value.lower() not in CACHE_TYPES:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(CACHE_TYPES)}")
+    return value.lower()
+
+
+def _check_model_file(model_path) -> str:
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise TypeError(f"model_path must be a path, got {type(model_path).__name__}")
+    path = os.fspath(model_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"model path is not a file: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"not a GGUF file: {path}")
+    return path
+
+
+def _check_lazy_layers(lazy_layers, n_layer: int) -> List[int]:
+    if lazy_layers is None:
+        return []
+    if isinstance(lazy_layers, (str, bytes)) or not hasattr(lazy_layers, "__iter__"):
+        raise TypeError("lazy_layers must be a sequence of layer indices (ints) or None")
+    out: List[int] = []
+    for il in lazy_layers:
+        if isinstance(il, bool) or not isinstance(il, (int, np.integer)):
+            raise TypeError(f"lazy layer indices must be ints, got {il!r}")
+        if not 0 <= il < n_layer:
+            raise ValueError(f"lazy layer {il} is out of range: the model has {n_layer} layers (0..{n_layer - 1})")
+        if il in out:
+            raise ValueError(f"lazy layer {il} is listed twice")
+        out.append(int(il))
+    return sorted(out)
+
+
+class Llama:
+    """A GGUF model with a per-layer KV cache.
+
+    lazy_layers: indices of layers whose cache keeps only `n_sink` initial tokens plus a ring of the last
+    `n_window` tokens, stored as `lazy_type`. The other layers keep all `n_ctx` tokens as `type_k`/`type_v`.
+    """
+
+    def __init__(
+        self,
+        model_path,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        lazy_layers: Optional[Sequence[int]] = None,
+        lazy_type: str = "q4_0",
+        n_sink: int = 4,
+        n_window: int = 1024,
+        logits_all: bool = False,
+        seed: int = LLAMA_DEFAULT_SEED,
+        verbose: bool = False,
+    ):
+        self.verbose = bool(verbose)
+        _native.set_logging(self.verbose)
+        self.model_path = _check_model_file(model_path)
+        self._n_ctx = _check_int("n_ctx", n_ctx, 1)
+        self.n_batch = _check_int("n_batch", n_batch, 1)
+        self.n_ubatch = min(_check_int("n_ubatch", n_ubatch, 1), self.n_batch)
+        if n_threads is None:
+            n_threads = max((os.cpu_count() or 2) // 2, 1)  # llama-cpp-python's default
+        self.n_threads = _check_int("n_threads", n_threads, 1)
+        n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
+        if n_gpu_layers != 0:
+            warnings.warn("n_gpu_layers ignored: this simkv build runs on the CPU", RuntimeWarning, stacklevel=2)
+        self.type_k = _check_cache_type("type_k", type_k)
+        self.type_v = _check_cache_type("type_v", type_v)
+        if self.type_k != self.type_v:
+            raise ValueError(
+                f"type_k and type_v must be equal (got {self.type_k} and {self.type_v}): "
+                "mixed K/V types fall off the fast flash-attention kernels"
+            )
+        self.lazy_type = _check_cache_type("lazy_type", lazy_type)
+        self.n_sink = _check_int("n_sink", n_sink, 0)
+        self.n_window = _check_int("n_window", n_window, 1)
+        self.logits_all = bool(logits_all)
+        self._seed = _check_int("seed", seed, 0) & 0xFFFFFFFF
+
+        self._model = _native.load_model(self.model_path)
+        self._hparams = self._model.hparams
+        self.lazy_layers = _check_lazy_layers(lazy_layers, self._hparams["n_layer"])
+        self._vocab = _native.Vocab(self.model_path)
+        if self._vocab.n_vocab != self._hparams["n_vocab"]:
+            raise ValueError(
+                f"tokenizer has {self._vocab.n_vocab} tokens but the model's embedding has {self._hparams['n_vocab']}"
+            )
+        self._engine = _native.Engine(
+            self._model, n_ctx=self._n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch,
+            n_threads=self.n_threads, type_k=self.type_k, type_v=self.type_v, lazy_type=self.lazy_type,
+            lazy_layers=self.lazy_layers, n_sink=self.n_sink, n_window=self.n_window,
+        )
+        self._input_ids: List[int] = []
+        self._last_logits: Optional[np.ndarray] = None
+        self._scores_all = np.empty((self._n_ctx, self.n_vocab()), dtype=np.float32) if self.logits_all else None
+
+    # --- model facts -------------------------------------------------------------------------------
+    @property
+    def metadata(self) -> dict:
+        return dict(self._model.metadata)
+
+    @property
+    def hparams(self) -> dict:
+        return dict(self._hparams)
+
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def n_vocab(self) -> int:
+        return self._hparams["n_vocab"]
+
+    def token_bos(self) -> int:
+        return self._vocab.bos
+
+    def token_eos(self) -> int:
+        return self._vocab.eos
+
+    # --- tokens ------------------------------------------------------------------------------------
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        if not isinstance(text, (bytes, bytearray)):
+            raise TypeError("tokenize() takes bytes; use text.encode('utf-8')")
+        return self._vocab.tokenize(bytes(text), add_bos, special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None, special: bool = False) -> bytes:
+        return b"".join(self._vocab.token_to_piece(int(t), special) for t in tokens)
+
+    # --- context -----------------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return len(self._input_ids)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return np.asarray(self._input_ids, dtype=np.int32)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Logits [n_tokens, n_vocab]: every row when logits_all=True, otherwise only the last row is set."""
+        if self._scores_all is not None:
+            return self._scores_all[: self.n_tokens]
+        out = np.zeros((self.n_tokens, self.n_vocab()), dtype=np.float32)
+        if self._last_logits is not None and self.n_tokens:
+            out[-1] = self._last_logits
+        return out
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append tokens to the context and compute their logits."""
+        arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        if arr.size == 0:
+            return
+        n_vocab = self.n_vocab()
+        if arr.min() < 0 or arr.max() >= n_vocab:
+            raise ValueError(f"token ids must be in 0..{n_vocab - 1}")
+        if self.n_tokens + arr.size > self._n_ctx:
+            raise ValueError(
+                f"Requested tokens ({self.n_tokens + arr.size}) exceed context window of {self._n_ctx}"
+            )
+        logits = self._engine.eval(arr.astype(np.int32), self.logits_all)
+        if self._scores_all is not None:
+            self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
+        self._last_logits = logits[-1]
+        self._input_ids.extend(int(t) for t in arr)
+
+    def reset(self) -> None:
+        """Forget the context (the KV cache is cleared)."""
+        self._engine.reset()
+        self._input_ids = []
+        self._last_logits = None
+
+    def _rewind(self, n_keep: int) -> bool:
+        """Cut the context back to n_keep tokens. False if a lazy ring no longer holds what that needs."""
+        if n_keep >= self.n_tokens:
+            return True
+        if not self._engine.truncate(n_keep):
+            return False
+        del self._input_ids[n_keep:]
+        self._last_logits = self._scores_all[n_keep - 1].copy() if (self._scores_all is not None and n_keep) else None
+        return True
+
+    def kv_cache_stats(self) -> dict:
+        layers = self._engine.kv_layers()
+        return {"total_bytes": int(self._engine.kv_total_bytes), "layers": layers}
+
+    # --- generation --------------------------------------------------------------------------------
+    def generate(
+        self,
+        tokens: Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        seed: Optional[int] = None,
+    ) -> Iterator[int]:
+        """Yield sampled tokens after `tokens`, forever (the caller stops). temp <= 0 is greedy.
+
+        With reset=True the context restarts from `tokens`, reusing the longest common prefix with the
+        current context where every store still holds it.
+        """
+        tokens = [int(t) for t in tokens]
+        if reset:
+            tokens = self._reuse_prefix(tokens)
+        sampler = self._make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
+                                     presence_penalty, seed)
+        if tokens:
+            self.eval(tokens)
+        if self._last_logits is None:
+            raise ValueError("generate() needs at least one token in the context")
+        for t in self._input_ids[-64:]:
+            sampler.accept(t)  # repetition penalties look at the prompt too
+        while True:
+            token = sampler.sample(self._last_logits)
+            sampler.accept(token)
+            yield token
+            self.eval([token])
+
+    def _reuse_prefix(self, tokens: List[int]) -> List[int]:
+        """Keep the common prefix of the context and `tokens`; return the tokens still to evaluate."""
+        common = 0
+        for a, b in zip(self._input_ids, tokens):
+            if a != b:
+                break
+            common += 1
+        if common == len(tokens) and common > 0:
+            common -= 1  # re-evaluate the last prompt token to get fresh logits
+        if common == 0 or not self._rewind(common):
+            self.reset()
+            return tokens
+        return tokens[common:]
+
+    def _make_sampler(self, temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty, seed):
+        seed = self._seed if seed is None else (_check_int("seed", seed, 0) & 0xFFFFFFFF)
+        return _native.Sampler(
+            n_vocab=self.n_vocab(), temperature=float(temp), top_k=int(top_k), top_p=float(top_p),
+            min_p=float(min_p), repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
+            presence_penalty=float(presence_penalty), penalty_last_n=64, seed=seed,
+        )
+
+    def close(self) -> None:
+        self._engine = None
+        self._model = None
+        self._vocab = None

@@ -1,0 +1,35 @@
+import importlib.util
+import os
+
+import pytest
+
+from py_simkv import default_model_path
+
+# The repository root must not go on sys.path (its py_simkv/ has no compiled module): load the
+# synthetic-model writer from its file.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("simkv_synthetic", os.path.join(_ROOT, "models", "synthetic.py"))
+synthetic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(synthetic)
+write_model = synthetic.write_model
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny(arch="llama", weight_type="f32", **kw) -> path of a cached synthetic GGUF."""
+    cache = {}
+    folder = tmp_path_factory.mktemp("models")
+
+    def make(arch="llama", weight_type="f32", **kw):
+        key = (arch, weight_type, tuple(sorted(kw.items())))
+        if key not in cache:
+            path = str(folder / f"tiny-{arch}-{weight_type}-{len(cache)}.gguf")
+            cache[key] = write_model(path, "tiny", arch=arch, weight_type=weight_type, **kw)
+        return cache[key]
+
+    return make
