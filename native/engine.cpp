@@ -32,7 +32,9 @@ void validate(const HParams & hp, const EngineConfig & c) {
         throw BadInput("type_k and type_v must be equal (got " + c.type_k + " and " + c.type_v +
                        "): mixed K/V types fall off the fast flash-attention kernels");
     }
-    for (ggml_type t : {tk, tl}) {
+    std::vector<ggml_type> used = {tk};
+    if (!c.lazy_layers.empty()) used.push_back(tl);
+    for (ggml_type t : used) {
         if (hp.head_dim % ggml_blck_size(t) != 0) {
             throw BadInput(std::string("cache type ") + ggml_type_name(t) + " needs a head size divisible by " +
                            std::to_string(ggml_blck_size(t)) + "; this model's is " + std::to_string(hp.head_dim));
