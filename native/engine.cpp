@@ -79,6 +79,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg) : model_(
 }
 
 Engine::~Engine() {
+    if (graph_.ctx) ggml_free(graph_.ctx);
     if (sched_) ggml_backend_sched_free(sched_);
     kv_.reset();
     if (cpu_) ggml_backend_free(cpu_);
@@ -123,41 +124,53 @@ void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs,
     for (uint32_t i = 0; i < n; ++i) pos[i] = (int32_t) (n_past_ + i);
     kv_->plan_ubatch(pos.data(), n);
 
-    ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), true};
-    ggml_context * ctx = ggml_init(ip);
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_nodes_, false);
     // A ubatch with no output still needs a graph sink: keep one row of logits and drop it.
     const uint32_t n_rows = std::max<uint32_t>(n_outputs, 1);
-    GraphBuild b{ctx, gf, *model_, *kv_, n, n_rows, {}};
-    ggml_tensor * logits = build_graph_llama(b);
-    ggml_build_forward_expand(gf, logits);
-
-    ggml_backend_sched_reset(sched_);
-    if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
-        ggml_free(ctx);
-        throw std::runtime_error("failed to allocate the compute graph");
-    }
-    ggml_backend_tensor_set(b.in.tokens, tokens, 0, sizeof(int32_t) * n);
-    ggml_backend_tensor_set(b.in.pos, pos.data(), 0, sizeof(int32_t) * n);
-    if (b.in.out_ids) {
+    BuiltGraph & g = graph_for(n, n_rows);
+    const UbatchInputs & in = g.in;
+    ggml_backend_tensor_set(in.tokens, tokens, 0, sizeof(int32_t) * n);
+    ggml_backend_tensor_set(in.pos, pos.data(), 0, sizeof(int32_t) * n);
+    if (in.out_ids) {
         std::vector<int32_t> ids(n_rows);
         for (uint32_t i = 0; i < n_rows; ++i) ids[i] = (int32_t) (n - n_rows + i);  // the last rows
-        ggml_backend_tensor_set(b.in.out_ids, ids.data(), 0, sizeof(int32_t) * n_rows);
+        ggml_backend_tensor_set(in.out_ids, ids.data(), 0, sizeof(int32_t) * n_rows);
     }
     const auto & groups = kv_->groups();
-    for (size_t g = 0; g < groups.size(); ++g) {
-        ggml_backend_tensor_set(b.in.kq_mask[g], groups[g].mask.data(), 0, ggml_nbytes(b.in.kq_mask[g]));
-        ggml_backend_tensor_set(b.in.write_idx[g], groups[g].write_cells.data(), 0, ggml_nbytes(b.in.write_idx[g]));
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+        ggml_backend_tensor_set(in.kq_mask[gi], groups[gi].mask.data(), 0, ggml_nbytes(in.kq_mask[gi]));
+        ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
     }
-    const ggml_status st = ggml_backend_sched_graph_compute(sched_, gf);
-    if (st != GGML_STATUS_SUCCESS) {
-        ggml_free(ctx);
+    if (ggml_backend_sched_graph_compute(sched_, g.gf) != GGML_STATUS_SUCCESS) {
         throw std::runtime_error("graph compute failed");
     }
-    if (out && n_outputs > 0) ggml_backend_tensor_get(logits, out, 0, sizeof(float) * (size_t) n_outputs * hp.n_vocab);
-    ggml_free(ctx);
+    if (out && n_outputs > 0) ggml_backend_tensor_get(g.logits, out, 0, sizeof(float) * (size_t) n_outputs * hp.n_vocab);
     n_past_ += n;
     n_written_ = std::max(n_written_, n_past_);
+}
+
+Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows) {
+    std::vector<uint32_t> shape = {n_tokens, n_rows};
+    for (const KvGroup & grp : kv_->groups()) shape.push_back(grp.n_kv);
+    if (graph_.ctx && graph_.shape == shape) return graph_;
+
+    if (graph_.ctx) ggml_free(graph_.ctx);
+    graph_ = BuiltGraph{};
+    ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), true};
+    graph_.ctx = ggml_init(ip);
+    graph_.gf = ggml_new_graph_custom(graph_.ctx, graph_nodes_, false);
+    GraphBuild b{graph_.ctx, graph_.gf, *model_, *kv_, n_tokens, n_rows, {}};
+    graph_.logits = build_graph_llama(b);
+    ggml_build_forward_expand(graph_.gf, graph_.logits);
+    graph_.in = b.in;
+
+    ggml_backend_sched_reset(sched_);
+    if (!ggml_backend_sched_alloc_graph(sched_, graph_.gf)) {
+        ggml_free(graph_.ctx);
+        graph_ = BuiltGraph{};
+        throw std::runtime_error("failed to allocate the compute graph");
+    }
+    graph_.shape = std::move(shape);
+    return graph_;
 }
 
 bool Engine::truncate(uint32_t n_keep) {

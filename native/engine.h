@@ -1,6 +1,7 @@
 // Engine: one model + one per-layer KV cache + a backend scheduler. eval(tokens) appends tokens to the
 // context in ubatches and returns logits (of the last token or of every token).
 #pragma once
+#include "graph.h"
 #include "kv_cache.h"
 #include "model.h"
 
@@ -53,7 +54,18 @@ private:
     std::unique_ptr<KvCache> kv_;
     ggml_backend_t cpu_ = nullptr;
     ggml_backend_sched_t sched_ = nullptr;
-    std::vector<uint8_t> graph_meta_;  // storage for the per-ubatch graph's tensor descriptors
+    // The last ubatch graph, kept allocated: a decode step whose shapes (tokens, outputs, viewed cells
+    // per group) equal the previous one's only refreshes inputs, as llama.cpp's graph reuse does.
+    struct BuiltGraph {
+        ggml_context * ctx = nullptr;
+        ggml_cgraph * gf = nullptr;
+        ggml_tensor * logits = nullptr;
+        UbatchInputs in;
+        std::vector<uint32_t> shape;  // n_tokens, n_rows, n_kv of each group
+    };
+    BuiltGraph & graph_for(uint32_t n_tokens, uint32_t n_rows);
+    BuiltGraph graph_;
+    std::vector<uint8_t> graph_meta_;  // storage for the graph's tensor descriptors
     size_t graph_nodes_ = 0;
     uint32_t n_past_ = 0;
     uint32_t n_written_ = 0;  // positions ever written since the last reset (for ring rewinds)

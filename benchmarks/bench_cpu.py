@@ -1,0 +1,183 @@
+"""CPU benchmark: simkv vs llama-cpp-python on the same GGUF, in the same run, one table.
+
+For each configuration the context is filled to each depth once; at that depth we time
+  pp = eval of a 512-token chunk (then rewound), and
+  tg = 64 single-token evals (then rewound),
+`--runs` times each, and report medians (tok/s) and the ratio to llama-cpp-python with f16 KV.
+KV bytes: simkv's kv_cache_stats(); llama.cpp's from its allocation rule (n_ctx cells per layer,
+every layer, K and V of type_k/type_v).
+
+    python benchmarks/bench_cpu.py                       # SmolLM2-135M, depths 0, 2K, 7K
+    python benchmarks/bench_cpu.py --depths 0 2048 --runs 5 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from py_simkv import Llama, default_model_path
+from py_simkv.reference import reference_llama
+
+PP_CHUNK = 512
+TG_STEPS = 64
+
+
+def corpus_text() -> str:
+    """Real English text and code: documentation strings of the standard library."""
+    import importlib
+    names = ["argparse", "json", "collections", "logging", "textwrap", "unittest", "email", "http.client",
+             "asyncio", "typing", "dataclasses", "functools", "itertools", "pathlib", "subprocess", "threading",
+             "decimal", "fractions", "statistics", "random", "datetime", "calendar", "csv", "sqlite3", "zipfile",
+             "tarfile", "shutil", "tempfile", "inspect", "ast", "dis", "pickle", "copy", "pprint", "re", "string",
+             "difflib", "enum", "heapq", "bisect", "weakref", "contextlib", "abc", "io", "os", "sys"]
+    parts = []
+    for n in names:
+        m = importlib.import_module(n)
+        if m.__doc__:
+            parts.append(m.__doc__)
+        for attr in sorted(dir(m)):
+            doc = getattr(getattr(m, attr, None), "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 200:
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+class Ours:
+    def __init__(self, path, label, n_ctx, threads, **kw):
+        self.label = label
+        self.llm = Llama(path, n_ctx=n_ctx, n_threads=threads, **kw)
+
+    def eval(self, tokens):
+        self.llm.eval(tokens)
+
+    def n_tokens(self):
+        return self.llm.n_tokens
+
+    def rewind(self, n):
+        if not self.llm._rewind(n):
+            raise RuntimeError("rewind refused")
+
+    def kv_bytes(self):
+        return self.llm.kv_cache_stats()["total_bytes"]
+
+
+class Reference:
+    ROW = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+    def __init__(self, path, label, n_ctx, threads, type_kv):
+        import llama_cpp
+        t = {"f16": llama_cpp.GGML_TYPE_F16, "q4_0": llama_cpp.GGML_TYPE_Q4_0, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[type_kv]
+        self.label = label
+        self.llm = reference_llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                   n_threads_batch=threads, flash_attn=True, type_k=t, type_v=t)
+        md = self.llm.metadata
+        arch = md["general.architecture"]
+        n_layer = int(md[f"{arch}.block_count"])
+        n_embd = int(md[f"{arch}.embedding_length"])
+        n_head, n_head_kv = int(md[f"{arch}.attention.head_count"]), int(md[f"{arch}.attention.head_count_kv"])
+        cells = (n_ctx + 255) // 256 * 256
+        self._kv = int(n_layer * 2 * cells * (n_embd // n_head * n_head_kv) * self.ROW[type_kv])
+
+    def eval(self, tokens):
+        self.llm.eval(tokens)
+
+    def n_tokens(self):
+        return self.llm.n_tokens
+
+    def rewind(self, n):
+        self.llm.n_tokens = n  # llama-cpp-python drops cells >= n_tokens at the next eval
+
+    def kv_bytes(self):
+        return self._kv
+
+
+def measure(runner, tokens, depths, runs):
+    out = {}
+    for depth in depths:
+        if runner.n_tokens() < depth:
+            runner.eval(tokens[runner.n_tokens():depth])
+        base = max(depth, 1)
+        if runner.n_tokens() == 0:
+            runner.eval(tokens[:1])
+        pp, tg = [], []
+        for _ in range(runs):
+            chunk = tokens[base:base + PP_CHUNK]
+            t0 = time.perf_counter()
+            runner.eval(chunk)
+            pp.append(len(chunk) / (time.perf_counter() - t0))
+            runner.rewind(base)
+            t0 = time.perf_counter()
+            for i in range(TG_STEPS):
+                runner.eval([tokens[base + i]])
+            tg.append(TG_STEPS / (time.perf_counter() - t0))
+            runner.rewind(base)
+        out[depth] = (statistics.median(pp), statistics.median(tg))
+        print(f"  {runner.label:<34} depth {depth:>5}: pp {out[depth][0]:7.1f} tok/s  tg {out[depth][1]:6.1f} tok/s",
+              flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--n-ctx", type=int, default=8192)
+    ap.add_argument("--depths", type=int, nargs="+", default=[0, 2048, 7000])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-window", type=int, default=1024)
+    ap.add_argument("--configs", nargs="+", default=None, help="subset of config labels to run")
+    a = ap.parse_args()
+    path = a.model or default_model_path()
+
+    probe = Llama(path, n_ctx=16, n_threads=1)
+    n_layer = probe.hparams["n_layer"]
+    tokens = probe.tokenize(corpus_text().encode())
+    need = max(a.depths) + PP_CHUNK + 1
+    if len(tokens) < need:
+        tokens = (tokens * (need // len(tokens) + 1))
+    if need > a.n_ctx:
+        raise SystemExit(f"--n-ctx {a.n_ctx} is too small for depth {max(a.depths)} + {PP_CHUNK}")
+    half = list(range(n_layer // 2, n_layer))  # the deeper half (the paper finds lazy layers deep)
+    del probe
+
+    configs = [
+        ("llama-cpp-python f16 KV", lambda: Reference(path, "llama-cpp-python f16 KV", a.n_ctx, a.threads, "f16")),
+        ("llama-cpp-python q4_0 KV", lambda: Reference(path, "llama-cpp-python q4_0 KV", a.n_ctx, a.threads, "q4_0")),
+        ("simkv no lazy (f16)", lambda: Ours(path, "simkv no lazy (f16)", a.n_ctx, a.threads)),
+        ("simkv half lazy (q4_0 ring)", lambda: Ours(path, "simkv half lazy (q4_0 ring)", a.n_ctx, a.threads,
+                                                       lazy_layers=half, n_window=a.n_window, lazy_type="q4_0")),
+        ("simkv half lazy (f16 ring)", lambda: Ours(path, "simkv half lazy (f16 ring)", a.n_ctx, a.threads,
+                                                      lazy_layers=half, n_window=a.n_window, lazy_type="f16")),
+    ]
+    if a.configs:
+        configs = [c for c in configs if c[0] in a.configs]
+    results = {}
+    print(f"model {path}\nn_ctx {a.n_ctx}, threads {a.threads}, runs {a.runs} (medians), pp = {PP_CHUNK}-token chunk, "
+          f"tg = {TG_STEPS} tokens, lazy = layers {half[0]}..{half[-1]}, n_window {a.n_window}", flush=True)
+    for label, make in configs:
+        runner = make()
+        results[label] = (measure(runner, tokens, a.depths, a.runs), runner.kv_bytes())
+        del runner
+
+    base_label = "llama-cpp-python f16 KV"
+    base = results.get(base_label)
+    print()
+    head = f"| {'configuration':<30} | {'KV MiB':>7} | {'KV ratio':>8} |"
+    for d in a.depths:
+        head += f" pp@{d} | ratio | tg@{d} | ratio |"
+    print(head)
+    print("|" + "|".join("---" for _ in range(3 + 4 * len(a.depths))) + "|")
+    for label, (res, kv) in results.items():
+        row = f"| {label:<30} | {kv / 2**20:7.1f} | {kv / base[1] if base else float('nan'):8.2f} |"
+        for d in a.depths:
+            pp, tg = res[d]
+            bpp, btg = base[0][d] if base else (float("nan"),) * 2
+            row += f" {pp:.1f} | {pp / bpp:.2f} | {tg:.1f} | {tg / btg:.2f} |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
