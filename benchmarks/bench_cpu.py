@@ -1,9 +1,9 @@
 """CPU benchmark: simkv vs llama-cpp-python on the same GGUF, in the same run, one table.
 
-For each configuration the context is filled to each depth once; at that depth we time
+Every configuration is loaded side by side and filled to each depth once; at that depth we time
   pp = eval of a 512-token chunk (then rewound), and
   tg = 64 single-token evals (then rewound),
-`--runs` times each, and report medians (tok/s) and the ratio to llama-cpp-python with f16 KV.
+`--runs` times each (configurations taking turns within a run), and report medians (tok/s) and the ratio to llama-cpp-python with f16 KV.
 KV bytes: simkv's kv_cache_stats(); llama.cpp's from its allocation rule (n_ctx cells per layer,
 every layer, K and V of type_k/type_v).
 
@@ -94,29 +94,33 @@ class Reference:
         return self._kv
 
 
-def measure(runner, tokens, depths, runs):
-    out = {}
+def measure_all(runners, tokens, depths, runs):
+    """Configurations take turns within each run, so drift in machine load hits them all alike."""
+    out = {r.label: {} for r in runners}
     for depth in depths:
-        if runner.n_tokens() < depth:
-            runner.eval(tokens[runner.n_tokens():depth])
         base = max(depth, 1)
-        if runner.n_tokens() == 0:
-            runner.eval(tokens[:1])
-        pp, tg = [], []
+        for r in runners:
+            if r.n_tokens() < base:
+                r.eval(tokens[r.n_tokens():base])
+        samples = {r.label: ([], []) for r in runners}
         for _ in range(runs):
-            chunk = tokens[base:base + PP_CHUNK]
-            t0 = time.perf_counter()
-            runner.eval(chunk)
-            pp.append(len(chunk) / (time.perf_counter() - t0))
-            runner.rewind(base)
-            t0 = time.perf_counter()
-            for i in range(TG_STEPS):
-                runner.eval([tokens[base + i]])
-            tg.append(TG_STEPS / (time.perf_counter() - t0))
-            runner.rewind(base)
-        out[depth] = (statistics.median(pp), statistics.median(tg))
-        print(f"  {runner.label:<34} depth {depth:>5}: pp {out[depth][0]:7.1f} tok/s  tg {out[depth][1]:6.1f} tok/s",
-              flush=True)
+            for r in runners:
+                pp, tg = samples[r.label]
+                chunk = tokens[base:base + PP_CHUNK]
+                t0 = time.perf_counter()
+                r.eval(chunk)
+                pp.append(len(chunk) / (time.perf_counter() - t0))
+                r.rewind(base)
+                t0 = time.perf_counter()
+                for i in range(TG_STEPS):
+                    r.eval([tokens[base + i]])
+                tg.append(TG_STEPS / (time.perf_counter() - t0))
+                r.rewind(base)
+        for r in runners:
+            pp, tg = samples[r.label]
+            out[r.label][depth] = (statistics.median(pp), statistics.median(tg))
+            print(f"  {r.label:<34} depth {depth:>5}: pp {out[r.label][depth][0]:7.1f} tok/s  "
+                  f"tg {out[r.label][depth][1]:6.1f} tok/s", flush=True)
     return out
 
 
@@ -154,13 +158,11 @@ def main():
     ]
     if a.configs:
         configs = [c for c in configs if c[0] in a.configs]
-    results = {}
     print(f"model {path}\nn_ctx {a.n_ctx}, threads {a.threads}, runs {a.runs} (medians), pp = {PP_CHUNK}-token chunk, "
           f"tg = {TG_STEPS} tokens, lazy = layers {half[0]}..{half[-1]}, n_window {a.n_window}", flush=True)
-    for label, make in configs:
-        runner = make()
-        results[label] = (measure(runner, tokens, a.depths, a.runs), runner.kv_bytes())
-        del runner
+    runners = [make() for _, make in configs]
+    speeds = measure_all(runners, tokens, a.depths, a.runs)
+    results = {r.label: (speeds[r.label], r.kv_bytes()) for r in runners}
 
     base_label = "llama-cpp-python f16 KV"
     base = results.get(base_label)

@@ -153,6 +153,10 @@ class Llama:
     def token_eos(self) -> int:
         return self._vocab.eos
 
+    def token_is_eog(self, token: int) -> bool:
+        """End of generation: EOS, EOT and the other tokens the GGUF marks as ending a turn."""
+        return bool(self._vocab.is_eog(int(token)))
+
     # --- tokens ------------------------------------------------------------------------------------
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
         if not isinstance(text, (bytes, bytearray)):
