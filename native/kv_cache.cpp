@@ -98,9 +98,14 @@ bool KvCache::truncate(int32_t n_keep, int32_t n_written) {
         if (!g.policy->can_rewind_to(n_keep, n_written)) return false;
     }
     for (auto & g : groups_) {
-        for (auto & cp : g.cell_pos) {
-            if (cp >= n_keep) cp = -1;
+        // Forget the cut positions and shrink the viewed range to the highest cell still in use, so the
+        // next ubatch attends over as few cells as a fresh context would (llama.cpp does the same).
+        uint32_t n_used = 0;
+        for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
+            if (g.cell_pos[c] >= n_keep) g.cell_pos[c] = -1;
+            if (g.cell_pos[c] >= 0) n_used = c + 1;
         }
+        g.n_used = n_used;
     }
     return true;
 }

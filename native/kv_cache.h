@@ -46,7 +46,7 @@ struct KvGroup {
     std::unique_ptr<KvPolicy> policy;
     std::vector<int> layers;
     std::vector<int32_t> cell_pos;  // position held by each cell, -1 = empty
-    uint32_t n_used = 0;            // cells [0, n_used) have ever been written
+    uint32_t n_used = 0;            // cells [0, n_used) may hold a position (the rest are empty)
     // Plan of the current ubatch (filled by plan_ubatch).
     std::vector<int64_t> write_cells;  // cell for each token of the ubatch
     uint32_t n_kv = 0;                 // cells viewed by attention (multiple of kCellPad)
