@@ -1,9 +1,9 @@
-"""`simkv` command line. This first version has `generate` (stream a completion); `chat`, `info` and
-`profile` come with their issues."""
+"""`simkv` command line: chat, generate, info."""
 from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 import time
 from typing import List, Optional
@@ -69,6 +69,108 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    llm = _open(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    last = {"tokens": 0, "seconds": 0.0}
+    print(f"simkv chat: {os.path.basename(llm.model_path)}, n_ctx {llm.n_ctx()}. "
+          "Commands: /reset /stats /exit. Ctrl-C stops a reply, Ctrl-D exits.", flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            history = list(system)
+            llm.reset()
+            print("(history cleared)")
+            continue
+        if cmd == "/stats":
+            _print_stats(llm, last)
+            continue
+        history.append({"role": "user", "content": line})
+        prompt_tokens = len(llm.chat_template().render(history)[0])
+        if prompt_tokens >= llm.n_ctx():
+            history.pop()
+            print(f"simkv: the conversation ({prompt_tokens} tokens) no longer fits --n-ctx {llm.n_ctx()}: /reset")
+            continue
+        reply = []
+        t0 = time.perf_counter()
+        try:  # Ctrl-C anywhere in the reply (prompt evaluation included) ends the reply, not the session
+            for chunk in llm.create_chat_completion(history, stream=True, temperature=args.temp,
+                                                    max_tokens=args.n_predict):
+                piece = chunk["choices"][0]["delta"].get("content", "")
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        print(flush=True)
+        last = {"tokens": max(llm.n_tokens - prompt_tokens, 0), "seconds": time.perf_counter() - t0}
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _print_stats(llm, last) -> None:
+    stats = llm.kv_cache_stats()
+    by_kind = {}
+    for layer in stats["layers"]:
+        n, b = by_kind.get(layer["kind"], (0, 0))
+        by_kind[layer["kind"]] = (n + 1, b + layer["bytes"])
+    rate = last["tokens"] / last["seconds"] if last["seconds"] else 0.0
+    print(f"context: {llm.n_tokens} / {llm.n_ctx()} tokens; last reply: {last['tokens']} tokens, {rate:.1f} tok/s")
+    for kind, (n, b) in sorted(by_kind.items()):
+        print(f"KV {kind:<5}: {n:3d} layers, {b / 2**20:8.1f} MiB")
+    print(f"KV total: {stats['total_bytes'] / 2**20:.1f} MiB")
+
+
+def cmd_info(args) -> int:
+    from . import _native, default_model_path
+    from .memory import kv_bytes
+
+    path = args.model
+    if path is None:
+        path = default_model_path()
+        print(f"simkv: using the embedded default model {path}", file=sys.stderr)
+    from .llama import _check_model_file
+
+    model = _native.load_model(_check_model_file(path))
+    hp = model.hparams
+    md = model.metadata
+    print(f"model        {md.get('general.name', os.path.basename(path))}  ({path})")
+    print(f"architecture {hp['arch']}, {hp['n_layer']} layers, n_embd {hp['n_embd']}, {hp['n_head']} heads "
+          f"({hp['n_head_kv']} KV heads, head size {hp['head_dim']}), n_ff {hp['n_ff']}, vocabulary {hp['n_vocab']}")
+    print(f"context      trained {hp['n_ctx_train']}, shown for n_ctx {args.n_ctx}")
+    print(f"weights      {model.weight_bytes / 2**20:.1f} MiB")
+    n = hp["n_layer"]
+    half = list(range(n // 2, n))
+    rows = [("full f16", dict(type_kv="f16")), ("full q8_0", dict(type_kv="q8_0")), ("full q4_0", dict(type_kv="q4_0")),
+            (f"SimLayerKV 50% lazy, f16 + q4_0 ring (window {args.n_window})",
+             dict(type_kv="f16", lazy_layers=half, n_window=args.n_window)),
+            (f"SimLayerKV 50% lazy, q4_0 + q4_0 ring (window {args.n_window})",
+             dict(type_kv="q4_0", lazy_layers=half, n_window=args.n_window))]
+    if args.lazy_layers:
+        rows.append((f"lazy layers {','.join(map(str, args.lazy_layers))}, {args.type_k} + {args.lazy_type} ring",
+                     dict(type_kv=args.type_k, lazy_layers=args.lazy_layers, lazy_type=args.lazy_type,
+                          n_window=args.n_window)))
+    base = kv_bytes(hp, args.n_ctx)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'KV cache at n_ctx ' + str(args.n_ctx):<{width}}  {'MiB':>9}  {'vs f16':>7}")
+    for label, kw in rows:
+        b = kv_bytes(hp, args.n_ctx, **kw)
+        print(f"{label:<{width}}  {b / 2**20:9.1f}  {b / base:7.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="simkv", description="Local LLM runtime with a per-layer KV cache (SimLayerKV).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -81,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--repeat-penalty", type=float, default=1.0)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_model_options(c)
+    c.add_argument("-s", "--system", default=None, help="system prompt")
+    c.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per reply (default 512)")
+    c.add_argument("--temp", type=float, default=0.2, help="temperature (default 0.2)")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="model facts and a KV-memory table by configuration")
+    _add_model_options(i)
+    i.set_defaults(func=cmd_info)
     return ap
 
 

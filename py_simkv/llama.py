@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _native
+from .chat import ChatTemplate, create_chat_completion
+from .completion import create_completion
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0")
@@ -128,6 +130,8 @@ class Llama:
             n_threads=self.n_threads, type_k=self.type_k, type_v=self.type_v, lazy_type=self.lazy_type,
             lazy_layers=self.lazy_layers, n_sink=self.n_sink, n_window=self.n_window,
         )
+        self._chat_template: Optional[ChatTemplate] = None
+        self.n_evaluated = 0  # tokens evaluated since construction (prefix reuse skips some)
         self._input_ids: List[int] = []
         self._last_logits: Optional[np.ndarray] = None
         self._scores_all = np.empty((self._n_ctx, self.n_vocab()), dtype=np.float32) if self.logits_all else None
@@ -197,11 +201,19 @@ class Llama:
             raise ValueError(
                 f"Requested tokens ({self.n_tokens + arr.size}) exceed context window of {self._n_ctx}"
             )
+        self._sync()
         logits = self._engine.eval(arr.astype(np.int32), self.logits_all)
+        self.n_evaluated += int(arr.size)
         if self._scores_all is not None:
             self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
         self._last_logits = logits[-1]
         self._input_ids.extend(int(t) for t in arr)
+
+    def _sync(self) -> None:
+        """Re-align the engine with our token list after an interrupted eval (Ctrl-C lands in Python right
+        after a native call returns, possibly before the bookkeeping that follows it)."""
+        if self._engine.n_past != len(self._input_ids) and not self._engine.truncate(len(self._input_ids)):
+            self.reset()
 
     def reset(self) -> None:
         """Forget the context (the KV cache is cleared)."""
@@ -261,6 +273,7 @@ class Llama:
 
     def _reuse_prefix(self, tokens: List[int]) -> List[int]:
         """Keep the common prefix of the context and `tokens`; return the tokens still to evaluate."""
+        self._sync()
         common = 0
         for a, b in zip(self._input_ids, tokens):
             if a != b:
@@ -280,6 +293,44 @@ class Llama:
             min_p=float(min_p), repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
             presence_penalty=float(presence_penalty), penalty_last_n=64, seed=seed,
         )
+
+    # --- completions and chat (llama-cpp-python's dict shapes) ---------------------------------------
+    def create_completion(
+        self,
+        prompt: Union[str, List[int]],
+        max_tokens: Optional[int] = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        stop: Optional[Union[str, List[str]]] = None,
+        stream: bool = False,
+        seed: Optional[int] = None,
+        logprobs: Optional[int] = None,
+        echo: bool = False,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+    ):
+        """Complete `prompt`; a `text_completion` dict, or an iterator of chunks with stream=True."""
+        return create_completion(
+            self, prompt, stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, stop=stop, seed=seed, logprobs=logprobs, echo=echo,
+        )
+
+    __call__ = create_completion
+
+    def create_chat_completion(self, messages: List[dict], **kwargs):
+        """Reply to `messages` with the model's chat template; a `chat.completion` dict or chunk iterator.
+        Keyword arguments: temperature=0.2, top_p, top_k, min_p, stream, stop, seed, max_tokens,
+        presence_penalty, frequency_penalty, repeat_penalty, logprobs, top_logprobs."""
+        return create_chat_completion(self, messages, **kwargs)
+
+    def chat_template(self) -> ChatTemplate:
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate(self)
+        return self._chat_template
 
     def close(self) -> None:
         self._engine = None

@@ -1,0 +1,185 @@
+"""Text completion in llama-cpp-python's (OpenAI-style) shapes: the generation loop that turns sampled
+tokens into text, honouring stop strings that span tokens, never splitting a UTF-8 character, and
+counting usage. `Llama.create_completion` and `Llama.create_chat_completion` are thin wrappers.
+"""
+from __future__ import annotations
+
+import codecs
+import time
+import uuid
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+
+def _held_back(pending: bytes, stops: Sequence[bytes]) -> int:
+    """Bytes at the end of `pending` that could be the start of a stop string: not safe to emit yet."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(pending)), hold, -1):
+            if pending.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return (x - np.log(np.exp(x).sum())).astype(np.float32)
+
+
+class _Logprobs:
+    """The `logprobs` block of a completion choice, built one token at a time."""
+
+    def __init__(self, llm, n_top: int, first_offset: int):
+        self.llm, self.n_top, self.offset = llm, n_top, first_offset
+        self.tokens: List[str] = []
+        self.text_offset: List[int] = []
+        self.token_logprobs: List[Optional[float]] = []
+        self.top_logprobs: List[Optional[Dict[str, float]]] = []
+
+    def add(self, token: int, logits: Optional[np.ndarray]) -> None:
+        text = self.llm.detokenize([token]).decode("utf-8", errors="ignore")
+        self.tokens.append(text)
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+        if logits is None:  # the first echoed prompt token has no distribution (OpenAI convention)
+            self.token_logprobs.append(None)
+            self.top_logprobs.append(None)
+            return
+        lp = _log_softmax(logits)
+        top = np.argsort(-lp)[: self.n_top]
+        entry = {self.llm.detokenize([int(i)]).decode("utf-8", errors="ignore"): float(lp[i]) for i in top}
+        entry[text] = float(lp[token])
+        self.token_logprobs.append(float(lp[token]))
+        self.top_logprobs.append(entry)
+
+    def since(self, start: int) -> dict:
+        """The entries from token `start` on (a stream chunk carries those of its own tokens)."""
+        return {"tokens": self.tokens[start:], "text_offset": self.text_offset[start:],
+                "token_logprobs": self.token_logprobs[start:], "top_logprobs": self.top_logprobs[start:]}
+
+
+def completion_stream(
+    llm,
+    prompt: Union[str, List[int]],
+    max_tokens: Optional[int] = 16,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    top_k: int = 40,
+    min_p: float = 0.05,
+    repeat_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    stop: Optional[Union[str, List[str]]] = None,
+    seed: Optional[int] = None,
+    logprobs: Optional[int] = None,
+    echo: bool = False,
+    stop_token_ids: Sequence[int] = (),
+) -> Iterator[dict]:
+    """Yields stream chunks (llama-cpp-python's `text_completion` chunk shape); the last one carries the
+    finish_reason and, as an extra key consumed by create_completion, the usage."""
+    if isinstance(prompt, str):
+        prompt_text = prompt
+        prompt_tokens = llm.tokenize(prompt.encode("utf-8"), special=True) if prompt else [llm.token_bos()]
+    else:
+        prompt_tokens = [int(t) for t in prompt]
+        prompt_text = llm.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
+    if not prompt_tokens:
+        raise ValueError("the prompt is empty")
+    if len(prompt_tokens) > llm.n_ctx():
+        raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {llm.n_ctx()}")
+    if logprobs is not None and (isinstance(logprobs, bool) or int(logprobs) < 0):
+        raise ValueError("logprobs must be a non-negative int or None")
+    if echo and logprobs is not None and not llm.logits_all:
+        raise ValueError("echo with logprobs needs the prompt's logits: create the Llama with logits_all=True")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    stop_bytes = [s.encode("utf-8") for s in stops if s]
+    room = llm.n_ctx() - len(prompt_tokens)
+    limit = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)
+
+    completion_id = f"cmpl-{uuid.uuid4()}"
+    created = int(time.time())
+
+    def chunk(text: str, finish_reason=None, lp=None) -> dict:
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": llm.model_path,
+                "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason}]}
+
+    record = _Logprobs(llm, int(logprobs), 0 if echo else len(prompt_text)) if logprobs is not None else None
+    reported = 0  # logprobs entries already sent in a chunk
+
+    def new_logprobs():
+        nonlocal reported
+        if record is None:
+            return None
+        start, reported = reported, len(record.tokens)
+        return record.since(start)
+    generator = None if limit <= 0 else llm.generate(prompt_tokens, top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature,
+                             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, seed=seed)
+    if echo:
+        if record is not None:
+            scores = llm.scores  # rows of the prompt (logits_all): row i predicts token i + 1
+            for i, t in enumerate(prompt_tokens):
+                record.add(t, scores[i - 1] if i > 0 else None)
+        yield chunk(prompt_text, lp=new_logprobs())
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = b""
+    completion_tokens: List[int] = []
+    finish_reason = "length"
+    for token in generator or ():
+        if llm.token_is_eog(token) or token in stop_token_ids:
+            finish_reason = "stop"
+            break
+        if record is not None:
+            record.add(token, llm._last_logits)
+        completion_tokens.append(token)
+        pending += llm.detokenize([token])
+        hit = [i for i in (pending.find(s) for s in stop_bytes) if i >= 0]
+        if hit:
+            pending = pending[: min(hit)]
+            finish_reason = "stop"
+            break
+        safe = len(pending) - _held_back(pending, stop_bytes)
+        text = decoder.decode(pending[:safe])
+        pending = pending[safe:]
+        if text:
+            yield chunk(text, lp=new_logprobs())
+        if len(completion_tokens) >= limit:
+            break
+    if generator is not None:
+        generator.close()
+    tail = decoder.decode(pending, final=True)
+    if tail or (record is not None and reported < len(record.tokens)):
+        yield chunk(tail, lp=new_logprobs())
+    final = chunk("", finish_reason)
+    final["usage"] = {"prompt_tokens": len(prompt_tokens), "completion_tokens": len(completion_tokens),
+                      "total_tokens": len(prompt_tokens) + len(completion_tokens)}
+    yield final
+
+
+def create_completion(llm, prompt, stream: bool = False, **kw):
+    """A llama-cpp-python `text_completion` dict, or an iterator of its stream chunks."""
+    chunks = completion_stream(llm, prompt, **kw)
+    if stream:
+        return _strip_usage(chunks)
+    text, lp, last = [], None, None
+    for c in chunks:
+        text.append(c["choices"][0]["text"])
+        part = c["choices"][0]["logprobs"]
+        if part is not None:
+            lp = part if lp is None else {k: lp[k] + part[k] for k in lp}
+        last = c
+    out = {k: last[k] for k in ("id", "object", "created", "model")}
+    out["choices"] = [{"text": "".join(text), "index": 0, "logprobs": lp,
+                       "finish_reason": last["choices"][0]["finish_reason"]}]
+    out["usage"] = last["usage"]
+    return out
+
+
+def _strip_usage(chunks: Iterator[dict]) -> Iterator[dict]:
+    for c in chunks:
+        c.pop("usage", None)
+        yield c
