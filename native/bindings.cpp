@@ -104,6 +104,23 @@ NB_MODULE(_native, m) {
                  return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
              },
              "tokens"_a, "all_logits"_a)
+        .def("eval_probed",
+             [](Engine & e, TokenArray tokens, bool all_logits, uint32_t n_sink, uint32_t n_window, uint32_t n_probe) {
+                 const uint32_t n = (uint32_t) tokens.shape(0);
+                 std::vector<float> logits;
+                 {
+                     nb::gil_scoped_release release;
+                     ProbeSpec spec;
+                     spec.n_sink = n_sink;
+                     spec.n_window = n_window;
+                     logits = e.eval_probed(tokens.data(), n, all_logits, spec, n_probe);
+                 }
+                 const size_t n_vocab = e.model().hp().n_vocab;
+                 return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
+             },
+             "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
+        .def("probe_mass", &Engine::probe_mass)
+        .def("probe_change", &Engine::probe_change)
         .def("truncate", &Engine::truncate, "n_keep"_a)
         .def("reset", &Engine::reset)
         .def_prop_ro("n_past", &Engine::n_past)

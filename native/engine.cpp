@@ -86,6 +86,11 @@ Engine::~Engine() {
 }
 
 std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_logits) {
+    return eval_probed(tokens, n, all_logits, ProbeSpec{}, 0);
+}
+
+std::vector<float> Engine::eval_probed(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec & spec,
+                                       uint32_t n_probe) {
     const HParams & hp = model_->hp();
     if (n == 0) throw BadInput("eval() needs at least one token");
     if ((uint64_t) n_past_ + n > cfg_.n_ctx) {
@@ -98,8 +103,12 @@ std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_log
                            std::to_string(hp.n_vocab - 1) + ")");
         }
     }
+    if (n_probe > n) throw BadInput("cannot probe more tokens than are evaluated");
+    if (n_probe && spec.n_window < 1) throw BadInput("probe n_window must be >= 1");
     const uint32_t n_out = all_logits ? n : 1;
     std::vector<float> logits((size_t) n_out * hp.n_vocab);
+    probe_spec_ = n_probe ? &spec : nullptr;
+    if (n_probe) probe_acc_.reset(hp.n_layer);
     // Split like llama.cpp: n_batch chunks, each cut into ubatches (kernels' numerics depend on the
     // batch shape, so the same split gives the same logits).
     const uint32_t step = std::min(cfg_.n_ubatch, kv_->max_ubatch());
@@ -107,18 +116,22 @@ std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_log
         const uint32_t b1 = std::min(n, b0 + cfg_.n_batch);
         for (uint32_t i = b0; i < b1; i += step) {
             const uint32_t m = std::min(step, b1 - i);
+            // Probed rows: the ubatch's share of the call's last n_probe tokens.
+            const uint32_t first_probed = n - n_probe;
+            const uint32_t n_sel = i + m <= first_probed ? 0 : std::min(m, i + m - first_probed);
             if (all_logits) {
-                eval_ubatch(tokens + i, m, m, logits.data() + (size_t) i * hp.n_vocab);
+                eval_ubatch(tokens + i, m, m, logits.data() + (size_t) i * hp.n_vocab, n_sel);
             } else {
                 const bool last = i + m == n;
-                eval_ubatch(tokens + i, m, last ? 1 : 0, last ? logits.data() : nullptr);
+                eval_ubatch(tokens + i, m, last ? 1 : 0, last ? logits.data() : nullptr, n_sel);
             }
         }
     }
+    probe_spec_ = nullptr;
     return logits;
 }
 
-void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out) {
+void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe) {
     const HParams & hp = model_->hp();
     std::vector<int32_t> pos(n);
     for (uint32_t i = 0; i < n; ++i) pos[i] = (int32_t) (n_past_ + i);
@@ -126,7 +139,7 @@ void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs,
 
     // A ubatch with no output still needs a graph sink: keep one row of logits and drop it.
     const uint32_t n_rows = std::max<uint32_t>(n_outputs, 1);
-    BuiltGraph & g = graph_for(n, n_rows);
+    BuiltGraph & g = graph_for(n, n_rows, n_probe);
     const UbatchInputs & in = g.in;
     ggml_backend_tensor_set(in.tokens, tokens, 0, sizeof(int32_t) * n);
     ggml_backend_tensor_set(in.pos, pos.data(), 0, sizeof(int32_t) * n);
@@ -140,16 +153,25 @@ void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs,
         ggml_backend_tensor_set(in.kq_mask[gi], groups[gi].mask.data(), 0, ggml_nbytes(in.kq_mask[gi]));
         ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
     }
+    std::vector<int32_t> probe_rows, probe_pos;
+    if (n_probe) {
+        for (uint32_t r = n - n_probe; r < n; ++r) {
+            probe_rows.push_back((int32_t) r);
+            probe_pos.push_back(pos[r]);
+        }
+        ProbeAccumulator::set_inputs(g.probe, *kv_, *probe_spec_, probe_rows, probe_pos);
+    }
     if (ggml_backend_sched_graph_compute(sched_, g.gf) != GGML_STATUS_SUCCESS) {
         throw std::runtime_error("graph compute failed");
     }
+    if (n_probe) probe_acc_.collect(g.probe, hp.n_head, n_probe);
     if (out && n_outputs > 0) ggml_backend_tensor_get(g.logits, out, 0, sizeof(float) * (size_t) n_outputs * hp.n_vocab);
     n_past_ += n;
     n_written_ = std::max(n_written_, n_past_);
 }
 
-Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows) {
-    std::vector<uint32_t> shape = {n_tokens, n_rows};
+Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe) {
+    std::vector<uint32_t> shape = {n_tokens, n_rows, n_probe};
     for (const KvGroup & grp : kv_->groups()) shape.push_back(grp.n_kv);
     if (graph_.ctx && graph_.shape == shape) return graph_;
 
@@ -158,7 +180,8 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows) {
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), true};
     graph_.ctx = ggml_init(ip);
     graph_.gf = ggml_new_graph_custom(graph_.ctx, graph_nodes_, false);
-    GraphBuild b{graph_.ctx, graph_.gf, *model_, *kv_, n_tokens, n_rows, {}};
+    GraphBuild b{graph_.ctx, graph_.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &graph_.probe : nullptr,
+                 n_probe};
     graph_.logits = build_graph_llama(b);
     ggml_build_forward_expand(graph_.gf, graph_.logits);
     graph_.in = b.in;

@@ -4,6 +4,7 @@
 #include "graph.h"
 #include "kv_cache.h"
 #include "model.h"
+#include "probe.h"
 
 #include <ggml-backend.h>
 
@@ -36,6 +37,12 @@ public:
     // Appends tokens at positions n_past.. and returns logits, row-major [n_out, n_vocab]
     // (n_out = n if all_logits else 1).
     std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits);
+    // The same, probing the last n_probe tokens of the call (probe.h); read the scores with probe_mass()
+    // and probe_change() (per layer, NaN where not probed).
+    std::vector<float> eval_probed(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec & spec,
+                                   uint32_t n_probe);
+    std::vector<double> probe_mass() const { return probe_acc_.mass(); }
+    std::vector<double> probe_change() const { return probe_acc_.change(); }
     // Drops positions >= n_keep. False if a store cannot (a lazy ring overwrote what is needed): then
     // nothing changed and the caller must reset and re-evaluate.
     bool truncate(uint32_t n_keep);
@@ -47,7 +54,7 @@ public:
     const EngineConfig & config() const { return cfg_; }
 
 private:
-    void eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out);
+    void eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe);
 
     std::shared_ptr<Model> model_;
     EngineConfig cfg_;
@@ -61,14 +68,18 @@ private:
         ggml_cgraph * gf = nullptr;
         ggml_tensor * logits = nullptr;
         UbatchInputs in;
-        std::vector<uint32_t> shape;  // n_tokens, n_rows, n_kv of each group
+        ProbeGraph probe;
+        bool probed = false;
+        std::vector<uint32_t> shape;  // n_tokens, n_rows, n_probe, n_kv of each group
     };
-    BuiltGraph & graph_for(uint32_t n_tokens, uint32_t n_rows);
+    BuiltGraph & graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe);
     BuiltGraph graph_;
     std::vector<uint8_t> graph_meta_;  // storage for the graph's tensor descriptors
     size_t graph_nodes_ = 0;
     uint32_t n_past_ = 0;
     uint32_t n_written_ = 0;  // positions ever written since the last reset (for ring rewinds)
+    const ProbeSpec * probe_spec_ = nullptr;  // set during eval_probed
+    ProbeAccumulator probe_acc_;
 };
 
 }  // namespace simkv

@@ -8,6 +8,7 @@ namespace simkv {
 
 class Model;
 class KvCache;
+struct ProbeGraph;
 
 // Graph inputs, filled after the scheduler has allocated them.
 struct UbatchInputs {
@@ -26,6 +27,8 @@ struct GraphBuild {
     uint32_t n_tokens;
     uint32_t n_outputs;
     UbatchInputs in;
+    ProbeGraph * probe = nullptr;  // lazy-layer probe of some rows (probe.h), or none
+    uint32_t n_probe = 0;
 };
 
 // rms_norm(x) * w
@@ -37,7 +40,7 @@ ggml_tensor * build_ffn_swiglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * ga
 // Returns [head_dim * n_head, n_tokens].
 ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur);
 
-// Creates b.in and returns the logits tensor [n_vocab, n_outputs].
+// Creates b.in (and the probe's inputs when b.probe is set) and returns the logits [n_vocab, n_outputs].
 ggml_tensor * build_graph_llama(GraphBuild & b);  // llama, qwen2, qwen3
 
 }  // namespace simkv

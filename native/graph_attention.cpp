@@ -5,6 +5,7 @@
 
 #include "kv_cache.h"
 #include "model.h"
+#include "probe.h"
 
 #include <cmath>
 
@@ -38,6 +39,7 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
                                    ggml_row_size(s.k->type, d), 0);
     ggml_tensor * v = ggml_view_3d(ctx, s.v, d, n_kv, hp.n_head_kv, ggml_row_size(s.v->type, n_embd_gqa),
                                    ggml_row_size(s.v->type, d), 0);
+    if (b.probe) build_probe(b, il, q_cur, k, v);
     ggml_tensor * q = ggml_permute(ctx, q_cur, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
 
     // Mask: the group's, shared by all its layers (causal for FULL, sink + window for LAZY).

@@ -3,6 +3,7 @@
 
 #include "kv_cache.h"
 #include "model.h"
+#include "probe.h"
 
 namespace simkv {
 
@@ -28,6 +29,7 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
         b.in.kq_mask.push_back(mask);
         b.in.write_idx.push_back(idx);
     }
+    if (b.probe) create_probe_inputs(b);
 
     auto rope = [&](ggml_tensor * x) {
         return ggml_rope_ext(ctx, x, b.in.pos, m.rope_freqs, hp.n_rot, hp.rope_type, hp.n_ctx_train,

@@ -189,11 +189,16 @@ class Llama:
             out[-1] = self._last_logits
         return out
 
-    def eval(self, tokens: Sequence[int]) -> None:
-        """Append tokens to the context and compute their logits."""
+    def eval(self, tokens: Sequence[int], probe: Optional[dict] = None) -> Optional[dict]:
+        """Append tokens to the context and compute their logits.
+
+        probe={"n_probe": 32, "n_sink": 4, "n_window": 512} also scores every full layer on the last n_probe
+        tokens: returns {"mass": [n_layer], "change": [n_layer]} (NaN for lazy layers): the attention
+        weight on the sinks + window (SimLayerKV's lazy score) and the relative change of the attention
+        output if the layer kept only those keys."""
         arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
         if arr.size == 0:
-            return
+            return None
         n_vocab = self.n_vocab()
         if arr.min() < 0 or arr.max() >= n_vocab:
             raise ValueError(f"token ids must be in 0..{n_vocab - 1}")
@@ -202,12 +207,24 @@ class Llama:
                 f"Requested tokens ({self.n_tokens + arr.size}) exceed context window of {self._n_ctx}"
             )
         self._sync()
-        logits = self._engine.eval(arr.astype(np.int32), self.logits_all)
+        if probe is not None:
+            n_probe = _check_int("n_probe", probe.get("n_probe", 32), 1)
+            if n_probe > arr.size:
+                raise ValueError(f"cannot probe {n_probe} tokens of an eval of {arr.size}")
+            logits = self._engine.eval_probed(arr.astype(np.int32), self.logits_all,
+                                              n_sink=_check_int("n_sink", probe.get("n_sink", 4), 0),
+                                              n_window=_check_int("n_window", probe.get("n_window", 1024), 1),
+                                              n_probe=n_probe)
+        else:
+            logits = self._engine.eval(arr.astype(np.int32), self.logits_all)
         self.n_evaluated += int(arr.size)
         if self._scores_all is not None:
             self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
         self._last_logits = logits[-1]
         self._input_ids.extend(int(t) for t in arr)
+        if probe is not None:
+            return {"mass": np.array(self._engine.probe_mass()), "change": np.array(self._engine.probe_change())}
+        return None
 
     def _sync(self) -> None:
         """Re-align the engine with our token list after an interrupted eval (Ctrl-C lands in Python right

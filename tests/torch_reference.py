@@ -98,9 +98,14 @@ def sink_window_mask(n, n_sink, n_window):
 
 
 @torch.no_grad()
-def forward(w: Weights, tokens, masks, kv_types) -> torch.Tensor:
+def forward(w: Weights, tokens, masks, kv_types, probe=None):
     """Logits [n, n_vocab] for `tokens` at positions 0..n-1. masks[il]: bool [n, n] (query, key);
-    kv_types[il]: how layer il stores K and V ("f16", "q8_0", "q4_0")."""
+    kv_types[il]: how layer il stores K and V ("f16", "q8_0", "q4_0").
+
+    probe=(rows, n_sink, n_window): also return per-layer (mass, change) for those query rows: the attention
+    weight on the first n_sink keys + the n_window most recent, and ||o - o_trimmed|| / ||o||, averaged
+    over rows and heads (SimLayerKV's lazy score and the effect of trimming)."""
+    scores = []
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     n = tokens.shape[0]
     pos = torch.arange(n)
@@ -128,10 +133,22 @@ def forward(w: Weights, tokens, masks, kv_types) -> torch.Tensor:
         s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) / np.sqrt(D)
         s = s.masked_fill(~masks[il][None], float("-inf"))
         a = torch.softmax(s, dim=-1)
+        if probe is not None:
+            rows, n_sink, n_window = probe
+            rows = torch.as_tensor(rows)
+            window = sink_window_mask(n, n_sink, n_window)[rows]  # [r, n]
+            ar = a[:, rows, :]  # [H, r, n]
+            mass = (ar * window[None]).sum(-1).mean().item()
+            o_all = torch.einsum("hqk,khd->hqd", ar, v.double())
+            aw = torch.softmax(s[:, rows, :].masked_fill(~window[None], float("-inf")), dim=-1)
+            o_win = torch.einsum("hqk,khd->hqd", aw, v.double())
+            change = ((o_all - o_win).norm(dim=-1) / o_all.norm(dim=-1)).mean().item()
+            scores.append((mass, change))
         o = torch.einsum("hqk,khd->qhd", a, v.double()).float().reshape(n, H * D)
         x = x + o @ p("attn_output.weight").T
         h = _rms(x, p("ffn_norm.weight"), w.eps)
         g, u = h @ p("ffn_gate.weight").T, h @ p("ffn_up.weight").T
         x = x + (torch.nn.functional.silu(g) * u) @ p("ffn_down.weight").T
     x = _rms(x, w.t["output_norm.weight"], w.eps)
-    return x @ w.t["output.weight"].T
+    logits = x @ w.t["output.weight"].T
+    return (logits, scores) if probe is not None else logits
