@@ -1,6 +1,7 @@
 """simkv: a local LLM runtime whose KV cache is sized and typed per layer (SimLayerKV)."""
 from ._model_path import default_model_path
 from .llama import Llama
+from .profile import LazyProfile, profile_model
 
-__all__ = ["Llama", "default_model_path"]
+__all__ = ["Llama", "LazyProfile", "default_model_path", "profile_model"]
 __version__ = "0.1.0"

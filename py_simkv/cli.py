@@ -1,4 +1,4 @@
-"""`simkv` command line: chat, generate, info."""
+"""`simkv` command line: chat, generate, info, profile."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type-v", default="f16", help="V cache type of full layers (must equal --type-k)")
     p.add_argument("--lazy-type", default="q4_0", help="K/V type of lazy layers (default q4_0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--lazy-profile", default=None, metavar="PATH|auto",
+                   help="choose lazy layers from a profile (auto: MODEL.gguf.simkv.json beside the model)")
+    p.add_argument("--lazy-ratio", type=float, default=None, help="with a profile: the laziest fraction of layers")
+    p.add_argument("--lazy-threshold", type=float, default=None, help="with a profile: score threshold")
+    p.add_argument("--lazy-criterion", default="mass", choices=["mass", "change"], help="profile score to use")
 
 
 def _open(args):
@@ -40,9 +45,15 @@ def _open(args):
     kw = {}
     if args.seed is not None:
         kw["seed"] = args.seed
-    return Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 lazy_layers=args.lazy_layers, n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k,
-                 type_v=args.type_v, lazy_type=args.lazy_type, **kw)
+    llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                lazy_layers=args.lazy_layers, n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k,
+                type_v=args.type_v, lazy_type=args.lazy_type, lazy_profile=args.lazy_profile,
+                lazy_ratio=args.lazy_ratio, lazy_threshold=args.lazy_threshold,
+                lazy_criterion=args.lazy_criterion, **kw)
+    if llm.lazy_profile_path:
+        print(f"simkv: lazy layers {','.join(map(str, llm.lazy_layers)) or 'none'} from {llm.lazy_profile_path}",
+              file=sys.stderr)
+    return llm
 
 
 def cmd_generate(args) -> int:
@@ -171,6 +182,41 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from . import default_model_path
+    from .profile import default_profile_path, profile_model
+
+    path = args.model
+    if path is None:
+        path = default_model_path()
+        print(f"simkv: using the embedded default model {path}", file=sys.stderr)
+    texts = None
+    if args.calib:
+        texts = []
+        for f in args.calib:
+            with open(f, encoding="utf-8") as fh:
+                texts.append((os.path.basename(f), fh.read()))
+    prof = profile_model(path, texts=texts, n_ctx=args.n_ctx, n_sink=args.n_sink, n_window=args.n_window,
+                         w_last=args.w_last, max_samples=args.samples, n_threads=args.threads)
+    mass, change = prof.mean("mass"), prof.mean("change")
+    print(f"{'layer':>5}  {'mass':>6}  {'change':>6}")
+    for il in range(prof.n_layer):
+        print(f"{il:5d}  {mass[il]:6.3f}  {change[il]:6.3f}")
+    print(f"lazy by the paper's threshold (mass): {prof.select()}")
+    print(f"laziest half by mass:                 {prof.select(ratio=0.5)}")
+    print(f"laziest half by change:               {prof.select(ratio=0.5, criterion='change')}")
+    out = args.output or default_profile_path(path)
+    try:
+        prof.save(out)
+    except OSError as e:
+        raise ValueError(f"cannot write {out} ({e.strerror}): choose another place with -o") from None
+    print(f"simkv: profile saved to {out}", file=sys.stderr)
+    if args.plot:
+        prof.plot(args.plot)
+        print(f"simkv: plot saved to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="simkv", description="Local LLM runtime with a per-layer KV cache (SimLayerKV).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -194,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="model facts and a KV-memory table by configuration")
     _add_model_options(i)
     i.set_defaults(func=cmd_info)
+
+    pr = sub.add_parser("profile", help="score every layer's laziness on calibration text; save the profile")
+    pr.add_argument("model", nargs="?", default=None, help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    pr.add_argument("--calib", nargs="+", default=None, metavar="FILE",
+                    help="calibration text files (default: the set shipped with simkv)")
+    pr.add_argument("--n-ctx", type=int, default=2048, help="tokens per sample (default 2048)")
+    pr.add_argument("--n-sink", type=int, default=4)
+    pr.add_argument("--n-window", type=int, default=256, help="recent keys counted as the window (default 256)")
+    pr.add_argument("--w-last", type=int, default=32, help="queries probed per sample: the last W (default 32)")
+    pr.add_argument("--samples", type=int, default=8, help="most samples (default 8)")
+    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("-o", "--output", default=None, help="profile path (default: MODEL.gguf.simkv.json)")
+    pr.add_argument("--plot", default=None, metavar="PNG", help="also draw the scores (needs matplotlib)")
+    pr.set_defaults(func=cmd_profile)
     return ap
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from . import _native
 from .chat import ChatTemplate, create_chat_completion
 from .completion import create_completion
+from .profile import resolve_lazy_layers
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0")
@@ -72,6 +73,10 @@ class Llama:
 
     lazy_layers: indices of layers whose cache keeps only `n_sink` initial tokens plus a ring of the last
     `n_window` tokens, stored as `lazy_type`. The other layers keep all `n_ctx` tokens as `type_k`/`type_v`.
+    Or let a profile choose them (`simkv profile`): lazy_profile=PATH or "auto" (the MODEL.gguf.simkv.json
+    saved beside the model, if any) with lazy_ratio (the laziest fraction of layers) or lazy_threshold
+    (default: the paper's threshold for the model family) on lazy_criterion ("mass" or "change").
+    Explicit lazy_layers win over a profile.
     """
 
     def __init__(
@@ -86,6 +91,10 @@ class Llama:
         type_v: str = "f16",
         lazy_layers: Optional[Sequence[int]] = None,
         lazy_type: str = "q4_0",
+        lazy_profile: Optional[str] = None,
+        lazy_ratio: Optional[float] = None,
+        lazy_threshold: Optional[float] = None,
+        lazy_criterion: str = "mass",
         n_sink: int = 4,
         n_window: int = 1024,
         logits_all: bool = False,
@@ -119,6 +128,8 @@ class Llama:
 
         self._model = _native.load_model(self.model_path)
         self._hparams = self._model.hparams
+        lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
+            self.model_path, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion)
         self.lazy_layers = _check_lazy_layers(lazy_layers, self._hparams["n_layer"])
         self._vocab = _native.Vocab(self.model_path)
         if self._vocab.n_vocab != self._hparams["n_vocab"]:

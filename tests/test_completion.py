@@ -168,3 +168,11 @@ def test_completion_bad_input(ours):
         ours.create_completion("word " * 3000, max_tokens=4)
     with pytest.raises(TypeError, match="messages"):
         ours.create_chat_completion("hello")
+
+
+def test_seeded_sampling_equals_llama_cpp_python(ours, ref):
+    """Same logits, same libllama sampler chain, same seed: the same sampled reply."""
+    for seed in (1, 2):
+        a = ours.create_chat_completion(MESSAGES, temperature=0.8, seed=seed, max_tokens=24)
+        b = ref.create_chat_completion(MESSAGES, temperature=0.8, seed=seed, max_tokens=24)
+        assert a["choices"][0]["message"] == b["choices"][0]["message"]

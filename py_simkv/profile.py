@@ -1,0 +1,270 @@
+"""Choosing lazy layers offline: profile a model once on calibration text, save the per-layer scores
+beside the model (`MODEL.gguf.simkv.json`), select lazy layers from them at load time.
+
+Two criteria, both measured by the native probe on the last `w_last` tokens of each sample:
+- "mass" (SimLayerKV's): attention weight on the first n_sink keys + the n_window most recent ones,
+  averaged over heads and queries. Higher = lazier; the paper's thresholds apply.
+- "change" (effect-based): relative change of the layer's attention output when it keeps only those keys.
+  Lower = lazier. It measures what trimming does rather than a proxy for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from importlib import resources
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+PROFILE_SUFFIX = ".simkv.json"
+FORMAT_VERSION = 1
+CRITERIA = {"mass": "higher is lazier", "change": "lower is lazier"}
+# The paper's thresholds on the attention-mass score, by model family (matched in general.name/basename).
+FAMILY_THRESHOLDS = (("llama-3", 0.9), ("llama3", 0.9), ("llama-2", 0.65), ("llama2", 0.65), ("mistral", 0.8),
+                     ("qwen", 0.85))
+DEFAULT_MASS_THRESHOLD = 0.9
+
+
+def default_profile_path(model_path: str) -> str:
+    return os.fspath(model_path) + PROFILE_SUFFIX
+
+
+def find_profile(model_path: str) -> Optional[str]:
+    """The profile saved beside the model, if any."""
+    path = default_profile_path(model_path)
+    return path if os.path.isfile(path) else None
+
+
+def model_identity(model_path: str) -> dict:
+    """What ties a profile to one model file: name, shape and a fingerprint of the file's bytes."""
+    from . import _native
+
+    model = _native.load_model(os.fspath(model_path))
+    size = os.path.getsize(model_path)
+    h = hashlib.sha256()
+    with open(model_path, "rb") as f:  # first and last MiB: cheap even for a multi-GB file
+        h.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    md = model.metadata
+    return {"name": md.get("general.name", os.path.basename(model_path)), "arch": model.hparams["arch"],
+            "n_layer": model.hparams["n_layer"], "file_size": size, "fingerprint": h.hexdigest()}
+
+
+def family_threshold(identity: dict) -> float:
+    name = identity.get("name", "").lower()
+    for key, value in FAMILY_THRESHOLDS:
+        if key in name:
+            return value
+    return DEFAULT_MASS_THRESHOLD
+
+
+@dataclasses.dataclass
+class LazyProfile:
+    model: dict       # model_identity()
+    params: dict      # n_ctx, n_sink, n_window, w_last
+    samples: List[dict]  # {"source", "n_tokens", "mass": [n_layer], "change": [n_layer]}
+
+    # --- scores ------------------------------------------------------------------------------------
+    @property
+    def n_layer(self) -> int:
+        return int(self.model["n_layer"])
+
+    def scores(self, criterion: str = "mass") -> np.ndarray:
+        """[n_samples, n_layer]"""
+        _check_criterion(criterion)
+        return np.array([s[criterion] for s in self.samples], dtype=np.float64)
+
+    def mean(self, criterion: str = "mass") -> np.ndarray:
+        return self.scores(criterion).mean(axis=0)
+
+    def select(self, threshold: Optional[float] = None, ratio: Optional[float] = None,
+               criterion: str = "mass") -> List[int]:
+        """Lazy layers, by threshold on the mean score or as the laziest `ratio` of the layers.
+
+        Without either: the paper's threshold for this model's family (criterion "mass" only)."""
+        _check_criterion(criterion)
+        if threshold is not None and ratio is not None:
+            raise ValueError("give a threshold or a ratio, not both")
+        mean = self.mean(criterion)
+        lazier_first = np.argsort(-mean if criterion == "mass" else mean, kind="stable")
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+            return sorted(int(i) for i in lazier_first[: int(round(ratio * self.n_layer))])
+        if threshold is None:
+            if criterion != "mass":
+                raise ValueError("the 'change' criterion has no default threshold: give a threshold or a ratio")
+            threshold = family_threshold(self.model)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a number, got {threshold!r}")
+        lazy = mean > threshold if criterion == "mass" else mean < threshold
+        return [int(i) for i in np.flatnonzero(lazy)]
+
+    # --- files -------------------------------------------------------------------------------------
+    def save(self, path: str) -> str:
+        data = {"format": "simkv-lazy-profile", "version": FORMAT_VERSION, "model": self.model,
+                "params": self.params, "samples": self.samples}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "LazyProfile":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"lazy profile not found: {path}")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"not a simkv lazy profile (invalid JSON): {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != "simkv-lazy-profile":
+            raise ValueError(f"not a simkv lazy profile: {path}")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"lazy profile {path} has version {data.get('version')}, this simkv reads {FORMAT_VERSION}")
+        prof = cls(model=data["model"], params=data["params"], samples=data["samples"])
+        for s in prof.samples:
+            for c in CRITERIA:
+                if len(s[c]) != prof.n_layer:
+                    raise ValueError(f"lazy profile {path}: a sample has {len(s[c])} '{c}' scores for {prof.n_layer} layers")
+        return prof
+
+    def check_model(self, model_path: str) -> None:
+        """Refuse a profile made for another model."""
+        ident = model_identity(model_path)
+        diff = [k for k in ("arch", "n_layer", "file_size", "fingerprint") if self.model.get(k) != ident[k]]
+        if diff:
+            raise ValueError(f"this lazy profile was made for '{self.model.get('name')}' ({self.model.get('file_size')} "
+                             f"bytes), not for {model_path} ('{ident['name']}', {ident['file_size']} bytes): "
+                             f"{', '.join(diff)} differ. Run `simkv profile` on this model.")
+
+    # --- picture -----------------------------------------------------------------------------------
+    def plot(self, path: str, criterion: str = "mass", threshold: Optional[float] = None) -> str:
+        """Heat map (layers x samples) and the per-layer mean with the threshold line, as a PNG."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
+        scores = self.scores(criterion)
+        if threshold is None and criterion == "mass":
+            threshold = family_threshold(self.model)
+        fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(max(6, self.n_layer * 0.3), 7), sharex=True)
+        im = ax0.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax0.set_ylabel("sample")
+        ax0.set_title(f"{self.model.get('name')}: '{criterion}' ({CRITERIA[criterion]})")
+        fig.colorbar(im, ax=ax0)
+        ax1.bar(range(self.n_layer), scores.mean(axis=0))
+        if threshold is not None:
+            ax1.axhline(threshold, color="red", linestyle="--", label=f"threshold {threshold}")
+            ax1.legend()
+        ax1.set_xlabel("layer")
+        ax1.set_ylabel("mean")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
+
+
+def default_calibration_texts() -> List[Tuple[str, str]]:
+    """(source, text) pairs of the calibration set shipped in py_simkv/calibration (see its README)."""
+    folder = resources.files("py_simkv") / "calibration"
+    return [(name, (folder / name).read_text(encoding="utf-8"))
+            for name in ("python_reference_prose.txt", "python_stdlib_code.txt")]
+
+
+def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int) -> List[Tuple[str, List[int]]]:
+    """Cut each text into n_ctx-token samples, alternating sources, up to max_samples."""
+    per_source = []
+    for source, text in texts:
+        toks = llm.tokenize(text.encode("utf-8"), add_bos=True)
+        chunks = [(f"{source}[{i // n_ctx}]", toks[i:i + n_ctx]) for i in range(0, len(toks) - n_ctx + 1, n_ctx)]
+        if not chunks and len(toks) > 0:
+            chunks = [(source, toks)]
+        per_source.append(chunks)
+    out = []
+    for i in range(max(len(c) for c in per_source) if per_source else 0):
+        for chunks in per_source:
+            if i < len(chunks) and len(out) < max_samples:
+                out.append(chunks[i])
+    return out
+
+
+def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = 2048, n_sink: int = 4,
+                  n_window: int = 256, w_last: int = 32, max_samples: int = 8, n_threads: Optional[int] = None,
+                  progress: bool = True) -> LazyProfile:
+    """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
+
+    texts: strings or (source, text) pairs; default: the calibration set shipped with simkv."""
+    from .llama import Llama, _check_int
+
+    _check_int("n_ctx", n_ctx, 2)
+    _check_int("w_last", w_last, 1)
+    if w_last > n_ctx:
+        raise ValueError(f"w_last ({w_last}) must not exceed n_ctx ({n_ctx})")
+    pairs = default_calibration_texts() if texts is None else [
+        t if isinstance(t, tuple) else (f"text{i}", t) for i, t in enumerate(texts)]
+    if not pairs or not all(isinstance(t, str) and t for _, t in pairs):
+        raise ValueError("calibration texts must be non-empty strings")
+    llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
+    samples = _samples(llm, pairs, n_ctx, max_samples)
+    results = []
+    t0 = time.perf_counter()
+    for k, (source, toks) in enumerate(samples):
+        if progress:
+            _progress(k, len(samples), t0)
+        llm.reset()
+        scores = llm.eval(toks, probe={"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window})
+        results.append({"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
+                        "change": scores["change"].tolist()})
+    if progress:
+        _progress(len(samples), len(samples), t0)
+        print(file=sys.stderr)
+    return LazyProfile(model=model_identity(model_path),
+                       params={"n_ctx": n_ctx, "n_sink": n_sink, "n_window": n_window, "w_last": w_last},
+                       samples=results)
+
+
+def _progress(done: int, total: int, t0: float) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {done}/{total} samples, "
+          f"{time.perf_counter() - t0:.0f} s", end="", file=sys.stderr, flush=True)
+
+
+def resolve_lazy_layers(model_path: str, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold,
+                        lazy_criterion: str = "mass") -> Tuple[Optional[List[int]], Optional[str]]:
+    """Which layers are lazy at load time: explicit lazy_layers win; else a profile (a path, or "auto" = the
+    one saved beside the model) with a ratio or threshold. Returns (layers or None, profile path used)."""
+    if lazy_layers is not None:
+        return lazy_layers, None
+    if lazy_profile is None:
+        if lazy_ratio is not None or lazy_threshold is not None:
+            raise ValueError("lazy_ratio/lazy_threshold need a profile: lazy_profile='auto' or a path "
+                             "(make one with `simkv profile`)")
+        return None, None
+    if lazy_profile == "auto":
+        path = find_profile(model_path)
+        if path is None:
+            if lazy_ratio is not None or lazy_threshold is not None:
+                raise FileNotFoundError(f"no lazy profile beside {model_path} ({default_profile_path(model_path)}): "
+                                        "run `simkv profile` first")
+            return None, None
+    else:
+        path = os.fspath(lazy_profile)
+    prof = LazyProfile.load(path)
+    prof.check_model(model_path)
+    return prof.select(threshold=lazy_threshold, ratio=lazy_ratio, criterion=lazy_criterion), path

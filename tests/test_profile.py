@@ -1,0 +1,131 @@
+"""Offline profiles: scores from the probe, selection, files, model identity, use at load time."""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+
+from py_simkv import LazyProfile, Llama, profile_model
+from py_simkv.profile import default_calibration_texts, find_profile
+
+TEXTS = [("prose", "The quick brown fox jumps over the lazy dog. " * 200),
+         ("code", "def f(x):\n    return x * 2 + 1\n\n" * 200)]
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_model):
+    return profile_model(tiny_model("llama"), texts=TEXTS, n_ctx=256, n_window=32, w_last=16, max_samples=4,
+                         n_threads=2, progress=False)
+
+
+def test_profile_holds_the_probe_scores(tiny_model, tiny_profile):
+    prof = tiny_profile
+    assert prof.n_layer == 4 and len(prof.samples) == 4
+    assert [s["source"].split("[")[0] for s in prof.samples] == ["prose", "code", "prose", "code"]
+    assert prof.params == {"n_ctx": 256, "n_sink": 4, "n_window": 32, "w_last": 16}
+    # Each sample's scores are what the probe reports for that sample.
+    llm = Llama(tiny_model("llama"), n_ctx=256, n_threads=2)
+    toks = llm.tokenize(TEXTS[0][1].encode(), add_bos=True)[:256]
+    direct = llm.eval(toks, probe={"n_probe": 16, "n_sink": 4, "n_window": 32})
+    np.testing.assert_allclose(prof.samples[0]["mass"], direct["mass"], rtol=1e-9)
+    np.testing.assert_allclose(prof.samples[0]["change"], direct["change"], rtol=1e-9)
+    assert prof.scores("mass").shape == (4, 4)
+    assert np.all((prof.scores("mass") > 0) & (prof.scores("mass") <= 1 + 1e-6))
+
+
+def _fake(mass, change=None, **model):
+    ident = dict({"name": "Meta-Llama-3-8B", "arch": "llama", "n_layer": len(mass), "file_size": 1, "fingerprint": "x"},
+                 **model)
+    return LazyProfile(model=ident, params={}, samples=[{"source": "s", "n_tokens": 1, "mass": list(mass),
+                                                         "change": list(change if change is not None else mass)}])
+
+
+def test_select_by_threshold_and_ratio():
+    prof = _fake([0.5, 0.95, 0.3, 0.92, 0.91, 0.85], change=[0.9, 0.05, 0.8, 0.2, 0.1, 0.3])
+    assert prof.select() == [1, 3, 4]                      # Llama-3: the paper's 0.9
+    assert _fake([0.5, 0.7, 0.6], name="Llama-2-7b").select() == [1]  # Llama-2: 0.65
+    assert prof.select(threshold=0.8) == [1, 3, 4, 5]
+    assert prof.select(ratio=0.5) == [1, 3, 4]
+    assert prof.select(ratio=0.0) == [] and prof.select(ratio=1.0) == list(range(6))
+    assert prof.select(ratio=0.5, criterion="change") == [1, 3, 4]   # lowest change = laziest
+    assert prof.select(threshold=0.25, criterion="change") == [1, 3, 4]
+    with pytest.raises(ValueError, match="not both"):
+        prof.select(threshold=0.9, ratio=0.5)
+    with pytest.raises(ValueError, match="ratio must be"):
+        prof.select(ratio=1.5)
+    with pytest.raises(ValueError, match="no default threshold"):
+        prof.select(criterion="change")
+    with pytest.raises(ValueError, match="unknown criterion"):
+        prof.select(criterion="entropy")
+
+
+def test_round_trip_and_bad_files(tiny_profile, tmp_path):
+    path = tiny_profile.save(str(tmp_path / "p.json"))
+    back = LazyProfile.load(path)
+    assert back == tiny_profile
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        LazyProfile.load(str(tmp_path / "bad.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a simkv lazy profile"):
+        LazyProfile.load(str(tmp_path / "other.json"))
+    with pytest.raises(FileNotFoundError):
+        LazyProfile.load(str(tmp_path / "missing.json"))
+
+
+def test_runtime_use_auto_and_path(tiny_model, tiny_profile, tmp_path):
+    model = str(tmp_path / "m.gguf")
+    shutil.copy(tiny_model("llama"), model)
+    assert find_profile(model) is None
+    assert Llama(model, n_ctx=64, lazy_profile="auto").lazy_layers == []  # no profile yet: nothing lazy
+    with pytest.raises(FileNotFoundError, match="simkv profile"):
+        Llama(model, n_ctx=64, lazy_profile="auto", lazy_ratio=0.5)
+    tiny_profile.save(model + ".simkv.json")
+    want = tiny_profile.select(ratio=0.5)
+    llm = Llama(model, n_ctx=64, lazy_profile="auto", lazy_ratio=0.5)
+    assert llm.lazy_layers == want and len(want) == 2
+    assert [l["kind"] for l in llm.kv_cache_stats()["layers"]] == ["lazy" if i in want else "full" for i in range(4)]
+    assert Llama(model, n_ctx=64, lazy_profile=model + ".simkv.json", lazy_ratio=0.25).lazy_layers == \
+        tiny_profile.select(ratio=0.25)
+    # explicit layers win
+    assert Llama(model, n_ctx=64, lazy_profile="auto", lazy_ratio=0.5, lazy_layers=[0]).lazy_layers == [0]
+    with pytest.raises(ValueError, match="need a profile"):
+        Llama(model, n_ctx=64, lazy_ratio=0.5)
+
+
+def test_foreign_profile_is_refused(tiny_model, tiny_profile, tmp_path):
+    other = tiny_model("qwen2")
+    path = tiny_profile.save(str(tmp_path / "llama.json"))
+    with pytest.raises(ValueError, match="was made for"):
+        Llama(other, n_ctx=64, lazy_profile=path, lazy_ratio=0.5)
+    # Same shape, different weights: the fingerprint tells them apart.
+    same_shape = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="fingerprint"):
+        Llama(same_shape, n_ctx=64, lazy_profile=path, lazy_ratio=0.5)
+
+
+def test_default_calibration_set_is_shipped():
+    texts = default_calibration_texts()
+    assert [s for s, _ in texts] == ["python_reference_prose.txt", "python_stdlib_code.txt"]
+    assert all(len(t) > 100_000 for _, t in texts)
+
+
+def test_cli_profile(tiny_model, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXTS[0][1])
+    out = tmp_path / "prof.json"
+    r = subprocess.run([shutil.which("simkv"), "profile", tiny_model("llama"), "--calib", str(calib), "--n-ctx", "128",
+                        "--n-window", "16", "--w-last", "8", "--samples", "2", "-o", str(out)],
+                       capture_output=True, text=True, cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr
+    assert "laziest half by mass" in r.stdout and "profiling [" in r.stderr
+    prof = LazyProfile.load(str(out))
+    assert len(prof.samples) == 2 and prof.params["n_ctx"] == 128
+    r = subprocess.run([shutil.which("simkv"), "generate", tiny_model("llama"), "-p", "hi", "-n", "2",
+                        "--lazy-profile", str(out), "--lazy-ratio", "0.5", "--n-ctx", "64"],
+                       capture_output=True, text=True, cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr
+    assert f"from {out}" in r.stderr
