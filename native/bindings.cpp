@@ -83,15 +83,19 @@ NB_MODULE(_native, m) {
         .def("__init__",
              [](Engine * self, std::shared_ptr<Model> model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                 int n_threads, std::string type_k, std::string type_v, std::string lazy_type,
-                std::vector<int> lazy_layers, uint32_t n_sink, uint32_t n_window) {
+                std::vector<int> lazy_layers, uint32_t n_sink, uint32_t n_window, std::string lazy_prefill,
+                std::string lazy_mode, float dynamic_threshold, uint32_t w_last) {
                  EngineConfig c;
                  c.n_ctx = n_ctx; c.n_batch = n_batch; c.n_ubatch = n_ubatch; c.n_threads = n_threads;
                  c.type_k = type_k; c.type_v = type_v; c.lazy_type = lazy_type;
                  c.lazy_layers = lazy_layers; c.n_sink = n_sink; c.n_window = n_window;
+                 c.lazy_prefill = lazy_prefill; c.lazy_mode = lazy_mode; c.dynamic_threshold = dynamic_threshold;
+                 c.w_last = w_last;
                  new (self) Engine(std::move(model), c);
              },
              "model"_a, "n_ctx"_a, "n_batch"_a, "n_ubatch"_a, "n_threads"_a, "type_k"_a, "type_v"_a,
-             "lazy_type"_a, "lazy_layers"_a, "n_sink"_a, "n_window"_a)
+             "lazy_type"_a, "lazy_layers"_a, "n_sink"_a, "n_window"_a, "lazy_prefill"_a = "streaming",
+             "lazy_mode"_a = "static", "dynamic_threshold"_a = 0.9f, "w_last"_a = 32)
         .def("eval",
              [](Engine & e, TokenArray tokens, bool all_logits) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
@@ -124,6 +128,8 @@ NB_MODULE(_native, m) {
         .def("truncate", &Engine::truncate, "n_keep"_a)
         .def("reset", &Engine::reset)
         .def_prop_ro("n_past", &Engine::n_past)
+        .def_prop_ro("lazy_layers", &Engine::lazy_layers)
+        .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)
         .def_prop_ro("max_ubatch", [](const Engine & e) { return std::min(e.config().n_ubatch, e.kv().max_ubatch()); })
         .def("kv_layers", &kv_stats)
         .def_prop_ro("kv_total_bytes", [](const Engine & e) { return e.kv().total_bytes(); });

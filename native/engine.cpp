@@ -61,17 +61,27 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg) : model_(
     if (!cpu_) throw std::runtime_error("ggml CPU backend unavailable");
     ggml_backend_cpu_set_n_threads(cpu_, cfg_.n_threads);
 
-    KvConfig kc;
-    kc.n_ctx = cfg_.n_ctx;
-    kc.n_ubatch = cfg_.n_ubatch;
-    kc.type_full = parse_cache_type(cfg_.type_k, "type_k");
-    kc.type_lazy = parse_cache_type(cfg_.lazy_type, "lazy_type");
-    kc.n_sink = cfg_.n_sink;
-    kc.n_window = cfg_.n_window;
-    kc.lazy_layers = cfg_.lazy_layers;
-    std::vector<ggml_backend_buffer_type_t> bufts(hp.n_layer, ggml_backend_get_default_buffer_type(cpu_));
-    kv_ = std::make_unique<KvCache>(hp, kc, bufts);
-
+    if (cfg_.lazy_prefill != "streaming" && cfg_.lazy_prefill != "exact") {
+        throw BadInput("lazy_prefill must be 'streaming' or 'exact', got '" + cfg_.lazy_prefill + "'");
+    }
+    if (cfg_.lazy_mode != "static" && cfg_.lazy_mode != "dynamic") {
+        throw BadInput("lazy_mode must be 'static' or 'dynamic', got '" + cfg_.lazy_mode + "'");
+    }
+    if (cfg_.lazy_mode == "dynamic" && !cfg_.lazy_layers.empty()) {
+        throw BadInput("lazy_mode='dynamic' chooses the lazy layers itself: do not give lazy_layers");
+    }
+    if (cfg_.w_last < 1) throw BadInput("w_last must be >= 1");
+    exact_ = cfg_.lazy_prefill == "exact" || cfg_.lazy_mode == "dynamic";
+    kv_cfg_.n_ctx = cfg_.n_ctx;
+    kv_cfg_.n_ubatch = cfg_.n_ubatch;
+    kv_cfg_.type_full = parse_cache_type(cfg_.type_k, "type_k");
+    kv_cfg_.type_lazy = parse_cache_type(cfg_.lazy_type, "lazy_type");
+    kv_cfg_.n_sink = cfg_.n_sink;
+    kv_cfg_.n_window = cfg_.n_window;
+    kv_cfg_.lazy_layers = exact_ ? std::vector<int>{} : cfg_.lazy_layers;  // exact: all full until compaction
+    bufts_.assign(hp.n_layer, ggml_backend_get_default_buffer_type(cpu_));
+    kv_ = new_cache();
+    peak_kv_bytes_ = kv_->total_bytes();
     graph_nodes_ = std::max<size_t>(2048, (size_t) hp.n_layer * 64);
     graph_meta_.resize(ggml_tensor_overhead() * graph_nodes_ + ggml_graph_overhead_custom(graph_nodes_, false));
     ggml_backend_t backends[] = {cpu_};
@@ -107,7 +117,20 @@ std::vector<float> Engine::eval_probed(const int32_t * tokens, uint32_t n, bool 
     if (n_probe && spec.n_window < 1) throw BadInput("probe n_window must be >= 1");
     const uint32_t n_out = all_logits ? n : 1;
     std::vector<float> logits((size_t) n_out * hp.n_vocab);
-    probe_spec_ = n_probe ? &spec : nullptr;
+    // Exact prefill: the first eval of a context is its prompt; its end triggers the compaction of the lazy
+    // layers. In dynamic mode the probe (on the prompt's last w_last tokens, unless the caller probes)
+    // picks them.
+    const bool compact_after = exact_ && !compacted_;
+    const bool dynamic = compact_after && cfg_.lazy_mode == "dynamic";
+    ProbeSpec dynamic_spec;
+    dynamic_spec.n_sink = cfg_.n_sink;
+    dynamic_spec.n_window = cfg_.n_window;
+    const ProbeSpec * use_spec = &spec;
+    if (dynamic && n_probe == 0) {
+        use_spec = &dynamic_spec;
+        n_probe = std::min(cfg_.w_last, n);
+    }
+    probe_spec_ = n_probe ? use_spec : nullptr;
     if (n_probe) probe_acc_.reset(hp.n_layer);
     // Split like llama.cpp: n_batch chunks, each cut into ubatches (kernels' numerics depend on the
     // batch shape, so the same split gives the same logits).
@@ -128,7 +151,76 @@ std::vector<float> Engine::eval_probed(const int32_t * tokens, uint32_t n, bool 
         }
     }
     probe_spec_ = nullptr;
+    if (compact_after) {
+        std::vector<int> layers = cfg_.lazy_layers;
+        if (dynamic) {
+            layers.clear();
+            const std::vector<double> mass = probe_acc_.mass();
+            for (uint32_t il = 0; il < hp.n_layer; ++il) {
+                if (mass[il] > cfg_.dynamic_threshold) layers.push_back((int) il);
+            }
+        }
+        make_lazy(layers);
+        compacted_ = true;
+    }
+    peak_kv_bytes_ = std::max(peak_kv_bytes_, kv_->total_bytes());
     return logits;
+}
+
+std::unique_ptr<KvCache> Engine::new_cache() const {
+    return std::make_unique<KvCache>(model_->hp(), kv_cfg_, bufts_);
+}
+
+void Engine::make_lazy(const std::vector<int> & layers) {
+    if (layers.empty()) return;
+    KvCache::Conversion conv = kv_->prepare_lazy(model_->hp(), kv_cfg_, layers, bufts_);
+    size_t added = 0;
+    for (const KvStore & s : conv.stores) added += s.bytes();
+    peak_kv_bytes_ = std::max(peak_kv_bytes_, kv_->total_bytes() + added);
+    const int64_t n = (int64_t) conv.src_cells.size();
+    if (n > 0) {
+        // Copy the kept cells: rows of the full store -> F32 -> the lazy store's type, at the ring's cells.
+        if (graph_.ctx) ggml_free(graph_.ctx);  // the scheduler is reset below: the cached graph is stale
+        graph_ = BuiltGraph{};
+        ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), true};
+        ggml_context * ctx = ggml_init(ip);
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_nodes_, false);
+        ggml_tensor * src = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        ggml_tensor * dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+        ggml_set_input(src);
+        ggml_set_input(dst);
+        for (size_t i = 0; i < conv.layers.size(); ++i) {
+            const KvStore & from = kv_->store(conv.layers[i]);
+            const KvStore & to = conv.stores[i];
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, to.k, ggml_get_rows(ctx, from.k, src), dst));
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, to.v, ggml_get_rows(ctx, from.v, src), dst));
+        }
+        ggml_backend_sched_reset(sched_);
+        const bool ok = ggml_backend_sched_alloc_graph(sched_, gf);
+        if (ok) {
+            ggml_backend_tensor_set(src, conv.src_cells.data(), 0, ggml_nbytes(src));
+            ggml_backend_tensor_set(dst, conv.dst_cells.data(), 0, ggml_nbytes(dst));
+        }
+        const bool done = ok && ggml_backend_sched_graph_compute(sched_, gf) == GGML_STATUS_SUCCESS;
+        ggml_backend_sched_reset(sched_);
+        ggml_free(ctx);
+        if (!done) {
+            for (KvStore & s : conv.stores) {
+                ggml_backend_buffer_free(s.buffer);
+                ggml_free(s.ctx);
+            }
+            throw std::runtime_error("failed to compact the lazy layers");
+        }
+    }
+    kv_->commit_lazy(std::move(conv));
+}
+
+std::vector<int> Engine::lazy_layers() const {
+    std::vector<int> out;
+    for (size_t il = 0; il < kv_->n_layer(); ++il) {
+        if (kv_->groups()[kv_->store((int) il).group].policy->kind() == "lazy") out.push_back((int) il);
+    }
+    return out;
 }
 
 void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe) {
@@ -150,6 +242,7 @@ void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs,
     }
     const auto & groups = kv_->groups();
     for (size_t gi = 0; gi < groups.size(); ++gi) {
+        if (!in.kq_mask[gi]) continue;
         ggml_backend_tensor_set(in.kq_mask[gi], groups[gi].mask.data(), 0, ggml_nbytes(in.kq_mask[gi]));
         ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
     }
@@ -204,6 +297,14 @@ bool Engine::truncate(uint32_t n_keep) {
 }
 
 void Engine::reset() {
+    if (compacted_) {
+        // Exact prefill: the next prompt starts with every layer full again.
+        if (graph_.ctx) ggml_free(graph_.ctx);
+        graph_ = BuiltGraph{};
+        kv_.reset();
+        kv_ = new_cache();
+        compacted_ = false;
+    }
     kv_->clear();
     n_past_ = 0;
     n_written_ = 0;

@@ -23,6 +23,15 @@ struct EngineConfig {
     std::vector<int> lazy_layers;
     uint32_t n_sink = 4;
     uint32_t n_window = 1024;
+    // "streaming": lazy layers are sink + ring stores from the first token (bounded memory).
+    // "exact": every layer is full while the prompt is evaluated; at its end the lazy layers are
+    // compacted into sink + ring stores (the paper's procedure; the peak is a full cache).
+    std::string lazy_prefill = "streaming";
+    // "static": lazy_layers. "dynamic": exact prefill where the lazy layers are those whose probed
+    // attention mass (last w_last prompt tokens) exceeds dynamic_threshold, decided per prompt.
+    std::string lazy_mode = "static";
+    float dynamic_threshold = 0.9f;
+    uint32_t w_last = 32;
 };
 
 ggml_type parse_cache_type(const std::string & name, const char * what);
@@ -49,11 +58,15 @@ public:
     void reset();
 
     uint32_t n_past() const { return n_past_; }
+    std::vector<int> lazy_layers() const;  // the layers whose store is lazy now
+    size_t peak_kv_bytes() const { return peak_kv_bytes_; }
     const Model & model() const { return *model_; }
     const KvCache & kv() const { return *kv_; }
     const EngineConfig & config() const { return cfg_; }
 
 private:
+    void make_lazy(const std::vector<int> & layers);  // exact prefill: compact full stores into lazy ones
+    std::unique_ptr<KvCache> new_cache() const;
     void eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe);
 
     std::shared_ptr<Model> model_;
@@ -79,6 +92,11 @@ private:
     uint32_t n_past_ = 0;
     uint32_t n_written_ = 0;  // positions ever written since the last reset (for ring rewinds)
     const ProbeSpec * probe_spec_ = nullptr;  // set during eval_probed
+    KvConfig kv_cfg_;
+    std::vector<ggml_backend_buffer_type_t> bufts_;
+    bool exact_ = false;      // lazy_prefill == "exact" (or dynamic mode)
+    bool compacted_ = false;  // the lazy layers of this context were compacted already
+    size_t peak_kv_bytes_ = 0;
     ProbeAccumulator probe_acc_;
 };
 

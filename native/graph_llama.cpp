@@ -22,6 +22,11 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
         ggml_set_input(b.in.out_ids);
     }
     for (const KvGroup & g : b.kv.groups()) {
+        if (g.layers.empty()) {  // a group left without layers (exact prefill moved them all)
+            b.in.kq_mask.push_back(nullptr);
+            b.in.write_idx.push_back(nullptr);
+            continue;
+        }
         ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, g.n_kv, n);
         ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
         ggml_set_input(mask);

@@ -5,59 +5,125 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 
 namespace simkv {
 
 KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer) {
     std::vector<bool> lazy(hp.n_layer, false);
     for (int il : cfg.lazy_layers) lazy.at(il) = true;
-
-    // One group per distinct policy; layers point at their group.
-    std::map<std::string, int> group_of_key;
     stores_.resize(hp.n_layer);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        std::unique_ptr<KvPolicy> policy = lazy[il] ? make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch)
-                                                    : make_full_policy(cfg.n_ctx);
-        const std::string key = policy->key();
-        auto it = group_of_key.find(key);
-        int g;
-        if (it == group_of_key.end()) {
-            g = (int) groups_.size();
-            group_of_key[key] = g;
-            KvGroup grp;
-            grp.policy = std::move(policy);
-            grp.cell_pos.assign(grp.policy->capacity(), -1);
-            groups_.push_back(std::move(grp));
-        } else {
-            g = it->second;
-        }
+        const int g = group_for(lazy[il] ? make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch)
+                                         : make_full_policy(cfg.n_ctx));
         groups_[g].layers.push_back((int) il);
-
-        KvStore & s = stores_[il];
-        s.layer = (int) il;
-        s.group = g;
-        s.type = lazy[il] ? cfg.type_lazy : cfg.type_full;
-        const uint32_t cap = groups_[g].policy->capacity();
-        ggml_init_params ip = {2 * ggml_tensor_overhead(), nullptr, true};
-        s.ctx = ggml_init(ip);
-        s.k = ggml_new_tensor_2d(s.ctx, s.type, hp.n_embd_k_gqa(), cap);
-        s.v = ggml_new_tensor_2d(s.ctx, s.type, hp.n_embd_v_gqa(), cap);
-        ggml_format_name(s.k, "cache_k_l%u", il);
-        ggml_format_name(s.v, "cache_v_l%u", il);
-        s.buffer = ggml_backend_alloc_ctx_tensors_from_buft(s.ctx, buft_per_layer[il]);
-        if (!s.buffer) throw std::runtime_error("failed to allocate the KV store of layer " + std::to_string(il));
-        // Zero it: masked cells are skipped on the CPU, but a NaN in a never-written cell times a zero
-        // weight would still poison a GPU kernel.
-        ggml_backend_buffer_clear(s.buffer, 0);
-        s.device = ggml_backend_buft_name(buft_per_layer[il]);
+        stores_[il] = alloc_store(hp, (int) il, g, lazy[il] ? cfg.type_lazy : cfg.type_full,
+                                  groups_[g].policy->capacity(), buft_per_layer[il]);
     }
 }
 
+int KvCache::group_for(std::unique_ptr<KvPolicy> policy) {
+    // One group per distinct policy: its layers share the cell map and the mask.
+    for (size_t g = 0; g < groups_.size(); ++g) {
+        if (groups_[g].policy->key() == policy->key()) return (int) g;
+    }
+    KvGroup grp;
+    grp.policy = std::move(policy);
+    grp.cell_pos.assign(grp.policy->capacity(), -1);
+    groups_.push_back(std::move(grp));
+    return (int) groups_.size() - 1;
+}
+
+KvStore KvCache::alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
+                             ggml_backend_buffer_type_t buft) {
+    KvStore s;
+    s.layer = il;
+    s.group = group;
+    s.type = type;
+    ggml_init_params ip = {2 * ggml_tensor_overhead(), nullptr, true};
+    s.ctx = ggml_init(ip);
+    s.k = ggml_new_tensor_2d(s.ctx, type, hp.n_embd_k_gqa(), capacity);
+    s.v = ggml_new_tensor_2d(s.ctx, type, hp.n_embd_v_gqa(), capacity);
+    ggml_format_name(s.k, "cache_k_l%d", il);
+    ggml_format_name(s.v, "cache_v_l%d", il);
+    s.buffer = ggml_backend_alloc_ctx_tensors_from_buft(s.ctx, buft);
+    if (!s.buffer) {
+        ggml_free(s.ctx);
+        throw std::runtime_error("failed to allocate the KV store of layer " + std::to_string(il));
+    }
+    // Zero it: masked cells are skipped on the CPU, but a NaN in a never-written cell times a zero
+    // weight would still poison a GPU kernel.
+    ggml_backend_buffer_clear(s.buffer, 0);
+    s.device = ggml_backend_buft_name(buft);
+    return s;
+}
+
+void KvCache::free_store(KvStore & s) {
+    if (s.buffer) ggml_backend_buffer_free(s.buffer);
+    if (s.ctx) ggml_free(s.ctx);
+    s.buffer = nullptr;
+    s.ctx = nullptr;
+}
+
 KvCache::~KvCache() {
-    for (auto & s : stores_) {
-        if (s.buffer) ggml_backend_buffer_free(s.buffer);
-        if (s.ctx) ggml_free(s.ctx);
+    for (auto & s : stores_) free_store(s);
+}
+
+KvCache::Conversion KvCache::prepare_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
+                                          const std::vector<ggml_backend_buffer_type_t> & buft_per_layer) {
+    Conversion c;
+    c.layers = layers;
+    if (layers.empty()) return c;
+    const int src_group = stores_[layers[0]].group;
+    for (int il : layers) {
+        if (stores_[il].group != src_group || groups_[src_group].policy->kind() != "full") {
+            throw std::runtime_error("only full layers of one group can be made lazy");
+        }
+    }
+    c.group = group_for(make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch));
+    const KvGroup & src = groups_[src_group];
+    KvGroup & dst = groups_[c.group];
+    if (!dst.layers.empty()) throw std::runtime_error("exact prefill cannot join layers that were lazy from the start");
+    // Write every position in order through the lazy policy: later positions overwrite earlier ones, so
+    // what survives is exactly what a lazy store would hold had it been written all along.
+    std::vector<int32_t> src_of_cell(dst.policy->capacity(), -1);
+    c.cell_pos.assign(dst.policy->capacity(), -1);
+    std::vector<std::pair<int32_t, uint32_t>> by_pos;  // (position, source cell)
+    for (uint32_t cell = 0; cell < src.cell_pos.size(); ++cell) {
+        if (src.cell_pos[cell] >= 0) by_pos.emplace_back(src.cell_pos[cell], cell);
+    }
+    std::sort(by_pos.begin(), by_pos.end());
+    for (const auto & [pos, cell] : by_pos) {
+        const uint32_t d = dst.policy->cell_of(pos);
+        c.cell_pos[d] = pos;
+        src_of_cell[d] = (int32_t) cell;
+    }
+    for (uint32_t d = 0; d < src_of_cell.size(); ++d) {
+        if (src_of_cell[d] < 0) continue;
+        c.src_cells.push_back(src_of_cell[d]);
+        c.dst_cells.push_back(d);
+    }
+    for (int il : layers) {
+        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, dst.policy->capacity(), buft_per_layer[il]));
+    }
+    return c;
+}
+
+void KvCache::commit_lazy(Conversion && c) {
+    if (c.layers.empty()) return;
+    KvGroup & dst = groups_[c.group];
+    KvGroup & src = groups_[stores_[c.layers[0]].group];
+    for (size_t i = 0; i < c.layers.size(); ++i) {
+        const int il = c.layers[i];
+        free_store(stores_[il]);
+        stores_[il] = c.stores[i];
+        src.layers.erase(std::find(src.layers.begin(), src.layers.end(), il));
+        dst.layers.push_back(il);
+    }
+    std::sort(dst.layers.begin(), dst.layers.end());
+    dst.cell_pos = std::move(c.cell_pos);
+    dst.n_used = 0;
+    for (uint32_t cell = 0; cell < dst.cell_pos.size(); ++cell) {
+        if (dst.cell_pos[cell] >= 0) dst.n_used = cell + 1;
     }
 }
 
@@ -71,6 +137,7 @@ void KvCache::plan_ubatch(const int32_t * pos, uint32_t n_tokens) {
     static const ggml_fp16_t kZero = ggml_fp32_to_fp16(0.0f);
     static const ggml_fp16_t kHidden = ggml_fp32_to_fp16(-INFINITY);
     for (auto & g : groups_) {
+        if (g.layers.empty()) continue;  // e.g. the full group once exact prefill made every layer lazy
         const KvPolicy & p = *g.policy;
         // Write first: the ubatch's own keys must be visible to its queries.
         g.write_cells.resize(n_tokens);

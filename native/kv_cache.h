@@ -64,6 +64,21 @@ public:
     uint32_t max_ubatch() const;
     // Choose cells for the positions of a ubatch, record them, and build each group's mask.
     void plan_ubatch(const int32_t * pos, uint32_t n_tokens);
+    // Exact prefill (lazy_prefill="exact"): after the prompt, FULL layers become LAZY. prepare_lazy()
+    // allocates their lazy stores and says which cell goes where (sinks + the most recent positions the
+    // ring holds); the caller copies K/V (requantizing) and then commit_lazy() frees the full stores.
+    struct Conversion {
+        std::vector<int> layers;
+        std::vector<KvStore> stores;       // the new lazy stores, one per layer
+        std::vector<int32_t> src_cells;    // copy cell src_cells[i] of the full store ...
+        std::vector<int64_t> dst_cells;    // ... to cell dst_cells[i] of the lazy store
+        std::vector<int32_t> cell_pos;     // the lazy group's cell map afterwards
+        int group = -1;                    // the lazy group (created if needed)
+    };
+    Conversion prepare_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
+                            const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
+    void commit_lazy(Conversion && c);
+
     // Forget every position >= n_keep. Returns false (and changes nothing) if some store no longer holds
     // what a query at n_keep would need; the caller then clears and re-evaluates.
     bool truncate(int32_t n_keep, int32_t n_written);
@@ -75,6 +90,11 @@ public:
     size_t total_bytes() const;
 
 private:
+    int group_for(std::unique_ptr<KvPolicy> policy);
+    static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
+                               ggml_backend_buffer_type_t buft);
+    static void free_store(KvStore & s);
+
     std::vector<KvGroup> groups_;
     std::vector<KvStore> stores_;
 };

@@ -17,7 +17,7 @@ void create_probe_inputs(GraphBuild & b) {
     pg.ids = ggml_new_tensor_1d(b.ctx, GGML_TYPE_I32, b.n_probe);
     ggml_set_input(pg.ids);
     for (const KvGroup & g : b.kv.groups()) {
-        const bool full = g.policy->kind() == "full";
+        const bool full = g.policy->kind() == "full" && !g.layers.empty();
         ggml_tensor * all = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, g.n_kv, b.n_probe) : nullptr;
         ggml_tensor * win = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, g.n_kv, b.n_probe) : nullptr;
         ggml_tensor * in = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F32, g.n_kv, b.n_probe) : nullptr;

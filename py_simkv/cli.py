@@ -33,6 +33,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lazy-ratio", type=float, default=None, help="with a profile: the laziest fraction of layers")
     p.add_argument("--lazy-threshold", type=float, default=None, help="with a profile: score threshold")
     p.add_argument("--lazy-criterion", default="mass", choices=["mass", "change"], help="profile score to use")
+    p.add_argument("--lazy-prefill", default="streaming", choices=["streaming", "exact"],
+                   help="streaming: bounded memory from the first token; exact: full prompt, then trim (paper)")
+    p.add_argument("--lazy-mode", default="static", choices=["static", "dynamic"],
+                   help="dynamic: choose lazy layers per prompt by attention mass > --lazy-threshold")
 
 
 def _open(args):
@@ -49,7 +53,7 @@ def _open(args):
                 lazy_layers=args.lazy_layers, n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k,
                 type_v=args.type_v, lazy_type=args.lazy_type, lazy_profile=args.lazy_profile,
                 lazy_ratio=args.lazy_ratio, lazy_threshold=args.lazy_threshold,
-                lazy_criterion=args.lazy_criterion, **kw)
+                lazy_criterion=args.lazy_criterion, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode, **kw)
     if llm.lazy_profile_path:
         print(f"simkv: lazy layers {','.join(map(str, llm.lazy_layers)) or 'none'} from {llm.lazy_profile_path}",
               file=sys.stderr)

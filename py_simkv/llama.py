@@ -15,7 +15,7 @@ import numpy as np
 from . import _native
 from .chat import ChatTemplate, create_chat_completion
 from .completion import create_completion
-from .profile import resolve_lazy_layers
+from .profile import family_threshold, resolve_lazy_layers
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0")
@@ -77,6 +77,13 @@ class Llama:
     saved beside the model, if any) with lazy_ratio (the laziest fraction of layers) or lazy_threshold
     (default: the paper's threshold for the model family) on lazy_criterion ("mass" or "change").
     Explicit lazy_layers win over a profile.
+
+    lazy_prefill="streaming" (default): lazy layers hold only sinks + ring from the first token: memory is
+    bounded throughout. "exact": every layer is full while a prompt is evaluated (the paper's procedure,
+    peak memory of a full cache); at the prompt's end the lazy layers are compacted into their sink + ring
+    store. lazy_mode="dynamic": exact prefill where the lazy layers are chosen per prompt by the probe
+    (attention mass on sinks + window of the last 32 prompt tokens > lazy_threshold, default the paper's
+    threshold for the model family).
     """
 
     def __init__(
@@ -95,6 +102,8 @@ class Llama:
         lazy_ratio: Optional[float] = None,
         lazy_threshold: Optional[float] = None,
         lazy_criterion: str = "mass",
+        lazy_prefill: str = "streaming",
+        lazy_mode: str = "static",
         n_sink: int = 4,
         n_window: int = 1024,
         logits_all: bool = False,
@@ -128,8 +137,21 @@ class Llama:
 
         self._model = _native.load_model(self.model_path)
         self._hparams = self._model.hparams
-        lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
-            self.model_path, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion)
+        if lazy_prefill not in ("streaming", "exact"):
+            raise ValueError(f"lazy_prefill must be 'streaming' or 'exact', got {lazy_prefill!r}")
+        if lazy_mode not in ("static", "dynamic"):
+            raise ValueError(f"lazy_mode must be 'static' or 'dynamic', got {lazy_mode!r}")
+        self.lazy_prefill, self.lazy_mode = lazy_prefill, lazy_mode
+        dynamic_threshold = 0.0
+        if lazy_mode == "dynamic":
+            if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None:
+                raise ValueError("lazy_mode='dynamic' chooses lazy layers per prompt: give only lazy_threshold")
+            dynamic_threshold = (family_threshold({"name": self._model.metadata.get("general.name", "")})
+                                 if lazy_threshold is None else float(lazy_threshold))
+            lazy_layers, self.lazy_profile_path = None, None
+        else:
+            lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
+                self.model_path, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion)
         self.lazy_layers = _check_lazy_layers(lazy_layers, self._hparams["n_layer"])
         self._vocab = _native.Vocab(self.model_path)
         if self._vocab.n_vocab != self._hparams["n_vocab"]:
@@ -139,7 +161,8 @@ class Llama:
         self._engine = _native.Engine(
             self._model, n_ctx=self._n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch,
             n_threads=self.n_threads, type_k=self.type_k, type_v=self.type_v, lazy_type=self.lazy_type,
-            lazy_layers=self.lazy_layers, n_sink=self.n_sink, n_window=self.n_window,
+            lazy_layers=self.lazy_layers, n_sink=self.n_sink, n_window=self.n_window, lazy_prefill=lazy_prefill,
+            lazy_mode=lazy_mode, dynamic_threshold=dynamic_threshold,
         )
         self._chat_template: Optional[ChatTemplate] = None
         self.n_evaluated = 0  # tokens evaluated since construction (prefix reuse skips some)
@@ -260,8 +283,10 @@ class Llama:
         return True
 
     def kv_cache_stats(self) -> dict:
-        layers = self._engine.kv_layers()
-        return {"total_bytes": int(self._engine.kv_total_bytes), "layers": layers}
+        """total_bytes now, peak_bytes since construction (exact prefill peaks at a full cache), the lazy
+        layers now (with exact prefill: those compacted after the prompt), and each layer's store."""
+        return {"total_bytes": int(self._engine.kv_total_bytes), "peak_bytes": int(self._engine.peak_kv_bytes),
+                "lazy_layers": list(self._engine.lazy_layers), "layers": self._engine.kv_layers()}
 
     # --- generation --------------------------------------------------------------------------------
     def generate(
@@ -302,6 +327,11 @@ class Llama:
     def _reuse_prefix(self, tokens: List[int]) -> List[int]:
         """Keep the common prefix of the context and `tokens`; return the tokens still to evaluate."""
         self._sync()
+        if (self.lazy_prefill == "exact" or self.lazy_mode == "dynamic") and self._engine.lazy_layers:
+            # The context was compacted after its prompt; a fresh exact evaluation of a new prompt keeps
+            # every layer full throughout, so reuse would not give the same result: start over.
+            self.reset()
+            return tokens
         common = 0
         for a, b in zip(self._input_ids, tokens):
             if a != b:

@@ -24,7 +24,8 @@ def expected(hp, n_ctx, n_batch, n_ubatch, kv_type, lazy_layers, lazy_type, n_si
         t = lazy_type if lazy else kv_type
         layers.append({"layer": il, "kind": "lazy" if lazy else "full", "type_k": t, "type_v": t,
                        "capacity": cap, "bytes": 2 * cap * ROW_BYTES[t](n_kv), "device": "CPU"})
-    return {"total_bytes": sum(x["bytes"] for x in layers), "layers": layers}
+    total = sum(x["bytes"] for x in layers)
+    return {"total_bytes": total, "peak_bytes": total, "lazy_layers": sorted(lazy_layers), "layers": layers}
 
 
 CONFIGS = [

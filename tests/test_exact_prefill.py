@@ -1,0 +1,118 @@
+"""Exact prefill (the paper's procedure: full prompt, then trim) and dynamic per-prompt selection."""
+import numpy as np
+import pytest
+import torch
+
+from py_simkv import Llama
+from torch_reference import Weights, causal_mask, forward, sink_window_mask
+
+N_PROMPT, N_DECODE, N_SINK, N_WINDOW = 200, 120, 4, 32
+
+
+def _tokens(n, seed=5):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 49152, n)]
+
+
+def _decode(llm, first, n):
+    """Greedy decode n tokens after the prompt; returns the whole sequence."""
+    seq = list(llm.input_ids)
+    t = first
+    for _ in range(n):
+        llm.eval([t])
+        seq.append(t)
+        t = int(np.argmax(llm.scores[-1]))
+    return seq
+
+
+def test_exact_prefill_matches_reference(tiny_model):
+    path = tiny_model("llama")
+    prompt = _tokens(N_PROMPT)
+    lazy = [1, 3]
+    llm = Llama(path, n_ctx=512, n_threads=2, logits_all=True, lazy_layers=lazy, lazy_type="f16",
+                n_sink=N_SINK, n_window=N_WINDOW, n_ubatch=64, lazy_prefill="exact")
+    full_kv = llm.kv_cache_stats()["total_bytes"]
+    llm.eval(prompt)
+    stats = llm.kv_cache_stats()
+    assert stats["lazy_layers"] == lazy
+    assert stats["peak_bytes"] > full_kv > stats["total_bytes"]  # full during the prompt, trimmed after
+    seq = _decode(llm, int(np.argmax(llm.scores[-1])), N_DECODE)
+    n = len(seq)
+    # Reference: lazy layers see everything while the prompt is evaluated, sinks + window afterwards.
+    exact = causal_mask(n).clone()
+    exact[N_PROMPT:] = sink_window_mask(n, N_SINK, N_WINDOW)[N_PROMPT:]
+    want = forward(Weights(path), seq, [exact if il in lazy else causal_mask(n) for il in range(4)], ["f16"] * 4)
+    err = (torch.from_numpy(llm.scores.copy()) - want).abs()
+    assert err.max().item() < 0.1 and err.mean().item() < 5e-3  # the f16 bound of test_lazy_reference
+    # ... and that is not what streaming prefill computes.
+    streaming = Llama(path, n_ctx=512, n_threads=2, logits_all=True, lazy_layers=lazy, lazy_type="f16",
+                      n_sink=N_SINK, n_window=N_WINDOW, n_ubatch=64)
+    streaming.eval(prompt)
+    assert np.abs(streaming.scores - llm.scores[:N_PROMPT]).mean() > 0.05
+
+
+def test_exact_prompt_logits_are_the_full_model_s(tiny_model):
+    path = tiny_model("llama")
+    prompt = _tokens(N_PROMPT)
+    full = Llama(path, n_ctx=512, n_threads=2, logits_all=True)
+    full.eval(prompt)
+    exact = Llama(path, n_ctx=512, n_threads=2, logits_all=True, lazy_layers=[0, 2], lazy_prefill="exact",
+                  n_window=N_WINDOW)
+    exact.eval(prompt)
+    np.testing.assert_array_equal(exact.scores, full.scores)
+
+
+@pytest.mark.parametrize("lazy_type", ["f16", "q4_0"])
+def test_dynamic_compacts_the_layers_over_threshold_and_equals_static_exact(tiny_model, lazy_type):
+    path = tiny_model("llama")
+    prompt = _tokens(N_PROMPT, seed=9)
+    probe = Llama(path, n_ctx=512, n_threads=2).eval(prompt, probe={"n_probe": 32, "n_sink": N_SINK,
+                                                                    "n_window": N_WINDOW})
+    mass = probe["mass"]
+    threshold = float(np.median(mass))  # splits the layers
+    want = [il for il in range(4) if mass[il] > threshold]
+    assert 0 < len(want) < 4
+
+    kw = dict(n_ctx=512, n_threads=2, logits_all=True, lazy_type=lazy_type, n_sink=N_SINK, n_window=N_WINDOW)
+    dyn = Llama(path, lazy_mode="dynamic", lazy_threshold=threshold, **kw)
+    dyn.eval(prompt)
+    assert dyn.kv_cache_stats()["lazy_layers"] == want
+    static = Llama(path, lazy_layers=want, lazy_prefill="exact", **kw)
+    static.eval(prompt)
+    first = int(np.argmax(dyn.scores[-1]))
+    _decode(dyn, first, 40)
+    _decode(static, first, 40)
+    np.testing.assert_array_equal(dyn.scores, static.scores)
+    assert dyn.kv_cache_stats()["layers"] == static.kv_cache_stats()["layers"]
+
+
+def test_reset_restores_full_layers_and_dynamic_decides_per_prompt(tiny_model):
+    path = tiny_model("llama")
+    llm = Llama(path, n_ctx=512, n_threads=2, lazy_mode="dynamic", lazy_threshold=0.0, n_window=N_WINDOW)
+    llm.eval(_tokens(100))
+    assert llm.kv_cache_stats()["lazy_layers"] == [0, 1, 2, 3]  # threshold 0: every layer (StreamingLLM)
+    llm.reset()
+    assert llm.kv_cache_stats()["lazy_layers"] == []
+    assert all(l["kind"] == "full" for l in llm.kv_cache_stats()["layers"])
+    hi = Llama(path, n_ctx=512, n_threads=2, lazy_mode="dynamic", lazy_threshold=1.0, n_window=N_WINDOW)
+    hi.eval(_tokens(100))
+    assert hi.kv_cache_stats()["lazy_layers"] == []  # threshold 1: none
+
+
+def test_exact_generation_equals_fresh_after_a_new_prompt(smollm_path):
+    kw = dict(n_ctx=2048, n_threads=2, lazy_layers=list(range(15, 30)), n_window=64, lazy_prefill="exact")
+    llm = Llama(smollm_path, **kw)
+    llm.create_completion("The first law of thermodynamics states that", max_tokens=8, temperature=0.0)
+    a = llm.create_completion("The second law of thermodynamics states that", max_tokens=16, temperature=0.0)
+    b = Llama(smollm_path, **kw).create_completion("The second law of thermodynamics states that", max_tokens=16,
+                                                   temperature=0.0)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_bad_modes(tiny_model):
+    path = tiny_model("llama")
+    with pytest.raises(ValueError, match="lazy_prefill"):
+        Llama(path, n_ctx=64, lazy_prefill="lazy")
+    with pytest.raises(ValueError, match="lazy_mode"):
+        Llama(path, n_ctx=64, lazy_mode="auto")
+    with pytest.raises(ValueError, match="dynamic"):
+        Llama(path, n_ctx=64, lazy_mode="dynamic", lazy_layers=[1])
