@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random choices")
     ap.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--skip-passkey", action="store_true")
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="run only configurations whose label contains one of these (full f16 always runs)")
     a = ap.parse_args()
     path = a.model or default_model_path()
 
@@ -109,10 +111,13 @@ def main():
           f"n_ubatch {a.n_ubatch}, profile params {prof.params}", flush=True)
     print("mean mass  :", np.round(prof.mean("mass"), 3).tolist())
     print("mean change:", np.round(prof.mean("change"), 3).tolist(), flush=True)
+    if all("loss" in smp for smp in prof.samples):
+        print("mean loss  :", np.round(prof.mean("loss"), 4).tolist(), flush=True)
 
     common = dict(n_ctx=a.n_ctx, n_threads=a.threads, n_window=a.n_window, n_ubatch=a.n_ubatch, n_batch=a.n_ubatch)
     configs = [("full f16", dict()), ("full q4_0", dict(type_k="q4_0", type_v="q4_0"))]
-    for crit in ("mass", "change"):
+    crits = ["mass", "change"] + (["loss"] if all("loss" in smp for smp in prof.samples) else [])
+    for crit in crits:
         for ratio in (0.25, 0.5, 0.75):
             layers = prof.select(ratio=ratio, criterion=crit)
             for prefill in ("exact", "streaming"):
@@ -125,6 +130,8 @@ def main():
         configs.append((f"random 50% seed {seed} streaming", dict(lazy_layers=layers)))
         configs.append((f"random 50% seed {seed} exact", dict(lazy_layers=layers, lazy_prefill="exact")))
 
+    if a.only:
+        configs = [c for c in configs if c[0] == "full f16" or any(o in c[0] for o in a.only)]
     probe_llm = Llama(path, n_ctx=16, n_threads=1)
     texts = [(name, probe_llm.tokenize(text.encode(), add_bos=True)[: a.n_ctx]) for name, text in heldout_texts()]
     for name, toks in texts:

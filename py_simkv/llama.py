@@ -266,6 +266,31 @@ class Llama:
         if self._engine.n_past != len(self._input_ids) and not self._engine.truncate(len(self._input_ids)):
             self.reset()
 
+    def nll(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` and return the negative log-likelihood of each of them given what precedes it
+        (the context must not be empty: the first token is scored from the current last logits)."""
+        if self._last_logits is None:
+            raise ValueError("nll() needs a context: eval() a prompt first")
+        arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        if arr.size == 0:
+            return np.zeros(0)
+        if arr.min() < 0 or arr.max() >= self.n_vocab():
+            raise ValueError(f"token ids must be in 0..{self.n_vocab() - 1}")
+        if self.n_tokens + arr.size > self._n_ctx:
+            raise ValueError(f"Requested tokens ({self.n_tokens + arr.size}) exceed context window of {self._n_ctx}")
+        self._sync()
+        first = self._last_logits
+        logits = self._engine.eval(arr.astype(np.int32), True)  # every row, for this call only
+        self.n_evaluated += int(arr.size)
+        rows = np.concatenate([first[None], logits[:-1]], axis=0).astype(np.float64)
+        rows -= rows.max(axis=1, keepdims=True)
+        out = np.log(np.exp(rows).sum(axis=1)) - rows[np.arange(arr.size), arr]
+        if self._scores_all is not None:
+            self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
+        self._last_logits = logits[-1]
+        self._input_ids.extend(int(t) for t in arr)
+        return out
+
     def reset(self) -> None:
         """Forget the context (the KV cache is cleared)."""
         self._engine.reset()

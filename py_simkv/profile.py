@@ -6,6 +6,10 @@ Two criteria, both measured by the native probe on the last `w_last` tokens of e
   averaged over heads and queries. Higher = lazier; the paper's thresholds apply.
 - "change" (effect-based): relative change of the layer's attention output when it keeps only those keys.
   Lower = lazier. It measures what trimming does rather than a proxy for it.
+- "loss" (effect-based, optional, n_layer + 1 evaluations per sample): increase of the mean next-token
+  loss on the second half of a sample when only this layer is trimmed (exact prefill of the first half).
+  Lower = lazier. It catches layers that put almost all attention on sinks + window yet do long-range
+  copying with the rest.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import numpy as np
 
 PROFILE_SUFFIX = ".simkv.json"
 FORMAT_VERSION = 1
-CRITERIA = {"mass": "higher is lazier", "change": "lower is lazier"}
+CRITERIA = {"mass": "higher is lazier", "change": "lower is lazier", "loss": "lower is lazier"}
 # The paper's thresholds on the attention-mass score, by model family (matched in general.name/basename).
 FAMILY_THRESHOLDS = (("llama-3", 0.9), ("llama3", 0.9), ("llama-2", 0.65), ("llama2", 0.65), ("mistral", 0.8),
                      ("qwen", 0.85))
@@ -77,6 +81,8 @@ class LazyProfile:
     def scores(self, criterion: str = "mass") -> np.ndarray:
         """[n_samples, n_layer]"""
         _check_criterion(criterion)
+        if any(criterion not in s for s in self.samples):
+            raise ValueError(f"this profile has no '{criterion}' scores: make it with `simkv profile --loss`")
         return np.array([s[criterion] for s in self.samples], dtype=np.float64)
 
     def mean(self, criterion: str = "mass") -> np.ndarray:
@@ -98,7 +104,7 @@ class LazyProfile:
             return sorted(int(i) for i in lazier_first[: int(round(ratio * self.n_layer))])
         if threshold is None:
             if criterion != "mass":
-                raise ValueError("the 'change' criterion has no default threshold: give a threshold or a ratio")
+                raise ValueError(f"the '{criterion}' criterion has no default threshold: give a threshold or a ratio")
             threshold = family_threshold(self.model)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number, got {threshold!r}")
@@ -131,7 +137,7 @@ class LazyProfile:
         prof = cls(model=data["model"], params=data["params"], samples=data["samples"])
         for s in prof.samples:
             for c in CRITERIA:
-                if len(s[c]) != prof.n_layer:
+                if c in s and len(s[c]) != prof.n_layer:
                     raise ValueError(f"lazy profile {path}: a sample has {len(s[c])} '{c}' scores for {prof.n_layer} layers")
         return prof
 
@@ -205,10 +211,11 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
 
 def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = 2048, n_sink: int = 4,
                   n_window: int = 256, w_last: int = 32, max_samples: int = 8, n_threads: Optional[int] = None,
-                  progress: bool = True) -> LazyProfile:
+                  loss: bool = False, progress: bool = True) -> LazyProfile:
     """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
 
-    texts: strings or (source, text) pairs; default: the calibration set shipped with simkv."""
+    texts: strings or (source, text) pairs; default: the calibration set shipped with simkv.
+    loss=True also measures the "loss" criterion (n_layer + 1 evaluations of each sample)."""
     from .llama import Llama, _check_int
 
     _check_int("n_ctx", n_ctx, 2)
@@ -221,27 +228,47 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
         raise ValueError("calibration texts must be non-empty strings")
     llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
     samples = _samples(llm, pairs, n_ctx, max_samples)
+    n_layer = llm.hparams["n_layer"]
+    trimmed = [Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, lazy_layers=[il], lazy_type="f16",
+                     n_sink=n_sink, n_window=n_window, lazy_prefill="exact") for il in range(n_layer)] if loss else []
     results = []
+    steps = len(samples) * (1 + len(trimmed))
     t0 = time.perf_counter()
     for k, (source, toks) in enumerate(samples):
         if progress:
-            _progress(k, len(samples), t0)
+            _progress(k * (1 + len(trimmed)), steps, t0)
         llm.reset()
         scores = llm.eval(toks, probe={"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window})
-        results.append({"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
-                        "change": scores["change"].tolist()})
+        result = {"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
+                  "change": scores["change"].tolist()}
+        if loss:
+            half = len(toks) // 2
+            base = _second_half_nll(llm, toks, half)
+            result["loss"] = []
+            for j, t in enumerate(trimmed):
+                result["loss"].append(_second_half_nll(t, toks, half) - base)
+                if progress:
+                    _progress(k * (1 + len(trimmed)) + j + 2, steps, t0)
+        results.append(result)
     if progress:
-        _progress(len(samples), len(samples), t0)
+        _progress(steps, steps, t0)
         print(file=sys.stderr)
     return LazyProfile(model=model_identity(model_path),
                        params={"n_ctx": n_ctx, "n_sink": n_sink, "n_window": n_window, "w_last": w_last},
                        samples=results)
 
 
+def _second_half_nll(llm, toks, half: int) -> float:
+    """Mean next-token loss on toks[half:] after toks[:half] as the prompt (exact prefill trims after it)."""
+    llm.reset()
+    llm.eval(toks[:half])
+    return float(llm.nll(toks[half:]).mean())
+
+
 def _progress(done: int, total: int, t0: float) -> None:
     width = 30
     filled = width * done // max(total, 1)
-    print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {done}/{total} samples, "
+    print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {done}/{total} evaluations, "
           f"{time.perf_counter() - t0:.0f} s", end="", file=sys.stderr, flush=True)
 
 

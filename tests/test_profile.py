@@ -129,3 +129,45 @@ def test_cli_profile(tiny_model, tmp_path):
                        capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr
     assert f"from {out}" in r.stderr
+
+
+def test_loss_criterion_is_the_loss_of_trimming_each_layer_alone(tiny_model):
+    path = tiny_model("llama")
+    prof = profile_model(path, texts=TEXTS[:1], n_ctx=128, n_window=16, w_last=8, max_samples=1, n_threads=2,
+                         loss=True, progress=False)
+    toks = Llama(path, n_ctx=128).tokenize(TEXTS[0][1].encode(), add_bos=True)[:128]
+
+    def second_half_nll(**kw):
+        llm = Llama(path, n_ctx=128, n_threads=2, logits_all=True, **kw)
+        llm.eval(toks)
+        lp = llm.scores[63:127].astype(np.float64)
+        lp = lp - lp.max(1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+        return -lp[np.arange(64), toks[64:]].mean()
+
+    base = second_half_nll()
+    # Layer 2 alone trimmed, with exact prefill of the first half: full attention for the prompt rows.
+    llm = Llama(path, n_ctx=128, n_threads=2, lazy_layers=[2], lazy_type="f16", n_window=16, lazy_prefill="exact")
+    llm.eval(toks[:64])
+    trimmed = llm.nll(toks[64:]).mean()
+    assert prof.samples[0]["loss"][2] == pytest.approx(trimmed - base, abs=1e-4)
+    assert len(prof.select(ratio=0.5, criterion="loss")) == 2
+    # A profile made without --loss says how to get it.
+    with pytest.raises(ValueError, match="--loss"):
+        _fake([0.5, 0.9]).select(ratio=0.5, criterion="loss")
+
+
+def test_nll_equals_log_softmax_of_the_logits(tiny_model):
+    path = tiny_model("llama")
+    toks = list(range(100, 160))
+    a = Llama(path, n_ctx=128, n_threads=2, logits_all=True)
+    a.eval(toks)
+    lp = a.scores[29:59].astype(np.float64)
+    lp = lp - lp.max(1, keepdims=True)
+    want = -(lp - np.log(np.exp(lp).sum(1, keepdims=True)))[np.arange(30), toks[30:]]
+    b = Llama(path, n_ctx=128, n_threads=2)
+    b.eval(toks[:30])
+    np.testing.assert_allclose(b.nll(toks[30:]), want, rtol=1e-5, atol=1e-5)
+    assert b.n_tokens == 60
+    with pytest.raises(ValueError, match="needs a context"):
+        Llama(path, n_ctx=128).nll([1, 2])
