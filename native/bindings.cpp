@@ -70,7 +70,6 @@ NB_MODULE(_native, m) {
     llama_backend_init();
     set_native_logging(false);
     m.def("set_logging", &set_native_logging, "verbose"_a);
-    m.def("cell_pad", []() { return kCellPad; });
 
     nb::class_<Model>(m, "Model")
         .def_prop_ro("hparams", [](const Model & md) { return hparams_dict(md.hp()); })

@@ -7,7 +7,7 @@ namespace {
 
 class FullPolicy final : public KvPolicy {
 public:
-    explicit FullPolicy(uint32_t n_ctx) : n_ctx_(n_ctx), capacity_(pad_cells(n_ctx)) {}
+    explicit FullPolicy(uint32_t n_ctx) : capacity_(pad_cells(n_ctx)) {}
     std::string kind() const override { return "full"; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override { return (uint32_t) pos; }
@@ -17,7 +17,6 @@ public:
     std::string key() const override { return "full/" + std::to_string(capacity_); }
 
 private:
-    uint32_t n_ctx_;
     uint32_t capacity_;
 };
 

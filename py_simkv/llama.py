@@ -223,6 +223,15 @@ class Llama:
             out[-1] = self._last_logits
         return out
 
+    def _checked_tokens(self, tokens: Sequence[int]) -> np.ndarray:
+        """Token ids as a flat int64 array, in the vocabulary and fitting the remaining context."""
+        arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab()):
+            raise ValueError(f"token ids must be in 0..{self.n_vocab() - 1}")
+        if self.n_tokens + arr.size > self._n_ctx:
+            raise ValueError(f"Requested tokens ({self.n_tokens + arr.size}) exceed context window of {self._n_ctx}")
+        return arr
+
     def eval(self, tokens: Sequence[int], probe: Optional[dict] = None) -> Optional[dict]:
         """Append tokens to the context and compute their logits.
 
@@ -230,16 +239,9 @@ class Llama:
         tokens: returns {"mass": [n_layer], "change": [n_layer]} (NaN for lazy layers): the attention
         weight on the sinks + window (SimLayerKV's lazy score) and the relative change of the attention
         output if the layer kept only those keys."""
-        arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        arr = self._checked_tokens(tokens)
         if arr.size == 0:
             return None
-        n_vocab = self.n_vocab()
-        if arr.min() < 0 or arr.max() >= n_vocab:
-            raise ValueError(f"token ids must be in 0..{n_vocab - 1}")
-        if self.n_tokens + arr.size > self._n_ctx:
-            raise ValueError(
-                f"Requested tokens ({self.n_tokens + arr.size}) exceed context window of {self._n_ctx}"
-            )
         self._sync()
         if probe is not None:
             n_probe = _check_int("n_probe", probe.get("n_probe", 32), 1)
@@ -271,13 +273,9 @@ class Llama:
         (the context must not be empty: the first token is scored from the current last logits)."""
         if self._last_logits is None:
             raise ValueError("nll() needs a context: eval() a prompt first")
-        arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        arr = self._checked_tokens(tokens)
         if arr.size == 0:
             return np.zeros(0)
-        if arr.min() < 0 or arr.max() >= self.n_vocab():
-            raise ValueError(f"token ids must be in 0..{self.n_vocab() - 1}")
-        if self.n_tokens + arr.size > self._n_ctx:
-            raise ValueError(f"Requested tokens ({self.n_tokens + arr.size}) exceed context window of {self._n_ctx}")
         self._sync()
         first = self._last_logits
         logits = self._engine.eval(arr.astype(np.int32), True)  # every row, for this call only
