@@ -42,23 +42,12 @@ def heldout_texts():
     return [("reference prose (held out)", prose), ("stdlib code (held out)", code)]
 
 
-def log_softmax_rows(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
 def perplexity(llm: Llama, tokens) -> float:
+    """exp(mean next-token loss) of the second half after the first half as the prompt."""
     half = len(tokens) // 2
     llm.reset()
     llm.eval(tokens[:half])
-    first_logits = llm.scores[-1].copy() if not llm.logits_all else llm.scores[half - 1].copy()
-    llm.eval(tokens[half:-1])
-    scored = np.concatenate([first_logits[None], llm.scores[half:len(tokens) - 1]], axis=0)
-    lp = log_softmax_rows(scored)
-    targets = np.asarray(tokens[half:])
-    nll = -lp[np.arange(len(targets)), targets]
-    return float(np.exp(nll.mean()))
+    return float(np.exp(llm.nll(tokens[half:]).mean()))
 
 
 def passkey_prompt(llm: Llama, n_tokens: int, depth: float, key: int) -> list:
@@ -142,7 +131,7 @@ def main():
     base_bytes = None
     for label, kw in configs:
         t0 = time.perf_counter()
-        llm = Llama(path, logits_all=True, **dict(common, **kw))
+        llm = Llama(path, **dict(common, **kw))
         ppl = [perplexity(llm, toks) for _, toks in texts]
         stats = llm.kv_cache_stats()
         kv = stats["total_bytes"]

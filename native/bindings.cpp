@@ -129,7 +129,6 @@ NB_MODULE(_native, m) {
         .def_prop_ro("n_past", &Engine::n_past)
         .def_prop_ro("lazy_layers", &Engine::lazy_layers)
         .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)
-        .def_prop_ro("max_ubatch", [](const Engine & e) { return std::min(e.config().n_ubatch, e.kv().max_ubatch()); })
         .def("kv_layers", &kv_stats)
         .def_prop_ro("kv_total_bytes", [](const Engine & e) { return e.kv().total_bytes(); });
 

@@ -11,6 +11,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .logprobs import log_softmax
+
 
 def _held_back(pending: bytes, stops: Sequence[bytes]) -> int:
     """Bytes at the end of `pending` that could be the start of a stop string: not safe to emit yet."""
@@ -21,12 +23,6 @@ def _held_back(pending: bytes, stops: Sequence[bytes]) -> int:
                 hold = k
                 break
     return hold
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max()
-    return (x - np.log(np.exp(x).sum())).astype(np.float32)
 
 
 class _Logprobs:
@@ -48,7 +44,7 @@ class _Logprobs:
             self.token_logprobs.append(None)
             self.top_logprobs.append(None)
             return
-        lp = _log_softmax(logits)
+        lp = log_softmax(logits).astype(np.float32)
         top = np.argsort(-lp)[: self.n_top]
         entry = {self.llm.detokenize([int(i)]).decode("utf-8", errors="ignore"): float(lp[i]) for i in top}
         entry[text] = float(lp[token])

@@ -15,6 +15,7 @@ import numpy as np
 from . import _native
 from .chat import ChatTemplate, create_chat_completion
 from .completion import create_completion
+from .logprobs import log_softmax
 from .profile import family_threshold, resolve_lazy_layers
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -280,9 +281,7 @@ class Llama:
         first = self._last_logits
         logits = self._engine.eval(arr.astype(np.int32), True)  # every row, for this call only
         self.n_evaluated += int(arr.size)
-        rows = np.concatenate([first[None], logits[:-1]], axis=0).astype(np.float64)
-        rows -= rows.max(axis=1, keepdims=True)
-        out = np.log(np.exp(rows).sum(axis=1)) - rows[np.arange(arr.size), arr]
+        out = -log_softmax(np.concatenate([first[None], logits[:-1]], axis=0))[np.arange(arr.size), arr]
         if self._scores_all is not None:
             self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
         self._last_logits = logits[-1]
