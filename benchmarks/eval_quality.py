@@ -4,7 +4,7 @@ Perplexity: evaluate the first half of an n_ctx-token text as the prompt, score 
 negative log-likelihood of each next token). Passkey: a number hidden at several depths of filler text,
 asked for at the end (greedy answer). Configurations: full f16, full q4_0, SimLayerKV from the profile at
 25/50/75% lazy by each criterion (exact and streaming prefill), dynamic mode, every layer lazy
-(StreamingLLM), and random lazy layers at 50% (several seeds). KV compression is against full f16.
+(StreamingLLM), and random lazy layers at the same ratios (several seeds, exact prefill). KV compression is against full f16.
 
 The profile is made on the calibration set shipped with simkv (first half of the Python Language
 Reference topics + some standard-library modules); the held-out texts are the other half of the topics
@@ -28,6 +28,7 @@ import numpy as np
 from py_simkv import Llama, LazyProfile, default_model_path, profile_model
 from py_simkv.profile import find_profile
 
+RATIOS = (0.25, 0.5, 0.75)
 PROMPT_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
 
@@ -83,6 +84,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random choices")
     ap.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--skip-passkey", action="store_true")
+    ap.add_argument("--passkey-only", nargs="+", default=None, metavar="TEXT",
+                    help="run the passkey test only for configurations whose label contains one of these")
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                     help="run only configurations whose label contains one of these (full f16 always runs)")
     a = ap.parse_args()
@@ -107,17 +110,17 @@ def main():
     configs = [("full f16", dict()), ("full q4_0", dict(type_k="q4_0", type_v="q4_0"))]
     crits = ["mass", "change"] + (["loss"] if all("loss" in smp for smp in prof.samples) else [])
     for crit in crits:
-        for ratio in (0.25, 0.5, 0.75):
+        for ratio in RATIOS:
             layers = prof.select(ratio=ratio, criterion=crit)
             for prefill in ("exact", "streaming"):
                 configs.append((f"{crit} {int(ratio * 100)}% {prefill}",
                                 dict(lazy_layers=layers, lazy_prefill=prefill)))
     configs.append(("dynamic (mass > family threshold)", dict(lazy_mode="dynamic")))
     configs.append(("all lazy (StreamingLLM)", dict(lazy_layers=list(range(n_layer)))))
-    for seed in a.seeds:
-        layers = sorted(random.Random(seed).sample(range(n_layer), n_layer // 2))
-        configs.append((f"random 50% seed {seed} streaming", dict(lazy_layers=layers)))
-        configs.append((f"random 50% seed {seed} exact", dict(lazy_layers=layers, lazy_prefill="exact")))
+    for ratio in RATIOS:
+        for seed in a.seeds:
+            layers = sorted(random.Random(seed).sample(range(n_layer), int(round(ratio * n_layer))))
+            configs.append((f"random {int(ratio * 100)}% seed {seed} exact", dict(lazy_layers=layers, lazy_prefill="exact")))
 
     if a.only:
         configs = [c for c in configs if c[0] == "full f16" or any(o in c[0] for o in a.only)]
@@ -136,7 +139,8 @@ def main():
         stats = llm.kv_cache_stats()
         kv = stats["total_bytes"]
         base_bytes = base_bytes or kv
-        pk = float("nan") if a.skip_passkey else passkey(
+        skip_pk = a.skip_passkey or (a.passkey_only and not any(o in label for o in a.passkey_only))
+        pk = float("nan") if skip_pk else passkey(
             Llama(path, **dict(common, **kw)), a.n_ctx - 16, a.passkey_depths)
         lazy = stats["lazy_layers"]
         rows.append((label, ppl, pk, base_bytes / kv, stats["peak_bytes"] / 2**20, lazy))

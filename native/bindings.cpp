@@ -126,6 +126,7 @@ NB_MODULE(_native, m) {
         .def("probe_change", &Engine::probe_change)
         .def("truncate", &Engine::truncate, "n_keep"_a)
         .def("reset", &Engine::reset)
+        .def("set_masked_layers", &Engine::set_masked_layers, "layers"_a, "n_sink"_a, "n_window"_a)
         .def_prop_ro("n_past", &Engine::n_past)
         .def_prop_ro("lazy_layers", &Engine::lazy_layers)
         .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)

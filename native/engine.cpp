@@ -213,6 +213,29 @@ void Engine::make_lazy(const std::vector<int> & layers) {
         }
     }
     kv_->commit_lazy(std::move(conv));
+    groups_changed_ = true;
+}
+
+void Engine::set_masked_layers(const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window) {
+    if (exact_) throw BadInput("masked layers cannot be combined with exact prefill or dynamic mode");
+    if (n_window < 1) throw BadInput("n_window must be >= 1");
+    std::set<int> seen;
+    for (int il : layers) {
+        if (il < 0 || (uint32_t) il >= model_->hp().n_layer) throw BadInput("layer " + std::to_string(il) + " is out of range");
+        if (!seen.insert(il).second) throw BadInput("layer " + std::to_string(il) + " is listed twice");
+    }
+    std::vector<int> masked;
+    for (size_t il = 0; il < kv_->n_layer(); ++il) {
+        const std::string kind = kv_->groups()[kv_->store((int) il).group].policy->kind();
+        if (kind == "masked") masked.push_back((int) il);
+        else if (seen.count((int) il) && kind != "full") throw BadInput("only full layers can be masked");
+    }
+    // Each change of group membership changes the graph (which mask each layer reads): rebuild it.
+    if (graph_.ctx) ggml_free(graph_.ctx);
+    graph_ = BuiltGraph{};
+    groups_changed_ = true;
+    kv_->regroup(masked, make_full_policy(cfg_.n_ctx));
+    kv_->regroup(layers, make_masked_policy(cfg_.n_ctx, n_sink, n_window));
 }
 
 std::vector<int> Engine::lazy_layers() const {
@@ -280,7 +303,12 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     graph_.in = b.in;
 
     ggml_backend_sched_reset(sched_);
-    if (!ggml_backend_sched_alloc_graph(sched_, graph_.gf)) {
+    // alloc_graph reuses the previous allocation plan whenever the sizes fit, which is only valid for the
+    // same topology. After layers change groups, a group's mask or write index could share memory with a
+    // node computed before its last reader: plan afresh.
+    const bool planned = !groups_changed_ || ggml_backend_sched_reserve(sched_, graph_.gf);
+    groups_changed_ = false;
+    if (!planned || !ggml_backend_sched_alloc_graph(sched_, graph_.gf)) {
         ggml_free(graph_.ctx);
         graph_ = BuiltGraph{};
         throw std::runtime_error("failed to allocate the compute graph");
@@ -304,6 +332,7 @@ void Engine::reset() {
         kv_.reset();
         kv_ = new_cache();
         compacted_ = false;
+        groups_changed_ = true;
     }
     kv_->clear();
     n_past_ = 0;

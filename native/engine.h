@@ -56,6 +56,10 @@ public:
     // nothing changed and the caller must reset and re-evaluate.
     bool truncate(uint32_t n_keep);
     void reset();
+    // What-if trimming for the profiler: these layers keep their full store but attend only to the sinks
+    // and the n_window most recent keys from now on (kv_policy_masked.cpp); the layers masked before are
+    // unmasked. Together with truncate() this scores trimming each layer over one shared full prefix.
+    void set_masked_layers(const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window);
 
     uint32_t n_past() const { return n_past_; }
     std::vector<int> lazy_layers() const;  // the layers whose store is lazy now
@@ -96,6 +100,7 @@ private:
     std::vector<ggml_backend_buffer_type_t> bufts_;
     bool exact_ = false;      // lazy_prefill == "exact" (or dynamic mode)
     bool compacted_ = false;  // the lazy layers of this context were compacted already
+    bool groups_changed_ = false;  // layers moved between KV groups since the last graph: replan memory
     size_t peak_kv_bytes_ = 0;
     ProbeAccumulator probe_acc_;
 };

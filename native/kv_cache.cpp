@@ -127,6 +127,36 @@ void KvCache::commit_lazy(Conversion && c) {
     }
 }
 
+void KvCache::regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy> policy) {
+    if (layers.empty()) return;
+    const int src_group = stores_.at(layers[0]).group;
+    for (int il : layers) {
+        if (stores_.at(il).group != src_group) throw std::runtime_error("regroup: layers of different groups");
+        if ((uint32_t) stores_[il].k->ne[1] != policy->capacity()) throw std::runtime_error("regroup: capacity differs");
+    }
+    const int dst_group = group_for(std::move(policy));
+    if (dst_group == src_group) return;
+    KvGroup & src = groups_[src_group];
+    KvGroup & dst = groups_[dst_group];
+    for (uint32_t c = 0; c < src.cell_pos.size(); ++c) {
+        if (src.cell_pos[c] >= 0 && dst.policy->cell_of(src.cell_pos[c]) != c) {
+            throw std::runtime_error("regroup: the stores' cells do not match the new policy");
+        }
+    }
+    // A group with layers has its own cell map; joining it needs the same one (both written in lockstep).
+    if (!dst.layers.empty() && (dst.cell_pos != src.cell_pos || dst.n_used != src.n_used)) {
+        throw std::runtime_error("regroup: the target group holds other positions");
+    }
+    dst.cell_pos = src.cell_pos;
+    dst.n_used = src.n_used;
+    for (int il : layers) {
+        src.layers.erase(std::find(src.layers.begin(), src.layers.end(), il));
+        dst.layers.push_back(il);
+        stores_[il].group = dst_group;
+    }
+    std::sort(dst.layers.begin(), dst.layers.end());
+}
+
 uint32_t KvCache::max_ubatch() const {
     uint32_t m = UINT32_MAX;
     for (const auto & g : groups_) m = std::min(m, g.policy->max_ubatch());

@@ -79,6 +79,10 @@ public:
                             const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
     void commit_lazy(Conversion && c);
 
+    // Move layers to the group of `policy` without touching their stores: allowed only where the store
+    // already holds each of its positions in the cell the new policy would put it (e.g. full <-> masked).
+    void regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy> policy);
+
     // Forget every position >= n_keep. Returns false (and changes nothing) if some store no longer holds
     // what a query at n_keep would need; the caller then clears and re-evaluates.
     bool truncate(int32_t n_keep, int32_t n_written);

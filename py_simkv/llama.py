@@ -269,9 +269,10 @@ class Llama:
         if self._engine.n_past != len(self._input_ids) and not self._engine.truncate(len(self._input_ids)):
             self.reset()
 
-    def nll(self, tokens: Sequence[int]) -> np.ndarray:
+    def nll(self, tokens: Sequence[int], keep: bool = True) -> np.ndarray:
         """Append `tokens` and return the negative log-likelihood of each of them given what precedes it
-        (the context must not be empty: the first token is scored from the current last logits)."""
+        (the context must not be empty: the first token is scored from the current last logits).
+        keep=False scores them as a what-if: the context is left as it was afterwards."""
         if self._last_logits is None:
             raise ValueError("nll() needs a context: eval() a prompt first")
         arr = self._checked_tokens(tokens)
@@ -282,11 +283,26 @@ class Llama:
         logits = self._engine.eval(arr.astype(np.int32), True)  # every row, for this call only
         self.n_evaluated += int(arr.size)
         out = -log_softmax(np.concatenate([first[None], logits[:-1]], axis=0))[np.arange(arr.size), arr]
+        if not keep:
+            if not self._engine.truncate(self.n_tokens):  # a lazy ring overwrote the context: rebuild it
+                prefix = list(self._input_ids)
+                self.reset()
+                self.eval(prefix)
+            self._last_logits = first
+            return out
         if self._scores_all is not None:
             self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
         self._last_logits = logits[-1]
         self._input_ids.extend(int(t) for t in arr)
         return out
+
+    def set_masked_layers(self, layers: Sequence[int], n_sink: int = 4, n_window: Optional[int] = None) -> None:
+        """Trimming as a what-if (the profiler's "loss" criterion): from now on these layers attend only to
+        the first n_sink and the n_window most recent keys, as lazy layers would, but keep their full store,
+        so `set_masked_layers([])` undoes it. Full layers only; not with exact prefill or dynamic mode."""
+        layers = _check_lazy_layers(layers, self.hparams["n_layer"])
+        self._engine.set_masked_layers(layers, _check_int("n_sink", n_sink, 0),
+                                       _check_int("n_window", self.n_window if n_window is None else n_window, 1))
 
     def reset(self) -> None:
         """Forget the context (the KV cache is cleared)."""

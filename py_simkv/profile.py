@@ -6,8 +6,10 @@ Two criteria, both measured by the native probe on the last `w_last` tokens of e
   averaged over heads and queries. Higher = lazier; the paper's thresholds apply.
 - "change" (effect-based): relative change of the layer's attention output when it keeps only those keys.
   Lower = lazier. It measures what trimming does rather than a proxy for it.
-- "loss" (effect-based, optional, n_layer + 1 evaluations per sample): increase of the mean next-token
-  loss on the second half of a sample when only this layer is trimmed (exact prefill of the first half).
+- "loss" (effect-based, optional): increase of the mean next-token loss on the second half of a sample
+  when only this layer is trimmed after a full first half (the paper's exact prefill). The first half is
+  evaluated once; each layer is then masked to sinks + window in place and the second half scored
+  again (n_layer + 1 evaluations of half a sample each).
   Lower = lazier. It catches layers that put almost all attention on sinks + window yet do long-range
   copying with the rest.
 """
@@ -229,26 +231,20 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
     samples = _samples(llm, pairs, n_ctx, max_samples)
     n_layer = llm.hparams["n_layer"]
-    trimmed = [Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, lazy_layers=[il], lazy_type="f16",
-                     n_sink=n_sink, n_window=n_window, lazy_prefill="exact") for il in range(n_layer)] if loss else []
-    results = []
-    steps = len(samples) * (1 + len(trimmed))
+    per_sample = 1 + (n_layer if loss else 0)
+    steps = len(samples) * per_sample
     t0 = time.perf_counter()
+    results = []
     for k, (source, toks) in enumerate(samples):
         if progress:
-            _progress(k * (1 + len(trimmed)), steps, t0)
+            _progress(k * per_sample, steps, t0)
         llm.reset()
         scores = llm.eval(toks, probe={"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window})
         result = {"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
                   "change": scores["change"].tolist()}
         if loss:
-            half = len(toks) // 2
-            base = _second_half_nll(llm, toks, half)
-            result["loss"] = []
-            for j, t in enumerate(trimmed):
-                result["loss"].append(_second_half_nll(t, toks, half) - base)
-                if progress:
-                    _progress(k * (1 + len(trimmed)) + j + 2, steps, t0)
+            tick = (lambda j: _progress(k * per_sample + 1 + j, steps, t0)) if progress else (lambda j: None)
+            result["loss"] = _trim_losses(llm, toks, n_sink, n_window, tick)
         results.append(result)
     if progress:
         _progress(steps, steps, t0)
@@ -258,11 +254,20 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                        samples=results)
 
 
-def _second_half_nll(llm, toks, half: int) -> float:
-    """Mean next-token loss on toks[half:] after toks[:half] as the prompt (exact prefill trims after it)."""
+def _trim_losses(llm, toks, n_sink: int, n_window: int, tick) -> List[float]:
+    """For each layer: mean next-token loss on toks[half:] with only that layer trimmed to sinks + window,
+    minus the loss with none trimmed, after toks[:half] evaluated with every layer full."""
+    half = len(toks) // 2
     llm.reset()
     llm.eval(toks[:half])
-    return float(llm.nll(toks[half:]).mean())
+    base = float(llm.nll(toks[half:], keep=False).mean())
+    out = []
+    for il in range(llm.hparams["n_layer"]):
+        llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
+        out.append(float(llm.nll(toks[half:], keep=False).mean()) - base)
+        tick(il)
+    llm.set_masked_layers([])
+    return out
 
 
 def _progress(done: int, total: int, t0: float) -> None:
