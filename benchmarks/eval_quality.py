@@ -4,7 +4,9 @@ Perplexity: evaluate the first half of an n_ctx-token text as the prompt, score 
 negative log-likelihood of each next token). Passkey: a number hidden at several depths of filler text,
 asked for at the end (greedy answer). Configurations: full f16, full q4_0, SimLayerKV from the profile at
 25/50/75% lazy by each criterion (exact and streaming prefill), dynamic mode, every layer lazy
-(StreamingLLM), and random lazy layers at the same ratios (several seeds, exact prefill). KV compression is against full f16.
+(StreamingLLM), and random lazy layers at the same ratios (several seeds, exact prefill); each with
+q4_0 lazy rings (simkv's default) and f16 ones (trimming alone, without the quantization). KV compression
+is against full f16.
 
 The profile is made on the calibration set shipped with simkv (first half of the Python Language
 Reference topics + some standard-library modules); the held-out texts are the other half of the topics
@@ -33,14 +35,18 @@ PROMPT_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here w
 
 
 def heldout_texts():
-    """Text not used for calibration: the second half of the Language Reference topics, other modules."""
+    """Text not used for calibration: the second half of the Language Reference topics, other modules,
+    the chatterbot-corpus categories left out of the calibration dialogue (make_dialogue_texts.py)."""
     import pydoc_data.topics as t
 
     keys = sorted(t.topics)
     prose = "\n\n".join(t.topics[k].strip() for k in keys[len(keys) // 2:])
     code = "\n\n".join(inspect.getsource(importlib.import_module(m))
                        for m in ("argparse", "dataclasses", "string", "statistics", "pprint", "copy", "glob"))
-    return [("reference prose (held out)", prose), ("stdlib code (held out)", code)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "heldout", "dialogue_chatterbot_heldout.txt"), encoding="utf-8") as f:
+        dialogue = f.read()
+    return [("prose", prose), ("code", code), ("dialogue", dialogue)]
 
 
 def perplexity(llm: Llama, tokens) -> float:
@@ -81,6 +87,10 @@ def main():
     ap.add_argument("--n-ubatch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", default=None, help="lazy profile (default: beside the model, made if missing)")
+    ap.add_argument("--ring-types", nargs="+", default=["q4_0", "f16"],
+                    help="lazy_type of the lazy layers (q4_0: simkv's default; f16: trimming alone)")
+    ap.add_argument("--texts", nargs="+", default=["prose", "code", "dialogue"], choices=["prose", "code", "dialogue"],
+                    help="held-out texts to score")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random choices")
     ap.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--skip-passkey", action="store_true")
@@ -109,23 +119,27 @@ def main():
     common = dict(n_ctx=a.n_ctx, n_threads=a.threads, n_window=a.n_window, n_ubatch=a.n_ubatch, n_batch=a.n_ubatch)
     configs = [("full f16", dict()), ("full q4_0", dict(type_k="q4_0", type_v="q4_0"))]
     crits = ["mass", "change"] + (["loss"] if all("loss" in smp for smp in prof.samples) else [])
-    for crit in crits:
+    for ring in a.ring_types:
+        lazy = lambda layers, **kw: dict(lazy_layers=layers, lazy_type=ring, **kw)  # noqa: E731
+        for crit in crits:
+            for ratio in RATIOS:
+                layers = prof.select(ratio=ratio, criterion=crit)
+                for prefill in ("exact", "streaming"):
+                    configs.append((f"{crit} {int(ratio * 100)}% {prefill}, {ring} ring",
+                                    lazy(layers, lazy_prefill=prefill)))
+        configs.append((f"dynamic (mass > family threshold), {ring} ring", dict(lazy_mode="dynamic", lazy_type=ring)))
+        configs.append((f"all lazy (StreamingLLM), {ring} ring", lazy(list(range(n_layer)))))
         for ratio in RATIOS:
-            layers = prof.select(ratio=ratio, criterion=crit)
-            for prefill in ("exact", "streaming"):
-                configs.append((f"{crit} {int(ratio * 100)}% {prefill}",
-                                dict(lazy_layers=layers, lazy_prefill=prefill)))
-    configs.append(("dynamic (mass > family threshold)", dict(lazy_mode="dynamic")))
-    configs.append(("all lazy (StreamingLLM)", dict(lazy_layers=list(range(n_layer)))))
-    for ratio in RATIOS:
-        for seed in a.seeds:
-            layers = sorted(random.Random(seed).sample(range(n_layer), int(round(ratio * n_layer))))
-            configs.append((f"random {int(ratio * 100)}% seed {seed} exact", dict(lazy_layers=layers, lazy_prefill="exact")))
+            for seed in a.seeds:
+                layers = sorted(random.Random(seed).sample(range(n_layer), int(round(ratio * n_layer))))
+                configs.append((f"random {int(ratio * 100)}% seed {seed} exact, {ring} ring",
+                                lazy(layers, lazy_prefill="exact")))
 
     if a.only:
         configs = [c for c in configs if c[0] == "full f16" or any(o in c[0] for o in a.only)]
     probe_llm = Llama(path, n_ctx=16, n_threads=1)
-    texts = [(name, probe_llm.tokenize(text.encode(), add_bos=True)[: a.n_ctx]) for name, text in heldout_texts()]
+    texts = [(name, probe_llm.tokenize(text.encode(), add_bos=True)[: a.n_ctx]) for name, text in heldout_texts()
+             if name in a.texts]
     for name, toks in texts:
         assert len(toks) == a.n_ctx, f"{name}: only {len(toks)} tokens"
     del probe_llm

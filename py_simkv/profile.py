@@ -191,7 +191,7 @@ def default_calibration_texts() -> List[Tuple[str, str]]:
     """(source, text) pairs of the calibration set shipped in py_simkv/calibration (see its README)."""
     folder = resources.files("py_simkv") / "calibration"
     return [(name, (folder / name).read_text(encoding="utf-8"))
-            for name in ("python_reference_prose.txt", "python_stdlib_code.txt")]
+            for name in ("python_reference_prose.txt", "python_stdlib_code.txt", "dialogue_chatterbot.txt")]
 
 
 def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int) -> List[Tuple[str, List[int]]]:
