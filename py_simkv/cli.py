@@ -32,7 +32,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="choose lazy layers from a profile (auto: MODEL.gguf.simkv.json beside the model)")
     p.add_argument("--lazy-ratio", type=float, default=None, help="with a profile: the laziest fraction of layers")
     p.add_argument("--lazy-threshold", type=float, default=None, help="with a profile: score threshold")
-    p.add_argument("--lazy-criterion", default="mass", choices=["mass", "change", "loss"], help="profile score to use")
+    p.add_argument("--lazy-criterion", default=None, choices=["mass", "change", "loss"],
+                   help="profile score to use (default: loss where the profile has it, else mass)")
     p.add_argument("--lazy-prefill", default="streaming", choices=["streaming", "exact"],
                    help="streaming: bounded memory from the first token; exact: full prompt, then trim (paper)")
     p.add_argument("--lazy-mode", default="static", choices=["static", "dynamic"],
@@ -201,13 +202,16 @@ def cmd_profile(args) -> int:
             with open(f, encoding="utf-8") as fh:
                 texts.append((os.path.basename(f), fh.read()))
     prof = profile_model(path, texts=texts, n_ctx=args.n_ctx, n_sink=args.n_sink, n_window=args.n_window,
-                         w_last=args.w_last, max_samples=args.samples, n_threads=args.threads, loss=args.loss)
-    crits = ["mass", "change"] + (["loss"] if args.loss else [])
+                         w_last=args.w_last, max_samples=args.samples, loss_samples=args.loss_samples,
+                         n_threads=args.threads)
+    crits = ["mass", "change"] + (["loss"] if prof.default_criterion == "loss" else [])
     means = {c: prof.mean(c) for c in crits}
     print(f"{'layer':>5}" + "".join(f"  {c:>7}" for c in crits))
     for il in range(prof.n_layer):
         print(f"{il:5d}" + "".join(f"  {means[c][il]:7.3f}" for c in crits))
-    print(f"lazy by the paper's threshold (mass): {prof.select()}")
+    print(f"lazy by the paper's threshold (mass > {prof.default_threshold('mass')}): {prof.select(criterion='mass')}")
+    if "loss" in crits:
+        print(f"lazy by the default loss threshold (< {prof.default_threshold('loss')}): {prof.select(criterion='loss')}")
     for c in crits:
         print(f"laziest half by {c + ':':<22}{prof.select(ratio=0.5, criterion=c)}")
     out = args.output or default_profile_path(path)
@@ -256,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--w-last", type=int, default=32, help="queries probed per sample: the last W (default 32)")
     pr.add_argument("--samples", type=int, default=8, help="most samples (default 8)")
     pr.add_argument("--threads", type=int, default=None)
-    pr.add_argument("--loss", action="store_true",
-                    help="also score each layer by the loss increase when it alone is trimmed (n_layer+1 evaluations)")
+    pr.add_argument("--loss-samples", type=int, default=3, metavar="N",
+                    help="score each layer by the loss increase when it alone is trimmed on the first N samples "
+                         "(n_layer+1 half-sample evaluations each; default 3, one per kind of text; 0 = attention only)")
     pr.add_argument("-o", "--output", default=None, help="profile path (default: MODEL.gguf.simkv.json)")
     pr.add_argument("--plot", default=None, metavar="PNG", help="also draw the scores (needs matplotlib)")
     pr.set_defaults(func=cmd_profile)

@@ -75,8 +75,10 @@ class Llama:
     lazy_layers: indices of layers whose cache keeps only `n_sink` initial tokens plus a ring of the last
     `n_window` tokens, stored as `lazy_type`. The other layers keep all `n_ctx` tokens as `type_k`/`type_v`.
     Or let a profile choose them (`simkv profile`): lazy_profile=PATH or "auto" (the MODEL.gguf.simkv.json
-    saved beside the model, if any) with lazy_ratio (the laziest fraction of layers) or lazy_threshold
-    (default: the paper's threshold for the model family) on lazy_criterion ("mass" or "change").
+    saved beside the model, if any) with lazy_ratio (the laziest fraction of layers) or lazy_threshold on
+    lazy_criterion: "loss" (the default where the profile has it: the measured loss increase of trimming
+    each layer alone; default threshold 0.005 nats), "mass" (the paper's attention mass; default threshold
+    by model family) or "change".
     Explicit lazy_layers win over a profile.
 
     lazy_prefill="streaming" (default): lazy layers hold only sinks + ring from the first token: memory is
@@ -102,7 +104,7 @@ class Llama:
         lazy_profile: Optional[str] = None,
         lazy_ratio: Optional[float] = None,
         lazy_threshold: Optional[float] = None,
-        lazy_criterion: str = "mass",
+        lazy_criterion: Optional[str] = None,
         lazy_prefill: str = "streaming",
         lazy_mode: str = "static",
         n_sink: int = 4,

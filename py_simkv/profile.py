@@ -6,7 +6,8 @@ Two criteria, both measured by the native probe on the last `w_last` tokens of e
   averaged over heads and queries. Higher = lazier; the paper's thresholds apply.
 - "change" (effect-based): relative change of the layer's attention output when it keeps only those keys.
   Lower = lazier. It measures what trimming does rather than a proxy for it.
-- "loss" (effect-based, optional): increase of the mean next-token loss on the second half of a sample
+- "loss" (effect-based; measured on the first `loss_samples` samples, the default criterion when a profile
+  has it): increase of the mean next-token loss on the second half of a sample
   when only this layer is trimmed after a full first half (the paper's exact prefill). The first half is
   evaluated once; each layer is then masked to sinks + window in place and the second half scored
   again (n_layer + 1 evaluations of half a sample each).
@@ -33,6 +34,10 @@ CRITERIA = {"mass": "higher is lazier", "change": "lower is lazier", "loss": "lo
 FAMILY_THRESHOLDS = (("llama-3", 0.9), ("llama3", 0.9), ("llama-2", 0.65), ("llama2", 0.65), ("mistral", 0.8),
                      ("qwen", 0.85))
 DEFAULT_MASS_THRESHOLD = 0.9
+# "loss": a layer is lazy when trimming it alone raises the calibration loss by less than this (nats, so
+# 0.005 = 0.5% perplexity). The scores are near-additive only for small sets: check the result with
+# benchmarks/eval_quality.py before trusting a large lazy set.
+DEFAULT_LOSS_THRESHOLD = 0.005
 
 
 def default_profile_path(model_path: str) -> str:
@@ -73,29 +78,42 @@ def family_threshold(identity: dict) -> float:
 class LazyProfile:
     model: dict       # model_identity()
     params: dict      # n_ctx, n_sink, n_window, w_last
-    samples: List[dict]  # {"source", "n_tokens", "mass": [n_layer], "change": [n_layer]}
+    samples: List[dict]  # {"source", "n_tokens", "mass": [n_layer], "change": [n_layer], "loss"?: [n_layer]}
 
     # --- scores ------------------------------------------------------------------------------------
     @property
     def n_layer(self) -> int:
         return int(self.model["n_layer"])
 
-    def scores(self, criterion: str = "mass") -> np.ndarray:
-        """[n_samples, n_layer]"""
-        _check_criterion(criterion)
-        if any(criterion not in s for s in self.samples):
-            raise ValueError(f"this profile has no '{criterion}' scores: make it with `simkv profile --loss`")
-        return np.array([s[criterion] for s in self.samples], dtype=np.float64)
+    @property
+    def default_criterion(self) -> str:
+        """"loss" where the profile measured it (it predicts quality best in benchmarks/eval_quality.py),
+        else the paper's "mass"."""
+        return "loss" if any("loss" in s for s in self.samples) else "mass"
 
-    def mean(self, criterion: str = "mass") -> np.ndarray:
+    def scores(self, criterion: Optional[str] = None) -> np.ndarray:
+        """[n_samples that have this criterion, n_layer]"""
+        criterion = self._criterion(criterion)
+        rows = [s[criterion] for s in self.samples if criterion in s]
+        if not rows:
+            raise ValueError(f"this profile has no '{criterion}' scores: make it with `simkv profile` "
+                             "(--loss-samples above 0)")
+        return np.array(rows, dtype=np.float64)
+
+    def mean(self, criterion: Optional[str] = None) -> np.ndarray:
         return self.scores(criterion).mean(axis=0)
 
+    def default_threshold(self, criterion: Optional[str] = None) -> Optional[float]:
+        criterion = self._criterion(criterion)
+        return {"mass": family_threshold(self.model), "loss": DEFAULT_LOSS_THRESHOLD}.get(criterion)
+
     def select(self, threshold: Optional[float] = None, ratio: Optional[float] = None,
-               criterion: str = "mass") -> List[int]:
+               criterion: Optional[str] = None) -> List[int]:
         """Lazy layers, by threshold on the mean score or as the laziest `ratio` of the layers.
 
-        Without either: the paper's threshold for this model's family (criterion "mass" only)."""
-        _check_criterion(criterion)
+        criterion: default_criterion unless given. Without threshold or ratio: the paper's threshold for
+        this model's family ("mass") or DEFAULT_LOSS_THRESHOLD ("loss")."""
+        criterion = self._criterion(criterion)
         if threshold is not None and ratio is not None:
             raise ValueError("give a threshold or a ratio, not both")
         mean = self.mean(criterion)
@@ -105,13 +123,19 @@ class LazyProfile:
                 raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
             return sorted(int(i) for i in lazier_first[: int(round(ratio * self.n_layer))])
         if threshold is None:
-            if criterion != "mass":
+            threshold = self.default_threshold(criterion)
+            if threshold is None:
                 raise ValueError(f"the '{criterion}' criterion has no default threshold: give a threshold or a ratio")
-            threshold = family_threshold(self.model)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number, got {threshold!r}")
         lazy = mean > threshold if criterion == "mass" else mean < threshold
         return [int(i) for i in np.flatnonzero(lazy)]
+
+    def _criterion(self, criterion: Optional[str]) -> str:
+        if criterion is None:
+            return self.default_criterion
+        _check_criterion(criterion)
+        return criterion
 
     # --- files -------------------------------------------------------------------------------------
     def save(self, path: str) -> str:
@@ -153,7 +177,7 @@ class LazyProfile:
                              f"{', '.join(diff)} differ. Run `simkv profile` on this model.")
 
     # --- picture -----------------------------------------------------------------------------------
-    def plot(self, path: str, criterion: str = "mass", threshold: Optional[float] = None) -> str:
+    def plot(self, path: str, criterion: Optional[str] = None, threshold: Optional[float] = None) -> str:
         """Heat map (layers x samples) and the per-layer mean with the threshold line, as a PNG."""
         try:
             import matplotlib
@@ -162,9 +186,10 @@ class LazyProfile:
             import matplotlib.pyplot as plt
         except ImportError:
             raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
+        criterion = self._criterion(criterion)
         scores = self.scores(criterion)
-        if threshold is None and criterion == "mass":
-            threshold = family_threshold(self.model)
+        if threshold is None:
+            threshold = self.default_threshold(criterion)
         fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(max(6, self.n_layer * 0.3), 7), sharex=True)
         im = ax0.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
         ax0.set_ylabel("sample")
@@ -212,16 +237,18 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
 
 
 def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = 2048, n_sink: int = 4,
-                  n_window: int = 256, w_last: int = 32, max_samples: int = 8, n_threads: Optional[int] = None,
-                  loss: bool = False, progress: bool = True) -> LazyProfile:
+                  n_window: int = 256, w_last: int = 32, max_samples: int = 8, loss_samples: int = 3,
+                  n_threads: Optional[int] = None, progress: bool = True) -> LazyProfile:
     """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
 
     texts: strings or (source, text) pairs; default: the calibration set shipped with simkv.
-    loss=True also measures the "loss" criterion (n_layer + 1 evaluations of each sample)."""
+    loss_samples: how many of the samples (the first ones: samples alternate between the texts, so one of
+    each kind) also measure the "loss" criterion, n_layer + 1 half-sample evaluations each; 0 = none."""
     from .llama import Llama, _check_int
 
     _check_int("n_ctx", n_ctx, 2)
     _check_int("w_last", w_last, 1)
+    _check_int("loss_samples", loss_samples, 0)
     if w_last > n_ctx:
         raise ValueError(f"w_last ({w_last}) must not exceed n_ctx ({n_ctx})")
     pairs = default_calibration_texts() if texts is None else [
@@ -231,19 +258,20 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
     samples = _samples(llm, pairs, n_ctx, max_samples)
     n_layer = llm.hparams["n_layer"]
-    per_sample = 1 + (n_layer if loss else 0)
-    steps = len(samples) * per_sample
+    n_loss = min(loss_samples, len(samples))
+    steps = len(samples) + n_loss * n_layer
     t0 = time.perf_counter()
     results = []
     for k, (source, toks) in enumerate(samples):
+        done = k + min(k, n_loss) * n_layer
         if progress:
-            _progress(k * per_sample, steps, t0)
+            _progress(done, steps, t0)
         llm.reset()
         scores = llm.eval(toks, probe={"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window})
         result = {"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
                   "change": scores["change"].tolist()}
-        if loss:
-            tick = (lambda j: _progress(k * per_sample + 1 + j, steps, t0)) if progress else (lambda j: None)
+        if k < n_loss:
+            tick = (lambda j: _progress(done + 2 + j, steps, t0)) if progress else (lambda j: None)
             result["loss"] = _trim_losses(llm, toks, n_sink, n_window, tick)
         results.append(result)
     if progress:
@@ -278,7 +306,7 @@ def _progress(done: int, total: int, t0: float) -> None:
 
 
 def resolve_lazy_layers(model_path: str, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold,
-                        lazy_criterion: str = "mass") -> Tuple[Optional[List[int]], Optional[str]]:
+                        lazy_criterion: Optional[str] = None) -> Tuple[Optional[List[int]], Optional[str]]:
     """Which layers are lazy at load time: explicit lazy_layers win; else a profile (a path, or "auto" = the
     one saved beside the model) with a ratio or threshold. Returns (layers or None, profile path used)."""
     if lazy_layers is not None:

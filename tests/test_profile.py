@@ -18,7 +18,7 @@ TEXTS = [("prose", "The quick brown fox jumps over the lazy dog. " * 200),
 @pytest.fixture(scope="module")
 def tiny_profile(tiny_model):
     return profile_model(tiny_model("llama"), texts=TEXTS, n_ctx=256, n_window=32, w_last=16, max_samples=4,
-                         n_threads=2, progress=False)
+                         loss_samples=2, n_threads=2, progress=False)
 
 
 def test_profile_holds_the_probe_scores(tiny_model, tiny_profile):
@@ -33,14 +33,20 @@ def test_profile_holds_the_probe_scores(tiny_model, tiny_profile):
     np.testing.assert_allclose(prof.samples[0]["mass"], direct["mass"], rtol=1e-9)
     np.testing.assert_allclose(prof.samples[0]["change"], direct["change"], rtol=1e-9)
     assert prof.scores("mass").shape == (4, 4)
+    # loss only on the first loss_samples samples (one per text); it becomes the default criterion
+    assert ["loss" in s for s in prof.samples] == [True, True, False, False]
+    assert prof.scores("loss").shape == (2, 4) and prof.default_criterion == "loss"
+    assert prof.select(ratio=0.5) == prof.select(ratio=0.5, criterion="loss")
     assert np.all((prof.scores("mass") > 0) & (prof.scores("mass") <= 1 + 1e-6))
 
 
-def _fake(mass, change=None, **model):
+def _fake(mass, change=None, loss=None, **model):
     ident = dict({"name": "Meta-Llama-3-8B", "arch": "llama", "n_layer": len(mass), "file_size": 1, "fingerprint": "x"},
                  **model)
-    return LazyProfile(model=ident, params={}, samples=[{"source": "s", "n_tokens": 1, "mass": list(mass),
-                                                         "change": list(change if change is not None else mass)}])
+    sample = {"source": "s", "n_tokens": 1, "mass": list(mass), "change": list(change if change is not None else mass)}
+    if loss is not None:
+        sample["loss"] = list(loss)
+    return LazyProfile(model=ident, params={}, samples=[sample])
 
 
 def test_select_by_threshold_and_ratio():
@@ -60,6 +66,12 @@ def test_select_by_threshold_and_ratio():
         prof.select(criterion="change")
     with pytest.raises(ValueError, match="unknown criterion"):
         prof.select(criterion="entropy")
+    # With loss scores, loss is the default criterion: lowest = laziest, default threshold 0.005 nats.
+    with_loss = _fake([0.5, 0.95, 0.3, 0.92, 0.91, 0.85], loss=[0.001, 0.2, 0.004, 0.006, -0.001, 0.03])
+    assert with_loss.default_criterion == "loss" and prof.default_criterion == "mass"
+    assert with_loss.select() == [0, 2, 4]
+    assert with_loss.select(ratio=0.5) == [0, 2, 4]
+    assert with_loss.select(criterion="mass") == [1, 3, 4]
 
 
 def test_round_trip_and_bad_files(tiny_profile, tmp_path):
@@ -123,7 +135,7 @@ def test_cli_profile(tiny_model, tmp_path):
                         "--n-window", "16", "--w-last", "8", "--samples", "2", "-o", str(out)],
                        capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr
-    assert "laziest half by mass" in r.stdout and "profiling [" in r.stderr
+    assert "laziest half by mass" in r.stdout and "laziest half by loss" in r.stdout and "profiling [" in r.stderr
     prof = LazyProfile.load(str(out))
     assert len(prof.samples) == 2 and prof.params["n_ctx"] == 128
     r = subprocess.run([shutil.which("simkv"), "generate", tiny_model("llama"), "-p", "hi", "-n", "2",
@@ -136,7 +148,7 @@ def test_cli_profile(tiny_model, tmp_path):
 def test_loss_criterion_is_the_loss_of_trimming_each_layer_alone(tiny_model):
     path = tiny_model("llama")
     prof = profile_model(path, texts=TEXTS[:1], n_ctx=128, n_window=16, w_last=8, max_samples=1, n_threads=2,
-                         loss=True, progress=False)
+                         loss_samples=1, progress=False)
     toks = Llama(path, n_ctx=128).tokenize(TEXTS[0][1].encode(), add_bos=True)[:128]
 
     def second_half_nll(**kw):
@@ -154,8 +166,8 @@ def test_loss_criterion_is_the_loss_of_trimming_each_layer_alone(tiny_model):
     trimmed = llm.nll(toks[64:]).mean()
     assert prof.samples[0]["loss"][2] == pytest.approx(trimmed - base, abs=1e-4)
     assert len(prof.select(ratio=0.5, criterion="loss")) == 2
-    # A profile made without --loss says how to get it.
-    with pytest.raises(ValueError, match="--loss"):
+    # A profile made without loss scores says how to get them.
+    with pytest.raises(ValueError, match="--loss-samples"):
         _fake([0.5, 0.9]).select(ratio=0.5, criterion="loss")
 
 
