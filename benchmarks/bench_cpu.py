@@ -67,12 +67,12 @@ class Ours:
 class Reference:
     ROW = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
-    def __init__(self, path, label, n_ctx, threads, type_kv):
+    def __init__(self, path, label, n_ctx, threads, type_kv, **kw):
         import llama_cpp
         t = {"f16": llama_cpp.GGML_TYPE_F16, "q4_0": llama_cpp.GGML_TYPE_Q4_0, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[type_kv]
         self.label = label
         self.llm = reference_llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, flash_attn=True, type_k=t, type_v=t)
+                                   n_threads_batch=threads, flash_attn=True, type_k=t, type_v=t, **kw)
         md = self.llm.metadata
         arch = md["general.architecture"]
         n_layer = int(md[f"{arch}.block_count"])

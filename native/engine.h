@@ -77,6 +77,7 @@ private:
     EngineConfig cfg_;
     std::unique_ptr<KvCache> kv_;
     ggml_backend_t cpu_ = nullptr;
+    ggml_backend_t gpu_ = nullptr;  // when the model has layers on a GPU
     ggml_backend_sched_t sched_ = nullptr;
     // The last ubatch graph, kept allocated: a decode step whose shapes (tokens, outputs, viewed cells
     // per group) equal the previous one's only refreshes inputs, as llama.cpp's graph reuse does.

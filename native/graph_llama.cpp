@@ -36,8 +36,8 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
     }
     if (b.probe) create_probe_inputs(b);
 
-    auto rope = [&](ggml_tensor * x) {
-        return ggml_rope_ext(ctx, x, b.in.pos, m.rope_freqs, hp.n_rot, hp.rope_type, hp.n_ctx_train,
+    auto rope = [&](ggml_tensor * x, ggml_tensor * freqs) {
+        return ggml_rope_ext(ctx, x, b.in.pos, freqs, hp.n_rot, hp.rope_type, hp.n_ctx_train,
                              hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
     };
 
@@ -57,8 +57,8 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
         v = ggml_reshape_3d(ctx, v, hp.head_dim, hp.n_head_kv, n);
         if (L.q_norm) q = build_rms_norm(b, q, L.q_norm, hp.rms_eps);
         if (L.k_norm) k = build_rms_norm(b, k, L.k_norm, hp.rms_eps);
-        q = rope(q);
-        k = rope(k);
+        q = rope(q, L.rope_freqs);
+        k = rope(k, L.rope_freqs);
 
         cur = build_attention(b, (int) il, q, k, v);
         cur = ggml_mul_mat(ctx, L.wo, cur);

@@ -10,6 +10,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <sstream>
 
 namespace simkv {
@@ -26,19 +28,23 @@ std::string shape_str(const std::vector<int64_t> & ne) {
 
 }  // namespace
 
-Model::Model(const std::string & path) : path_(path) {
+Model::Model(const std::string & path, const LoadOptions & opts) : path_(path) {
     GgufFile f(path);
     load_hparams(f);
     metadata_ = f.metadata();
-    // Take over the descriptor context: weights are bound by name and mapped from the file.
+    placement_ = plan_placement(hp_.n_layer, opts.n_gpu_layers, opts.main_gpu);
     bind_tensors(f);
-    map_weights(f);
+    load_weights(f, opts.use_mmap);
 }
 
 Model::~Model() {
-    if (buffer_) ggml_backend_buffer_free(buffer_);
+    for (ggml_backend_buffer_t b : {buffer_, buffer_copied_, buffer_gpu_}) {
+        if (b) ggml_backend_buffer_free(b);
+    }
     if (mapping_) munmap(mapping_, mapping_size_);
-    if (ctx_) ggml_free(ctx_);
+    for (ggml_context * c : {ctx_, ctx_copied_, ctx_gpu_}) {
+        if (c) ggml_free(c);
+    }
 }
 
 void Model::load_hparams(const GgufFile & f) {
@@ -147,8 +153,7 @@ void Model::bind_tensors(const GgufFile & f) {
     if (h.n_rot > h.head_dim || h.n_rot % 2) throw BadInput("rope.dimension_count must be even and <= head size");
 }
 
-void Model::map_weights(const GgufFile & f) {
-    // Keep the descriptor context alive as ours: the GgufFile will free only the gguf side.
+void Model::load_weights(const GgufFile & f, bool use_mmap) {
     int fd = open(f.path().c_str(), O_RDONLY);
     if (fd < 0) throw BadInput("cannot open model file: " + f.path());
     mapping_size_ = f.file_size();
@@ -158,31 +163,93 @@ void Model::map_weights(const GgufFile & f) {
         mapping_ = nullptr;
         throw std::runtime_error("mmap failed for " + f.path());
     }
-    // Copy the descriptors into a context we own (the GgufFile's context dies with it).
+    const uint32_t n_layer = hp_.n_layer;
+    auto on_gpu = [&](const std::string & name) {
+        if (name.rfind("blk.", 0) == 0) {
+            const long il = std::strtol(name.c_str() + 4, nullptr, 10);
+            return il >= 0 && il < (long) n_layer && placement_.layer_on_gpu[il];
+        }
+        if (name == "output_norm.weight" || name == "output.weight") return placement_.output_on_gpu;
+        return false;  // token_embd stays on the CPU (get_rows); rope_freqs gets one copy per device below
+    };
+    // Descriptors we own (the GgufFile's context dies with it), in one context per destination buffer.
     const int64_t n = gguf_get_n_tensors(f.gguf());
-    ggml_init_params ip = {ggml_tensor_overhead() * (size_t) (n + 1), nullptr, true};
-    ctx_ = ggml_init(ip);
-    // The CPU buffer wraps the mapping; ggml never writes weights.
-    buffer_ = ggml_backend_cpu_buffer_from_ptr(mapping_, mapping_size_);
-    ggml_backend_buffer_set_usage(buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    auto new_ctx = [](size_t n_tensors) {
+        ggml_init_params ip = {ggml_tensor_overhead() * (n_tensors + 2), nullptr, true};
+        return ggml_init(ip);
+    };
+    ctx_ = new_ctx(n);
+    ctx_copied_ = new_ctx(n);
+    ctx_gpu_ = new_ctx(n);
+    struct Placed { ggml_tensor * dst; const char * data; };
+    std::vector<Placed> mapped, copied;
     std::map<ggml_tensor *, ggml_tensor *> remap;
-    char * base = (char *) mapping_ + f.data_offset();
+    std::map<ggml_tensor *, const char *> data_of;
+    const char * base = (const char *) mapping_ + f.data_offset();
     for (int64_t i = 0; i < n; ++i) {
         const char * name = gguf_get_tensor_name(f.gguf(), i);
         ggml_tensor * src = ggml_get_tensor(f.meta(), name);
-        ggml_tensor * dst = ggml_dup_tensor(ctx_, src);
+        const char * data = base + gguf_get_tensor_offset(f.gguf(), i);
+        ggml_context * home = on_gpu(name) ? ctx_gpu_ : use_mmap ? ctx_ : ctx_copied_;
+        ggml_tensor * dst = ggml_dup_tensor(home, src);
         ggml_set_name(dst, name);
-        ggml_backend_tensor_alloc(buffer_, dst, base + gguf_get_tensor_offset(f.gguf(), i));
+        (home == ctx_ ? mapped : copied).push_back({dst, data});
         remap[src] = dst;
+        data_of[src] = data;
         weight_bytes_ += ggml_nbytes(dst);
     }
+    // Second copies on the GPU: a tied output matrix (the CPU keeps the embedding for get_rows), and the
+    // RoPE frequency factors that every offloaded layer reads.
+    ggml_tensor * output_gpu = nullptr, * rope_freqs_gpu = nullptr;
+    if (placement_.output_on_gpu && output == tok_embd) {
+        output_gpu = ggml_dup_tensor(ctx_gpu_, tok_embd);
+        ggml_set_name(output_gpu, "output.weight (tied)");
+        copied.push_back({output_gpu, data_of.at(tok_embd)});
+    }
+    const bool layers_on_gpu =
+        std::find(placement_.layer_on_gpu.begin(), placement_.layer_on_gpu.end(), true) != placement_.layer_on_gpu.end();
+    if (rope_freqs && layers_on_gpu) {
+        rope_freqs_gpu = ggml_dup_tensor(ctx_gpu_, rope_freqs);
+        ggml_set_name(rope_freqs_gpu, "rope_freqs.weight (gpu)");
+        copied.push_back({rope_freqs_gpu, data_of.at(rope_freqs)});
+    }
+
+    auto alloc = [&](ggml_context * ctx, ggml_backend_buffer_type_t buft, const char * where) -> ggml_backend_buffer_t {
+        if (!ggml_get_first_tensor(ctx)) return nullptr;
+        ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        if (!b) {
+            throw std::runtime_error(std::string("not enough memory for the model's weights on ") + where +
+                                     (ctx == ctx_gpu_ ? ": offload fewer layers (n_gpu_layers)" : ""));
+        }
+        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        return b;
+    };
+    if (!mapped.empty()) {
+        // The CPU buffer wraps the mapping; ggml never writes weights.
+        buffer_ = ggml_backend_cpu_buffer_from_ptr(mapping_, mapping_size_);
+        ggml_backend_buffer_set_usage(buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        for (const Placed & p : mapped) ggml_backend_tensor_alloc(buffer_, p.dst, (void *) p.data);
+    }
+    buffer_copied_ = alloc(ctx_copied_, ggml_backend_cpu_buffer_type(), "the CPU");
+    if (ggml_get_first_tensor(ctx_gpu_)) buffer_gpu_ = alloc(ctx_gpu_, ggml_backend_dev_buffer_type(placement_.gpu),
+                                                             ggml_backend_dev_name(placement_.gpu));
+    for (const Placed & p : copied) ggml_backend_tensor_set(p.dst, p.data, 0, ggml_nbytes(p.dst));
+    if (mapped.empty()) {  // every weight was copied: the mapping is no longer read
+        munmap(mapping_, mapping_size_);
+        mapping_ = nullptr;
+    }
+
     auto fix = [&](ggml_tensor *& t) { if (t) t = remap.at(t); };
+    ggml_tensor * rope_freqs_src = rope_freqs;
     fix(tok_embd); fix(output_norm); fix(output); fix(rope_freqs);
-    for (auto & L : layers) {
+    if (output_gpu) output = output_gpu;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        LayerWeights & L = layers[il];
         for (ggml_tensor ** t : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.q_norm, &L.k_norm,
                                  &L.ffn_norm, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) {
             fix(*t);
         }
+        L.rope_freqs = rope_freqs_src ? (placement_.layer_on_gpu[il] ? rope_freqs_gpu : rope_freqs) : nullptr;
     }
 }
 

@@ -1,6 +1,9 @@
-// A decoder-only transformer loaded from GGUF: hyperparameters and weight tensors.
-// CPU weights are memory-mapped from the file, never copied.
+// A decoder-only transformer loaded from GGUF: hyperparameters and weight tensors, each on the device of
+// its layer (devices.h). CPU weights are memory-mapped from the file (use_mmap) or copied into memory;
+// GPU weights are copied into the device's buffer.
 #pragma once
+#include "devices.h"
+
 #include <ggml-backend.h>
 #include <ggml.h>
 
@@ -36,6 +39,12 @@ struct HParams {
     uint32_t n_embd_v_gqa() const { return head_dim * n_head_kv; }
 };
 
+struct LoadOptions {
+    int n_gpu_layers = 0;  // the last n layers (and the output layer when n > n_layer) on the GPU; -1 = all
+    int main_gpu = 0;      // which GPU device
+    bool use_mmap = true;  // CPU weights read in place from the file; false = copied into memory
+};
+
 struct LayerWeights {
     ggml_tensor * attn_norm = nullptr;
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
@@ -43,11 +52,12 @@ struct LayerWeights {
     ggml_tensor * q_norm = nullptr, * k_norm = nullptr;          // qwen3
     ggml_tensor * ffn_norm = nullptr;
     ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+    ggml_tensor * rope_freqs = nullptr;  // the model's, on this layer's device (null if the model has none)
 };
 
 class Model {
 public:
-    explicit Model(const std::string & path);
+    explicit Model(const std::string & path, const LoadOptions & opts = {});
     ~Model();
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;
@@ -56,25 +66,31 @@ public:
     const std::map<std::string, std::string> & metadata() const { return metadata_; }
     const std::string & path() const { return path_; }
     size_t weight_bytes() const { return weight_bytes_; }
+    const Placement & placement() const { return placement_; }
+    // The device of layer il (null = CPU): its weights and its KV store live there.
+    ggml_backend_dev_t layer_device(uint32_t il) const { return placement_.layer_on_gpu.at(il) ? placement_.gpu : nullptr; }
 
     ggml_tensor * tok_embd = nullptr;
     ggml_tensor * output_norm = nullptr;
-    ggml_tensor * output = nullptr;      // == tok_embd when the embeddings are tied
-    ggml_tensor * rope_freqs = nullptr;  // optional per-dimension frequency factors (Llama 3.1)
+    ggml_tensor * output = nullptr;      // == tok_embd when the embeddings are tied (a copy if on the GPU)
+    ggml_tensor * rope_freqs = nullptr;  // optional per-dimension frequency factors (Llama 3.1), on the CPU
     std::vector<LayerWeights> layers;
 
 private:
     void load_hparams(const GgufFile & f);
     void bind_tensors(const GgufFile & f);
-    void map_weights(const GgufFile & f);
+    void load_weights(const GgufFile & f, bool use_mmap);
 
     std::string path_;
     HParams hp_;
     std::map<std::string, std::string> metadata_;
-    ggml_context * ctx_ = nullptr;  // tensor descriptors; data points into the mapping
+    Placement placement_;
+    ggml_context * ctx_ = nullptr;         // descriptors of the weights that stay in the mapping
+    ggml_context * ctx_copied_ = nullptr;  // ... copied into CPU memory (use_mmap = false)
+    ggml_context * ctx_gpu_ = nullptr;     // ... copied to the GPU
     void * mapping_ = nullptr;
     size_t mapping_size_ = 0;
-    ggml_backend_buffer_t buffer_ = nullptr;
+    ggml_backend_buffer_t buffer_ = nullptr, buffer_copied_ = nullptr, buffer_gpu_ = nullptr;
     size_t weight_bytes_ = 0;
 };
 

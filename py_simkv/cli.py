@@ -20,7 +20,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (CPU-only for now)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="offload the last N layers to the GPU (-1 = all, with the output layer); needs llama-cpp-python "
+                        "built with CUDA")
+    p.add_argument("--main-gpu", type=int, default=0, help="GPU device that takes the offloaded layers")
     p.add_argument("--lazy-layers", type=_layer_list, default=None, help="lazy layers, e.g. 15,16,17")
     p.add_argument("--n-sink", type=int, default=4, help="initial tokens a lazy layer keeps (default 4)")
     p.add_argument("--n-window", type=int, default=1024, help="recent tokens a lazy layer keeps (default 1024)")
@@ -50,7 +53,7 @@ def _open(args):
     kw = {}
     if args.seed is not None:
         kw["seed"] = args.seed
-    llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+    llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
                 lazy_layers=args.lazy_layers, n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k,
                 type_v=args.type_v, lazy_type=args.lazy_type, lazy_profile=args.lazy_profile,
                 lazy_ratio=args.lazy_ratio, lazy_threshold=args.lazy_threshold,
@@ -167,6 +170,7 @@ def cmd_info(args) -> int:
           f"({hp['n_head_kv']} KV heads, head size {hp['head_dim']}), n_ff {hp['n_ff']}, vocabulary {hp['n_vocab']}")
     print(f"context      trained {hp['n_ctx_train']}, shown for n_ctx {args.n_ctx}")
     print(f"weights      {model.weight_bytes / 2**20:.1f} MiB")
+    print(f"devices      CPU{''.join(', ' + d for d in _native.gpu_devices()) or ' only (llama-cpp-python without GPU support)'}")
     n = hp["n_layer"]
     half = list(range(n // 2, n))
     rows = [("full f16", dict(type_kv="f16")), ("full q8_0", dict(type_kv="q8_0")), ("full q4_0", dict(type_kv="q4_0")),

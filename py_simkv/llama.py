@@ -52,6 +52,23 @@ def _check_model_file(model_path) -> str:
     return path
 
 
+def gpu_devices() -> List[str]:
+    """GPU devices simkv can offload to: those of the ggml build that llama-cpp-python installed (built with
+    CMAKE_ARGS="-DGGML_CUDA=on" for CUDA). Empty on a CPU-only install."""
+    return list(_native.gpu_devices())
+
+
+_warned_no_gpu = False
+
+
+def _warn_no_gpu() -> None:
+    global _warned_no_gpu
+    if not _warned_no_gpu:
+        _warned_no_gpu = True
+        warnings.warn("n_gpu_layers ignored: llama-cpp-python was installed without GPU support, so simkv runs on "
+                      "the CPU (reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" to offload)", RuntimeWarning, stacklevel=3)
+
+
 def _check_lazy_layers(lazy_layers, n_layer: int) -> List[int]:
     if lazy_layers is None:
         return []
@@ -97,6 +114,8 @@ class Llama:
         n_ubatch: int = 512,
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
+        main_gpu: int = 0,
+        use_mmap: bool = True,
         type_k: str = "f16",
         type_v: str = "f16",
         lazy_layers: Optional[Sequence[int]] = None,
@@ -122,9 +141,10 @@ class Llama:
         if n_threads is None:
             n_threads = max((os.cpu_count() or 2) // 2, 1)  # llama-cpp-python's default
         self.n_threads = _check_int("n_threads", n_threads, 1)
-        n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
-        if n_gpu_layers != 0:
-            warnings.warn("n_gpu_layers ignored: this simkv build runs on the CPU", RuntimeWarning, stacklevel=2)
+        self.n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
+        self.main_gpu = _check_int("main_gpu", main_gpu, 0)
+        if self.n_gpu_layers != 0 and not gpu_devices():
+            _warn_no_gpu()
         self.type_k = _check_cache_type("type_k", type_k)
         self.type_v = _check_cache_type("type_v", type_v)
         if self.type_k != self.type_v:
@@ -138,7 +158,8 @@ class Llama:
         self.logits_all = bool(logits_all)
         self._seed = _check_int("seed", seed, 0) & 0xFFFFFFFF
 
-        self._model = _native.load_model(self.model_path)
+        self._model = _native.load_model(self.model_path, n_gpu_layers=self.n_gpu_layers, main_gpu=self.main_gpu,
+                                         use_mmap=bool(use_mmap))
         self._hparams = self._model.hparams
         if lazy_prefill not in ("streaming", "exact"):
             raise ValueError(f"lazy_prefill must be 'streaming' or 'exact', got {lazy_prefill!r}")

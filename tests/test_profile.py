@@ -121,9 +121,9 @@ def test_foreign_profile_is_refused(tiny_model, tiny_profile, tmp_path):
 
 def test_default_calibration_set_is_shipped():
     texts = default_calibration_texts()
-    # prose, code and dialogue, each long enough for several 8K-token samples
+    # prose, code and dialogue, each long enough for at least two 8K-token samples
     assert [s for s, _ in texts] == ["python_reference_prose.txt", "python_stdlib_code.txt", "dialogue_chatterbot.txt"]
-    assert all(len(t) > 90_000 for _, t in texts)
+    assert all(len(t) > 60_000 for _, t in texts)
     assert texts[2][1].startswith("A: ") and "\nB: " in texts[2][1]
 
 

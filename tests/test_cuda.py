@@ -1,0 +1,100 @@
+"""GPU offload against the CPU: runs only where this ggml build has a GPU (llama-cpp-python installed with
+CMAKE_ARGS="-DGGML_CUDA=on"); skipped elsewhere. On the GPU machine: pytest -q tests/test_cuda.py
+
+Bounds: the same graph on two backends differs only in summation order and in where f16 rounding happens
+inside flash attention (the CPU kernel accumulates V in f16). That is the f16 bound of
+test_lazy_reference.py (max < 0.1, mean < 5e-3 on logits of std ~3.4), which a mask off by one key exceeds
+35-fold. With q4_0 stores both backends also quantize Q for the dot products with K (q8_0 on the CPU,
+q8_1 in CUDA), so there the bound is relative: the two backends must agree 4x better than q4_0 moves the
+logits away from f16."""
+import numpy as np
+import pytest
+
+from py_simkv import Llama, gpu_devices
+
+pytestmark = pytest.mark.skipif(not gpu_devices(), reason="no GPU in this ggml build")
+
+N_PROMPT, N_DECODE, N_WINDOW = 300, 200, 64  # the decode wraps the lazy ring (capacity 512 > 300 + 200)
+
+
+def _tokens(n, seed=0):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 49152, n)]
+
+
+def _run(path, n_ubatch=128, **kw):
+    """Prompt in ubatches, then single-token decode: logits of every position, and the engine."""
+    llm = Llama(path, n_ctx=1024, n_threads=4, n_ubatch=n_ubatch, logits_all=True, n_window=N_WINDOW, **kw)
+    seq = _tokens(N_PROMPT + N_DECODE)
+    llm.eval(seq[:N_PROMPT])
+    for t in seq[N_PROMPT:]:
+        llm.eval([t])
+    return llm.scores.copy(), llm
+
+
+def _assert_f16_close(gpu, cpu):
+    err = np.abs(gpu - cpu)
+    assert err.max() < 0.1 and err.mean() < 5e-3, (err.max(), err.mean())
+
+
+@pytest.mark.parametrize("lazy_prefill", ["streaming", "exact"])
+def test_full_and_lazy_offload_match_the_cpu(tiny_model, lazy_prefill):
+    path = tiny_model("llama", weight_type="f16")
+    for lazy in ([], [1, 3]):
+        kw = dict(lazy_layers=lazy, lazy_type="f16", lazy_prefill=lazy_prefill)
+        cpu, _ = _run(path, **kw)
+        gpu, llm = _run(path, n_gpu_layers=-1, **kw)
+        _assert_f16_close(gpu, cpu)
+        devices = [layer["device"] for layer in llm.kv_cache_stats()["layers"]]
+        assert all(d != "CPU" for d in devices), devices
+        assert llm.kv_cache_stats()["lazy_layers"] == lazy
+
+
+def test_q4_0_stores_on_the_gpu(tiny_model):
+    path = tiny_model("llama", weight_type="f16")
+    kw = dict(lazy_layers=[0, 2], type_k="q8_0", type_v="q8_0")  # q8_0 full layers, q4_0 rings
+    cpu, _ = _run(path, **kw)
+    gpu, _ = _run(path, n_gpu_layers=-1, **kw)
+    cpu_f16, _ = _run(path, lazy_layers=[0, 2], lazy_type="f16")
+    quant_effect = np.abs(cpu - cpu_f16).mean()
+    assert np.abs(gpu - cpu).mean() < 0.25 * quant_effect, (np.abs(gpu - cpu).mean(), quant_effect)
+
+
+def test_partial_offload_places_layers_as_llama_cpp_does(tiny_model):
+    path = tiny_model("llama", weight_type="f16")
+    gpu_name = gpu_devices()[0].split(" ")[0]
+    cpu, _ = _run(path, lazy_layers=[1, 3], lazy_type="f16")
+    for n_gpu, want in ((2, ["CPU", "CPU", gpu_name, gpu_name, "CPU"]),   # the last 2 layers, not the output
+                        (4, [gpu_name] * 4 + ["CPU"]),
+                        (5, [gpu_name] * 5)):                           # n_layer + 1: the output layer too
+        gpu, llm = _run(path, n_gpu_layers=n_gpu, lazy_layers=[1, 3], lazy_type="f16")
+        assert llm._model.layer_devices == want
+        assert [layer["device"] for layer in llm.kv_cache_stats()["layers"]] == want[:4]
+        _assert_f16_close(gpu, cpu)
+
+
+def test_untied_output_and_qwen_on_the_gpu(tiny_model):
+    for path in (tiny_model("llama", weight_type="f16", tied_embeddings=False), tiny_model("qwen3", weight_type="f16")):
+        cpu, _ = _run(path, lazy_layers=[2], lazy_type="f16")
+        gpu, _ = _run(path, n_gpu_layers=-1, lazy_layers=[2], lazy_type="f16")
+        _assert_f16_close(gpu, cpu)
+
+
+def test_dynamic_mode_and_masked_layers_on_the_gpu(tiny_model):
+    path = tiny_model("llama", weight_type="f16")
+    cpu, a = _run(path, lazy_mode="dynamic", lazy_threshold=0.0, lazy_type="f16")
+    gpu, b = _run(path, lazy_mode="dynamic", lazy_threshold=0.0, lazy_type="f16", n_gpu_layers=-1)
+    assert a.kv_cache_stats()["lazy_layers"] == b.kv_cache_stats()["lazy_layers"] == [0, 1, 2, 3]
+    _assert_f16_close(gpu, cpu)
+    seq = _tokens(400, seed=3)
+    out = []
+    for ngl in (0, -1):
+        llm = Llama(path, n_ctx=512, n_threads=4, n_window=N_WINDOW, n_gpu_layers=ngl)
+        llm.eval(seq[:200])
+        llm.set_masked_layers([1])
+        out.append(llm.nll(seq[200:], keep=False))
+    assert np.abs(out[0] - out[1]).max() < 0.1
+
+
+def test_bad_main_gpu(tiny_model):
+    with pytest.raises(ValueError, match="main_gpu"):
+        Llama(tiny_model("llama"), n_ctx=64, n_gpu_layers=-1, main_gpu=len(gpu_devices()))
