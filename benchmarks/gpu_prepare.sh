@@ -5,6 +5,13 @@
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
+# prepare.sh's own `pip download --no-binary :all:` builds the sdist's build dependencies (CMake itself)
+# from source, which takes an hour on 2 cores: fetch the sdist without build isolation first (seconds).
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/simkv-gpu
+ver=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+mkdir -p "$cache"
+[ -f "$cache/llama_cpp_python-$ver.tar.gz" ] || \
+  pip download -q --no-deps --no-binary :all: --no-build-isolation "llama-cpp-python==$ver" -d "$cache"
 bash ../shared/gpu/prepare.sh
 python models/synthetic.py .gpu/tokenizer.gguf --preset tiny --weight-type q4_0 >/dev/null
 du -sh .gpu
