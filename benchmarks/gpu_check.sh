@@ -2,7 +2,9 @@
 # On the GPU machine, from the project root, with .gpu/ carried (benchmarks/gpu_prepare.sh): build
 # llama-cpp-python with CUDA and this project against it, run the GPU tests, run the GPU benchmark.
 # Everything it prints also lands in $OUT. Knobs: DEPTHS (default "0 8192 32768"), RUNS (3),
-# SKIP_BUILD=1 (machine still warm from a previous call), SKIP_TESTS=1, BENCH_TIMEOUT (seconds, 300).
+# SKIP_BUILD=1 (machine still warm from a previous call), SKIP_TESTS=1, BENCH_TIMEOUT (seconds, 300),
+# PROFILE="CONFIG LABEL" (where a target is missed: per-kernel GPU time of that configuration at the last
+# depth, with nsys when the machine has it).
 set -uo pipefail
 T0=$SECONDS
 root=$PWD
@@ -22,4 +24,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 (cd benchmarks && timeout "${BENCH_TIMEOUT:-300}" python3 bench_gpu.py --depths ${DEPTHS:-0 8192 32768} --runs "${RUNS:-3}") \
   2>&1 | tee "$OUT/bench_gpu.txt"
+if [ -n "${PROFILE:-}" ] && command -v nsys >/dev/null; then
+  last=$(echo ${DEPTHS:-0 8192 32768} | awk '{print $NF}')
+  (cd benchmarks && timeout 200 nsys profile -t cuda -o /tmp/simkv-prof --force-overwrite true \
+     python3 bench_gpu.py --depths "$last" --runs 1 --configs "$PROFILE" >/dev/null 2>&1;
+   nsys stats -r cuda_gpu_kern_sum -f csv /tmp/simkv-prof.nsys-rep 2>/dev/null | head -25) | tee "$OUT/profile.txt"
+fi
 echo "gpu_check: done after $((SECONDS - T0)) s"
