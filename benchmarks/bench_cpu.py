@@ -16,8 +16,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
-
 from py_simkv import Llama, default_model_path
 from py_simkv.reference import reference_llama
 

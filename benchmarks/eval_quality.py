@@ -154,8 +154,7 @@ def main():
         kv = stats["total_bytes"]
         base_bytes = base_bytes or kv
         skip_pk = a.skip_passkey or (a.passkey_only and not any(o in label for o in a.passkey_only))
-        pk = float("nan") if skip_pk else passkey(
-            Llama(path, **dict(common, **kw)), a.n_ctx - 16, a.passkey_depths)
+        pk = float("nan") if skip_pk else passkey(llm, a.n_ctx - 16, a.passkey_depths)
         lazy = stats["lazy_layers"]
         rows.append((label, ppl, pk, base_bytes / kv, stats["peak_bytes"] / 2**20, lazy))
         print(f"  {label:<36} ppl {' / '.join(f'{p:.3f}' for p in ppl)}  passkey {pk:.2f}  "

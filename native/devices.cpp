@@ -6,8 +6,8 @@
 
 namespace simkv {
 
-bool Placement::any_on_gpu() const {
-    return output_on_gpu || std::find(layer_on_gpu.begin(), layer_on_gpu.end(), true) != layer_on_gpu.end();
+bool Placement::any_layer_on_gpu() const {
+    return std::find(layer_on_gpu.begin(), layer_on_gpu.end(), true) != layer_on_gpu.end();
 }
 
 std::vector<ggml_backend_dev_t> gpu_devices() {

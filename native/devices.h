@@ -17,7 +17,8 @@ struct Placement {
     ggml_backend_dev_t gpu = nullptr;  // the device offloaded layers go to; null = CPU only
     std::vector<bool> layer_on_gpu;    // per repeating layer
     bool output_on_gpu = false;
-    bool any_on_gpu() const;
+    bool any_layer_on_gpu() const;  // a repeating layer (they read rope_freqs)
+    bool any_on_gpu() const { return output_on_gpu || any_layer_on_gpu(); }
 };
 
 // GPU devices of this ggml build, in registry order (index = main_gpu).

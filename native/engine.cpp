@@ -219,10 +219,7 @@ void Engine::make_lazy(const std::vector<int> & layers) {
         ggml_backend_sched_reset(sched_);
         ggml_free(ctx);
         if (!done) {
-            for (KvStore & s : conv.stores) {
-                ggml_backend_buffer_free(s.buffer);
-                ggml_free(s.ctx);
-            }
+            KvCache::discard(std::move(conv));
             throw std::runtime_error("failed to compact the lazy layers");
         }
     }

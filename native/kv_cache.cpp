@@ -108,6 +108,10 @@ KvCache::Conversion KvCache::prepare_lazy(const HParams & hp, const KvConfig & c
     return c;
 }
 
+void KvCache::discard(Conversion && c) {
+    for (KvStore & s : c.stores) free_store(s);
+}
+
 void KvCache::commit_lazy(Conversion && c) {
     if (c.layers.empty()) return;
     KvGroup & dst = groups_[c.group];

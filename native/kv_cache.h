@@ -78,6 +78,7 @@ public:
     Conversion prepare_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
                             const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
     void commit_lazy(Conversion && c);
+    static void discard(Conversion && c);  // frees the new stores of a conversion that failed
 
     // Move layers to the group of `policy` without touching their stores: allowed only where the store
     // already holds each of its positions in the cell the new policy would put it (e.g. full <-> masked).

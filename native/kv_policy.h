@@ -11,6 +11,12 @@ namespace simkv {
 constexpr uint32_t kCellPad = 256;  // CUDA's vector FA kernel wants n_kv % 256 == 0; keep shapes stable
 inline uint32_t pad_cells(uint32_t n) { return (n + kCellPad - 1) / kCellPad * kCellPad; }
 
+// SimLayerKV's trimmed view: a query at q_pos sees the first n_sink positions and the n_window most recent
+// ones (itself included). The lazy and masked policies and the probe all use this one rule.
+inline bool in_sink_or_window(uint32_t n_sink, uint32_t n_window, int32_t q_pos, int32_t k_pos) {
+    return (uint32_t) k_pos < n_sink || (int64_t) q_pos - k_pos < (int64_t) n_window;
+}
+
 class KvPolicy {
 public:
     virtual ~KvPolicy() = default;

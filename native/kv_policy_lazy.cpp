@@ -23,9 +23,7 @@ public:
     uint32_t cell_of(int32_t pos) const override {
         return (uint32_t) pos < n_sink_ ? (uint32_t) pos : n_sink_ + ((uint32_t) pos - n_sink_) % ring_;
     }
-    bool visible(int32_t q_pos, int32_t k_pos) const override {
-        return (uint32_t) k_pos < n_sink_ || (int64_t) q_pos - k_pos < (int64_t) n_window_;
-    }
+    bool visible(int32_t q_pos, int32_t k_pos) const override { return in_sink_or_window(n_sink_, n_window_, q_pos, k_pos); }
     uint32_t max_ubatch() const override { return ring_ - n_window_ + 1; }
     bool can_rewind_to(int32_t n_keep, int32_t n_written) const override {
         // The ring holds positions [n_written - ring, n_written). The next query (at n_keep) needs

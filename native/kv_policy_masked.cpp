@@ -15,9 +15,7 @@ public:
     std::string kind() const override { return "masked"; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override { return (uint32_t) pos; }
-    bool visible(int32_t q_pos, int32_t k_pos) const override {
-        return (uint32_t) k_pos < n_sink_ || (int64_t) q_pos - k_pos < (int64_t) n_window_;
-    }
+    bool visible(int32_t q_pos, int32_t k_pos) const override { return in_sink_or_window(n_sink_, n_window_, q_pos, k_pos); }
     uint32_t max_ubatch() const override { return capacity_; }
     bool can_rewind_to(int32_t, int32_t) const override { return true; }
     std::string key() const override {

@@ -10,7 +10,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 
@@ -206,9 +205,7 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
         ggml_set_name(output_gpu, "output.weight (tied)");
         copied.push_back({output_gpu, data_of.at(tok_embd)});
     }
-    const bool layers_on_gpu =
-        std::find(placement_.layer_on_gpu.begin(), placement_.layer_on_gpu.end(), true) != placement_.layer_on_gpu.end();
-    if (rope_freqs && layers_on_gpu) {
+    if (rope_freqs && placement_.any_layer_on_gpu()) {
         rope_freqs_gpu = ggml_dup_tensor(ctx_gpu_, rope_freqs);
         ggml_set_name(rope_freqs_gpu, "rope_freqs.weight (gpu)");
         copied.push_back({rope_freqs_gpu, data_of.at(rope_freqs)});

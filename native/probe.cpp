@@ -2,6 +2,7 @@
 
 #include "graph.h"
 #include "kv_cache.h"
+#include "kv_policy.h"
 #include "model.h"
 
 #include <ggml-backend.h>
@@ -89,7 +90,7 @@ void ProbeAccumulator::set_inputs(const ProbeGraph & pg, const KvCache & kv, con
                 const int32_t kp = g.cell_pos[c];
                 if (kp < 0 || kp > q) continue;
                 all[r * n_kv + c] = zero;
-                if ((uint32_t) kp < spec.n_sink || (int64_t) q - kp < (int64_t) spec.n_window) {
+                if (in_sink_or_window(spec.n_sink, spec.n_window, q, kp)) {
                     win[r * n_kv + c] = zero;
                     in[r * n_kv + c] = 1.0f;
                 }
