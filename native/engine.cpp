@@ -193,7 +193,8 @@ void Engine::make_lazy(const std::vector<int> & layers) {
     peak_kv_bytes_ = std::max(peak_kv_bytes_, kv_->total_bytes() + added);
     const int64_t n = (int64_t) conv.src_cells.size();
     if (n > 0) {
-        // Copy the kept cells: rows of the full store -> F32 -> the lazy store's type, at the ring's cells.
+        // Copy the kept cells: rows of the full store -> F32 (-> rotated, kv_rotation.h, when the lazy store
+        // is quantized and the full one is not) -> the lazy store's type, at the ring's cells.
         if (graph_.ctx) ggml_free(graph_.ctx);  // the scheduler is reset below: the cached graph is stale
         graph_ = BuiltGraph{};
         ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), true};
@@ -203,17 +204,21 @@ void Engine::make_lazy(const std::vector<int> & layers) {
         ggml_tensor * dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
         ggml_set_input(src);
         ggml_set_input(dst);
+        RotationInputs rotations;
         for (size_t i = 0; i < conv.layers.size(); ++i) {
             const KvStore & from = kv_->store(conv.layers[i]);
             const KvStore & to = conv.stores[i];
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx, to.k, ggml_get_rows(ctx, from.k, src), dst));
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx, to.v, ggml_get_rows(ctx, from.v, src), dst));
+            ggml_tensor * k = rerotate(ctx, rotations, ggml_get_rows(ctx, from.k, src), from.rot.k, to.rot.k);
+            ggml_tensor * v = rerotate(ctx, rotations, ggml_get_rows(ctx, from.v, src), from.rot.v, to.rot.v);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, to.k, k, dst));
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, to.v, v, dst));
         }
         ggml_backend_sched_reset(sched_);
         const bool ok = ggml_backend_sched_alloc_graph(sched_, gf);
         if (ok) {
             ggml_backend_tensor_set(src, conv.src_cells.data(), 0, ggml_nbytes(src));
             ggml_backend_tensor_set(dst, conv.dst_cells.data(), 0, ggml_nbytes(dst));
+            rotations.set();
         }
         const bool done = ok && ggml_backend_sched_graph_compute(sched_, gf) == GGML_STATUS_SUCCESS;
         ggml_backend_sched_reset(sched_);
@@ -266,7 +271,7 @@ void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs,
     // A ubatch with no output still needs a graph sink: keep one row of logits and drop it.
     const uint32_t n_rows = std::max<uint32_t>(n_outputs, 1);
     BuiltGraph & g = graph_for(n, n_rows, n_probe);
-    const UbatchInputs & in = g.in;
+    UbatchInputs & in = g.in;
     ggml_backend_tensor_set(in.tokens, tokens, 0, sizeof(int32_t) * n);
     ggml_backend_tensor_set(in.pos, pos.data(), 0, sizeof(int32_t) * n);
     if (in.out_ids) {
@@ -280,6 +285,7 @@ void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs,
         ggml_backend_tensor_set(in.kq_mask[gi], groups[gi].mask.data(), 0, ggml_nbytes(in.kq_mask[gi]));
         ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
     }
+    in.rotations.set();
     std::vector<int32_t> probe_rows, probe_pos;
     if (n_probe) {
         for (uint32_t r = n - n_probe; r < n; ++r) {

@@ -2,6 +2,8 @@
 #pragma once
 #include <ggml.h>
 
+#include "kv_rotation.h"
+
 #include <vector>
 
 namespace simkv {
@@ -17,6 +19,7 @@ struct UbatchInputs {
     ggml_tensor * out_ids = nullptr;  // I32 [n_outputs], null when every token is output
     std::vector<ggml_tensor *> kq_mask;    // per KV group: F16 [n_kv, n_tokens]
     std::vector<ggml_tensor *> write_idx;  // per KV group: I64 [n_tokens]
+    RotationInputs rotations;              // H of each size the quantized stores rotate by
 };
 
 struct GraphBuild {

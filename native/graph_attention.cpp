@@ -29,6 +29,15 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     const uint32_t n_kv = g.n_kv;
     const int64_t d = hp.head_dim, n_embd_gqa = hp.n_embd_k_gqa();
 
+    // A quantized store holds K and V rotated (kv_rotation.h): Q turns with K, the output turns back below.
+    ggml_tensor * rot_k = s.rot.k ? b.in.rotations.get(ctx, s.rot.k) : nullptr;
+    ggml_tensor * rot_v = s.rot.v ? b.in.rotations.get(ctx, s.rot.v) : nullptr;
+    if (rot_k) {
+        q_cur = rotate(ctx, q_cur, rot_k);
+        k_cur = rotate(ctx, k_cur, rot_k);
+    }
+    if (rot_v) v_cur = rotate(ctx, v_cur, rot_v);
+
     // Write: rows of the store at the cells the policy chose (F32 -> store type, quantizing if needed).
     ggml_tensor * idx = b.in.write_idx[s.group];
     ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.k, ggml_reshape_2d(ctx, k_cur, n_embd_gqa, b.n_tokens), idx));
@@ -45,7 +54,8 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     // Mask: the group's, shared by all its layers (causal for FULL, sink + window for LAZY).
     ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, b.in.kq_mask[s.group], 1.0f / std::sqrt((float) d), 0.0f, 0.0f);
     ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
-    return ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);  // out is [head_dim, n_head, n_tokens]
+    out = ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);  // out is [head_dim, n_head, n_tokens]
+    return rot_v ? rotate(ctx, out, rot_v) : out;
 }
 
 }  // namespace simkv

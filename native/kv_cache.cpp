@@ -39,6 +39,7 @@ KvStore KvCache::alloc_store(const HParams & hp, int il, int group, ggml_type ty
     s.layer = il;
     s.group = group;
     s.type = type;
+    s.rot = rotation_for(type, hp.head_dim);
     ggml_init_params ip = {2 * ggml_tensor_overhead(), nullptr, true};
     s.ctx = ggml_init(ip);
     s.k = ggml_new_tensor_2d(s.ctx, type, hp.n_embd_k_gqa(), capacity);

@@ -8,6 +8,7 @@
 //   read     - graph_attention.cpp views the first n_kv cells of the store for flash attention
 #pragma once
 #include "kv_policy.h"
+#include "kv_rotation.h"
 
 #include <ggml-backend.h>
 #include <ggml.h>
@@ -34,6 +35,7 @@ struct KvStore {
     int layer = 0;
     int group = 0;
     ggml_type type = GGML_TYPE_F16;
+    KvRotation rot;             // quantized stores hold K and V Hadamard-rotated (kv_rotation.h)
     ggml_tensor * k = nullptr;  // [n_embd_k_gqa, capacity]
     ggml_tensor * v = nullptr;  // [n_embd_v_gqa, capacity]
     ggml_context * ctx = nullptr;

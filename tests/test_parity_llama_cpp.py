@@ -79,3 +79,23 @@ def test_chunked_prefill_matches_llama_cpp(smollm_path, prompt_and_reference, n_
     ours.eval(tokens[:300])
     ours.eval(tokens[300:])
     np.testing.assert_allclose(ours.scores, np.array(ref.scores[: len(tokens)]), rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_quantized_kv_matches_llama_cpp(smollm_path, prompt_and_reference, kv_type):
+    """A quantized store holds what llama.cpp's quantized KV cache holds: K and V Hadamard-rotated, then
+    quantized (kv_rotation.h). Same ops in the same order, so the same tolerance as f16; without the
+    rotation q4_0 logits differ from llama.cpp's by 1.3 on average (14 at most)."""
+    import llama_cpp
+
+    tokens, f16_logits, _ = prompt_and_reference
+    ggml_type = {"q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}[kv_type]
+    ref = reference_llama(smollm_path, n_ctx=2048, n_batch=512, n_threads=N_THREADS, logits_all=True,
+                          flash_attn=True, type_k=ggml_type, type_v=ggml_type)
+    ref.eval(tokens)
+    want = np.array(ref.scores[: len(tokens)], dtype=np.float32)
+    assert np.abs(want - f16_logits).mean() > 100 * LOGIT_ATOL if kv_type == "q4_0" else True  # quantization shows
+    ours = Llama(smollm_path, n_ctx=2048, n_batch=512, n_threads=N_THREADS, logits_all=True, type_k=kv_type,
+                 type_v=kv_type)
+    ours.eval(tokens)
+    np.testing.assert_allclose(ours.scores, want, rtol=0, atol=LOGIT_ATOL)

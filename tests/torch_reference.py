@@ -1,7 +1,8 @@
 """An independent forward pass in PyTorch over the weights of a GGUF (dequantized by the `gguf` package),
 with a per-layer attention mask (causal, or sink + window), written from the model definition and not
 from simkv's code. The K/V cache storage type is emulated by rounding K and V (and Q, which ggml converts
-to the K type's dot-product type) exactly as the cache would store them.
+to the K type's dot-product type) exactly as the cache would store them. Quantized caches hold K and V
+rotated by an orthonormal Hadamard matrix, as llama.cpp's do (rotate=False leaves that out).
 """
 from __future__ import annotations
 
@@ -82,6 +83,30 @@ def _q8_0_like_ggml_cpu(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / np.sqrt(n)
+
+
+def rotation_sizes(kind: str, head_dim: int):
+    """(K, V) block sizes of the Hadamard rotation of a quantized cache (llama.cpp's choice: K by the
+    largest power of two dividing the head size, V by 64), or None."""
+    if kind in ("f16", "f32") or head_dim % 64:
+        return None
+    k = 64
+    while head_dim % (2 * k) == 0:
+        k *= 2
+    return k, 64
+
+
+def _rotate(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Each consecutive block of n values along the last dimension times H_n (symmetric, H_n H_n = I)."""
+    blocks = x.double().reshape(*x.shape[:-1], x.shape[-1] // n, n)
+    return (blocks @ _hadamard(n)).reshape(x.shape).to(x.dtype)
+
+
 # ggml converts Q to the K type's dot-product type inside flash attention.
 _Q_TYPE_FOR_K = {"f16": "f16", "q8_0": "q8_0_simd", "q4_0": "q8_0_simd"}
 
@@ -98,7 +123,7 @@ def sink_window_mask(n, n_sink, n_window):
 
 
 @torch.no_grad()
-def forward(w: Weights, tokens, masks, kv_types, probe=None):
+def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True):
     """Logits [n, n_vocab] for `tokens` at positions 0..n-1. masks[il]: bool [n, n] (query, key);
     kv_types[il]: how layer il stores K and V ("f16", "q8_0", "q4_0").
 
@@ -125,6 +150,9 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None):
         q = _rope(q, pos, w.n_rot, w.freq_base, neox)
         k = _rope(k, pos, w.n_rot, w.freq_base, neox)
         kind = kv_types[il]
+        rot = rotation_sizes(kind, D) if rotate else None
+        if rot:
+            q, k, v = _rotate(q, rot[0]), _rotate(k, rot[0]), _rotate(v, rot[1])
         k = _round_rows(k.reshape(n, Hkv * D), kind).view(n, Hkv, D)
         v = _round_rows(v.reshape(n, Hkv * D), kind).view(n, Hkv, D)
         q = _round_rows(q, _Q_TYPE_FOR_K[kind])
@@ -144,7 +172,10 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None):
             o_win = torch.einsum("hqk,khd->hqd", aw, v.double())
             change = ((o_all - o_win).norm(dim=-1) / o_all.norm(dim=-1)).mean().item()
             scores.append((mass, change))
-        o = torch.einsum("hqk,khd->qhd", a, v.double()).float().reshape(n, H * D)
+        o = torch.einsum("hqk,khd->qhd", a, v.double()).float()
+        if rot:
+            o = _rotate(o, rot[1])
+        o = o.reshape(n, H * D)
         x = x + o @ p("attn_output.weight").T
         h = _rms(x, p("ffn_norm.weight"), w.eps)
         g, u = h @ p("ffn_gate.weight").T, h @ p("ffn_up.weight").T
