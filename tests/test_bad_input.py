@@ -1,5 +1,4 @@
 """Every bad input raises a Python exception with a useful message; the process never aborts."""
-import shutil
 
 import gguf
 import numpy as np

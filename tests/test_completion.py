@@ -1,5 +1,4 @@
 """Completions and chat: llama-cpp-python's dict shapes, streaming, stop strings, seeds, prefix reuse."""
-import numpy as np
 import pytest
 
 from py_simkv import Llama

@@ -55,12 +55,15 @@ def test_full_and_lazy_offload_match_the_cpu(tiny_model, lazy_prefill):
         assert llm.kv_cache_stats()["lazy_layers"] == lazy
 
 
-def test_q4_0_stores_on_the_gpu(tiny_model):
+@pytest.mark.parametrize("full_type,lazy_prefill", [("q8_0", "streaming"), ("f16", "exact")])
+def test_q4_0_stores_on_the_gpu(tiny_model, full_type, lazy_prefill):
+    # Quantized stores are Hadamard-rotated (kv_rotation.h); exact prefill from f16 full stores rotates the
+    # rows it moves into the q4_0 rings, on the GPU here.
     path = _model(tiny_model)
-    kw = dict(lazy_layers=[0, 2], type_k="q8_0", type_v="q8_0")  # q8_0 full layers, q4_0 rings
+    kw = dict(lazy_layers=[0, 2], type_k=full_type, type_v=full_type, lazy_prefill=lazy_prefill)
     cpu, _ = _run(path, **kw)
     gpu, _ = _run(path, n_gpu_layers=-1, **kw)
-    cpu_f16, _ = _run(path, lazy_layers=[0, 2], lazy_type="f16")
+    cpu_f16, _ = _run(path, lazy_layers=[0, 2], lazy_type="f16", lazy_prefill=lazy_prefill)
     quant_effect = np.abs(cpu - cpu_f16).mean()
     assert np.abs(gpu - cpu).mean() < 0.25 * quant_effect, (np.abs(gpu - cpu).mean(), quant_effect)
 

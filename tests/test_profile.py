@@ -1,6 +1,5 @@
 """Offline profiles: scores from the probe, selection, files, model identity, use at load time."""
 import json
-import os
 import shutil
 import subprocess
 import tempfile
