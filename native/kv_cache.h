@@ -6,6 +6,7 @@
 //   written  - plan_ubatch() picks the cells (KvPolicy::cell_of), graph_attention.cpp writes them (set_rows)
 //   masked   - plan_ubatch() builds the group's mask (causal + KvPolicy::visible)
 //   read     - graph_attention.cpp views the first n_kv cells of the store for flash attention
+//   encoded  - a quantized store (a q4_0 ring by default) holds K and V Hadamard-rotated (kv_rotation.h)
 #pragma once
 #include "kv_policy.h"
 #include "kv_rotation.h"
