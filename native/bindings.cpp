@@ -43,6 +43,12 @@ nb::dict hparams_dict(const HParams & h) {
     d["n_vocab"] = h.n_vocab;
     d["n_ctx_train"] = h.n_ctx_train;
     d["rope_freq_base"] = h.rope_freq_base;
+    d["n_swa"] = h.n_swa;  // sliding window of the model's SWA layers (0 = none)
+    nb::list swa;
+    for (uint32_t il = 0; il < h.n_layer; ++il) {
+        if (h.is_swa(il)) swa.append(il);
+    }
+    d["swa_layers"] = swa;
     return d;
 }
 

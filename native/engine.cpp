@@ -171,7 +171,8 @@ std::vector<float> Engine::eval_probed(const int32_t * tokens, uint32_t n, bool 
             layers.clear();
             const std::vector<double> mass = probe_acc_.mass();
             for (uint32_t il = 0; il < hp.n_layer; ++il) {
-                if (mass[il] > cfg_.dynamic_threshold) layers.push_back((int) il);
+                // A model's own sliding-window layers have no full history to probe and stay as they are.
+                if (!hp.is_swa(il) && mass[il] > cfg_.dynamic_threshold) layers.push_back((int) il);
             }
         }
         make_lazy(layers);
@@ -315,7 +316,7 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     graph_.gf = ggml_new_graph_custom(graph_.ctx, graph_nodes_, false);
     GraphBuild b{graph_.ctx, graph_.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &graph_.probe : nullptr,
                  n_probe};
-    graph_.logits = build_graph_llama(b);
+    graph_.logits = build_graph(b);
     ggml_build_forward_expand(graph_.gf, graph_.logits);
     graph_.in = b.in;
 

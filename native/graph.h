@@ -38,12 +38,21 @@ struct GraphBuild {
 ggml_tensor * build_rms_norm(GraphBuild & b, ggml_tensor * x, ggml_tensor * w, float eps);
 // down(silu(gate(x)) * up(x))
 ggml_tensor * build_ffn_swiglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
+// down(gelu(gate(x)) * up(x))
+ggml_tensor * build_ffn_geglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
 // Writes this ubatch's K/V into layer il's store, then attends over the store's visible cells.
 // q_cur [head_dim, n_head, n_tokens], k_cur/v_cur [head_dim, n_head_kv, n_tokens], all F32, RoPE applied.
-// Returns [head_dim * n_head, n_tokens].
-ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur);
+// kq_scale multiplies Q·K (1/sqrt(head_dim) unless the architecture scales Q itself). Returns
+// [head_dim * n_head, n_tokens].
+ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                              float kq_scale);
 
 // Creates b.in (and the probe's inputs when b.probe is set) and returns the logits [n_vocab, n_outputs].
-ggml_tensor * build_graph_llama(GraphBuild & b);  // llama, qwen2, qwen3
+ggml_tensor * build_graph_llama(GraphBuild & b);   // llama, qwen2, qwen3
+ggml_tensor * build_graph_gemma3(GraphBuild & b);  // gemma3
+ggml_tensor * build_graph(GraphBuild & b);         // the one for b.model's architecture
+// The graph inputs every architecture shares (tokens, positions, output rows, per-group masks and write
+// indices, the probe's).
+void create_ubatch_inputs(GraphBuild & b);
 
 }  // namespace simkv

@@ -21,7 +21,14 @@ ggml_tensor * build_ffn_swiglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * ga
     return ggml_mul_mat(b.ctx, down, ggml_swiglu_split(b.ctx, g, u));
 }
 
-ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur) {
+ggml_tensor * build_ffn_geglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) {
+    ggml_tensor * u = ggml_mul_mat(b.ctx, up, x);
+    ggml_tensor * g = ggml_mul_mat(b.ctx, gate, x);
+    return ggml_mul_mat(b.ctx, down, ggml_geglu_split(b.ctx, g, u));
+}
+
+ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                              float kq_scale) {
     ggml_context * ctx = b.ctx;
     const HParams & hp = b.model.hp();
     const KvStore & s = b.kv.store(il);
@@ -51,8 +58,8 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     if (b.probe) build_probe(b, il, q_cur, k, v);
     ggml_tensor * q = ggml_permute(ctx, q_cur, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
 
-    // Mask: the group's, shared by all its layers (causal for FULL, sink + window for LAZY).
-    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, b.in.kq_mask[s.group], 1.0f / std::sqrt((float) d), 0.0f, 0.0f);
+    // Mask: the group's, shared by all its layers (causal for FULL, sink + window for LAZY, window for SWA).
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, b.in.kq_mask[s.group], kq_scale, 0.0f, 0.0f);
     ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
     out = ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);  // out is [head_dim, n_head, n_tokens]
     return rot_v ? rotate(ctx, out, rot_v) : out;

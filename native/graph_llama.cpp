@@ -3,7 +3,8 @@
 
 #include "kv_cache.h"
 #include "model.h"
-#include "probe.h"
+
+#include <cmath>
 
 namespace simkv {
 
@@ -13,28 +14,7 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
     const HParams & hp = m.hp();
     const uint32_t n = b.n_tokens;
 
-    b.in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-    b.in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-    ggml_set_input(b.in.tokens);
-    ggml_set_input(b.in.pos);
-    if (b.n_outputs < n) {
-        b.in.out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, b.n_outputs);
-        ggml_set_input(b.in.out_ids);
-    }
-    for (const KvGroup & g : b.kv.groups()) {
-        if (g.layers.empty()) {  // a group left without layers (exact prefill moved them all)
-            b.in.kq_mask.push_back(nullptr);
-            b.in.write_idx.push_back(nullptr);
-            continue;
-        }
-        ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, g.n_kv, n);
-        ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
-        ggml_set_input(mask);
-        ggml_set_input(idx);
-        b.in.kq_mask.push_back(mask);
-        b.in.write_idx.push_back(idx);
-    }
-    if (b.probe) create_probe_inputs(b);
+    create_ubatch_inputs(b);
 
     auto rope = [&](ggml_tensor * x, ggml_tensor * freqs) {
         return ggml_rope_ext(ctx, x, b.in.pos, freqs, hp.n_rot, hp.rope_type, hp.n_ctx_train,
@@ -60,7 +40,7 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
         q = rope(q, L.rope_freqs);
         k = rope(k, L.rope_freqs);
 
-        cur = build_attention(b, (int) il, q, k, v);
+        cur = build_attention(b, (int) il, q, k, v, 1.0f / std::sqrt((float) hp.head_dim));
         cur = ggml_mul_mat(ctx, L.wo, cur);
 
         if (il == hp.n_layer - 1 && b.in.out_ids) {

@@ -13,8 +13,13 @@ KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggm
     for (int il : cfg.lazy_layers) lazy.at(il) = true;
     stores_.resize(hp.n_layer);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        const int g = group_for(lazy[il] ? make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch)
-                                         : make_full_policy(cfg.n_ctx));
+        if (lazy[il] && hp.is_swa(il)) {
+            throw BadInput("layer " + std::to_string(il) + " is a sliding-window layer of the model: only its "
+                           "global layers can be lazy");
+        }
+        const int g = group_for(lazy[il]        ? make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch)
+                                : hp.is_swa(il) ? make_sliding_policy(hp.n_swa, cfg.n_ubatch)
+                                                : make_full_policy(cfg.n_ctx));
         groups_[g].layers.push_back((int) il);
         stores_[il] = alloc_store(hp, (int) il, g, lazy[il] ? cfg.type_lazy : cfg.type_full,
                                   groups_[g].policy->capacity(), buft_per_layer[il]);

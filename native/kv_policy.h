@@ -37,6 +37,8 @@ public:
 
 std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx);
 std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch);
+// A model's own sliding-window layers (gemma3): the same ring without sinks, kind "swa".
+std::unique_ptr<KvPolicy> make_sliding_policy(uint32_t n_window, uint32_t n_ubatch);
 std::unique_ptr<KvPolicy> make_masked_policy(uint32_t n_ctx, uint32_t n_sink, uint32_t n_window);
 
 }  // namespace simkv

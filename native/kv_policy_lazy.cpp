@@ -1,5 +1,6 @@
 // LAZY (SimLayerKV / StreamingLLM): the first n_sink positions keep fixed cells; every later position
 // goes to a ring. A query sees the sinks plus the n_window most recent keys (itself included).
+// SWA (a model's sliding-window layers, gemma3) is the same ring with no sinks.
 //
 // The ring holds at least n_window + n_ubatch - 1 positions so that a whole ubatch is written before it
 // is attended to: the oldest key the ubatch's first query needs is still there when its last token
@@ -14,11 +15,11 @@ namespace {
 
 class SinkRingPolicy final : public KvPolicy {
 public:
-    SinkRingPolicy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch)
-        : n_sink_(n_sink), n_window_(n_window),
+    SinkRingPolicy(std::string kind, uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch)
+        : kind_(std::move(kind)), n_sink_(n_sink), n_window_(n_window),
           capacity_(pad_cells(n_sink + n_window + n_ubatch - 1)), ring_(capacity_ - n_sink) {}
 
-    std::string kind() const override { return "lazy"; }
+    std::string kind() const override { return kind_; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override {
         return (uint32_t) pos < n_sink_ ? (uint32_t) pos : n_sink_ + ((uint32_t) pos - n_sink_) % ring_;
@@ -33,17 +34,22 @@ public:
         return needed_from >= n_keep || needed_from >= kept_from;
     }
     std::string key() const override {
-        return "lazy/" + std::to_string(n_sink_) + "/" + std::to_string(n_window_) + "/" + std::to_string(capacity_);
+        return kind_ + "/" + std::to_string(n_sink_) + "/" + std::to_string(n_window_) + "/" + std::to_string(capacity_);
     }
 
 private:
+    std::string kind_;
     uint32_t n_sink_, n_window_, capacity_, ring_;
 };
 
 }  // namespace
 
 std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch) {
-    return std::make_unique<SinkRingPolicy>(n_sink, n_window, n_ubatch);
+    return std::make_unique<SinkRingPolicy>("lazy", n_sink, n_window, n_ubatch);
+}
+
+std::unique_ptr<KvPolicy> make_sliding_policy(uint32_t n_window, uint32_t n_ubatch) {
+    return std::make_unique<SinkRingPolicy>("swa", 0, n_window, n_ubatch);
 }
 
 }  // namespace simkv

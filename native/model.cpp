@@ -59,8 +59,11 @@ void Model::load_hparams(const GgufFile & f) {
     } else if (arch == "qwen3") {
         hp_.arch = Arch::QWEN3;
         hp_.rope_type = GGML_ROPE_TYPE_NEOX;
+    } else if (arch == "gemma3") {
+        hp_.arch = Arch::GEMMA3;
+        hp_.rope_type = GGML_ROPE_TYPE_NEOX;
     } else {
-        throw BadInput("unsupported model architecture '" + arch + "' (supported: llama, qwen2, qwen3)");
+        throw BadInput("unsupported model architecture '" + arch + "' (supported: llama, qwen2, qwen3, gemma3)");
     }
     const std::string p = arch + ".";
     hp_.n_layer = f.get_u32(p + "block_count");
@@ -87,6 +90,18 @@ void Model::load_hparams(const GgufFile & f) {
             hp_.rope_freq_scale = factor > 0 ? 1.0f / factor : 1.0f;
         } else if (st != "none") {
             throw BadInput("unsupported RoPE scaling type '" + st + "' (supported: none, linear)");
+        }
+    }
+    if (hp_.arch == Arch::GEMMA3) {
+        // Five sliding-window layers, then one global one, unless the file says otherwise (llama.cpp's rule).
+        hp_.n_swa = f.get_u32(p + "attention.sliding_window", 0);
+        if (hp_.n_swa > 0) {
+            const uint32_t pattern = f.get_u32(p + "attention.sliding_window_pattern", 6);
+            hp_.swa_layers.resize(hp_.n_layer);
+            for (uint32_t il = 0; il < hp_.n_layer; ++il) {
+                hp_.swa_layers[il] = pattern == 0 || il % pattern < pattern - 1;
+            }
+            hp_.rope_freq_base_swa = f.get_f32(p + "rope.freq_base_swa", 10000.0f);
         }
     }
     if (f.has("tokenizer.ggml.tokens")) {
@@ -131,9 +146,13 @@ void Model::bind_tensors(const GgufFile & f) {
         L.bq = get(b + "attn_q.bias", {Dq}, qwen2);
         L.bk = get(b + "attn_k.bias", {Dkv}, qwen2);
         L.bv = get(b + "attn_v.bias", {Dkv}, qwen2);
-        if (h.arch == Arch::QWEN3) {
+        if (h.arch == Arch::QWEN3 || h.arch == Arch::GEMMA3) {
             L.q_norm = get(b + "attn_q_norm.weight", {(int64_t) h.head_dim}, true);
             L.k_norm = get(b + "attn_k_norm.weight", {(int64_t) h.head_dim}, true);
+        }
+        if (h.arch == Arch::GEMMA3) {
+            L.attn_post_norm = get(b + "post_attention_norm.weight", {E}, true);
+            L.ffn_post_norm = get(b + "post_ffw_norm.weight", {E}, true);
         }
         L.ffn_norm = get(b + "ffn_norm.weight", {E}, true);
         L.ffn_gate = get(b + "ffn_gate.weight", {E, (int64_t) h.n_ff}, true);
@@ -243,7 +262,7 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
     for (uint32_t il = 0; il < n_layer; ++il) {
         LayerWeights & L = layers[il];
         for (ggml_tensor ** t : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.q_norm, &L.k_norm,
-                                 &L.ffn_norm, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) {
+                                 &L.attn_post_norm, &L.ffn_post_norm, &L.ffn_norm, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) {
             fix(*t);
         }
         L.rope_freqs = rope_freqs_src ? (placement_.layer_on_gpu[il] ? rope_freqs_gpu : rope_freqs) : nullptr;

