@@ -117,11 +117,15 @@ class LazyProfile:
         if threshold is not None and ratio is not None:
             raise ValueError("give a threshold or a ratio, not both")
         mean = self.mean(criterion)
-        lazier_first = np.argsort(-mean if criterion == "mass" else mean, kind="stable")
+        # NaN scores belong to layers that cannot be lazy (a model's sliding-window layers): the ratio is
+        # of the others, and NaN never passes a threshold.
+        candidates = np.flatnonzero(~np.isnan(mean))
+        order = np.argsort(-mean[candidates] if criterion == "mass" else mean[candidates], kind="stable")
+        lazier_first = candidates[order]
         if ratio is not None:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
-            return sorted(int(i) for i in lazier_first[: int(round(ratio * self.n_layer))])
+            return sorted(int(i) for i in lazier_first[: int(round(ratio * len(candidates)))])
         if threshold is None:
             threshold = self.default_threshold(criterion)
             if threshold is None:
@@ -256,11 +260,8 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     if not pairs or not all(isinstance(t, str) and t for _, t in pairs):
         raise ValueError("calibration texts must be non-empty strings")
     llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
-    if llm.hparams["swa_layers"]:
-        raise ValueError(f"{model_path}: lazy profiles of models with sliding-window layers "
-                         f"({llm.hparams['arch']}) are not supported yet; give lazy_layers (global layers) instead")
     samples = _samples(llm, pairs, n_ctx, max_samples)
-    n_layer = llm.hparams["n_layer"]
+    n_layer = len(_candidates(llm))
     n_loss = min(loss_samples, len(samples))
     steps = len(samples) + n_loss * n_layer
     t0 = time.perf_counter()
@@ -292,13 +293,20 @@ def _trim_losses(llm, toks, n_sink: int, n_window: int, tick) -> List[float]:
     llm.reset()
     llm.eval(toks[:half])
     base = float(llm.nll(toks[half:], keep=False).mean())
-    out = []
-    for il in range(llm.hparams["n_layer"]):
+    out = [float("nan")] * llm.hparams["n_layer"]  # NaN: not a candidate (see _candidates)
+    for j, il in enumerate(_candidates(llm)):
         llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
-        out.append(float(llm.nll(toks[half:], keep=False).mean()) - base)
-        tick(il)
+        out[il] = float(llm.nll(toks[half:], keep=False).mean()) - base
+        tick(j)
     llm.set_masked_layers([])
     return out
+
+
+def _candidates(llm) -> List[int]:
+    """Layers that can be lazy: all but a model's own sliding-window layers (gemma3), which already keep
+    only a window; their scores are NaN (the probe, too, reports NaN for them) and never selected."""
+    swa = set(llm.hparams["swa_layers"])
+    return [il for il in range(llm.hparams["n_layer"]) if il not in swa]
 
 
 def _progress(done: int, total: int, t0: float) -> None:

@@ -86,9 +86,25 @@ def test_lazy_global_layers_and_refusals(gemma_path):
         Llama(gemma_path, n_ctx=256, lazy_layers=[0])
     with pytest.raises(ValueError, match="only full layers"):
         Llama(gemma_path, n_ctx=256).set_masked_layers([1])
-    with pytest.raises(ValueError, match="sliding-window layers"):
-        from py_simkv import profile_model
-        profile_model(gemma_path)
+
+
+def test_profile_scores_only_global_layers(gemma_path, tmp_path):
+    """The profiler probes and trims only layers that can be lazy; the sliding-window layers get NaN
+    scores and are never selected, and the ratio is of the global layers."""
+    from py_simkv import LazyProfile, profile_model
+
+    prof = profile_model(gemma_path, n_ctx=1024, max_samples=1, loss_samples=1, n_threads=N_THREADS, progress=False)
+    path = str(tmp_path / "gemma.simkv.json")
+    prof.save(path)
+    prof = LazyProfile.load(path)
+    for criterion in ("mass", "loss"):
+        mean = prof.mean(criterion)
+        assert [il for il in range(18) if not np.isnan(mean[il])] == [5, 11, 17], (criterion, mean)
+        assert prof.select(ratio=1.0, criterion=criterion) == [5, 11, 17]
+        assert set(prof.select(ratio=0.5, criterion=criterion)) < {5, 11, 17}
+        assert len(prof.select(ratio=0.5, criterion=criterion)) == 2
+    llm = Llama(gemma_path, n_ctx=2048, n_threads=N_THREADS, lazy_profile=path, lazy_ratio=0.5)
+    assert llm.kv_cache_stats()["lazy_layers"] == prof.select(ratio=0.5)
 
 
 def test_info_makes_only_global_layers_lazy(gemma_path):
