@@ -302,10 +302,20 @@ class Llama:
         if arr.size == 0:
             return np.zeros(0)
         self._sync()
-        first = self._last_logits
-        logits = self._engine.eval(arr.astype(np.int32), True)  # every row, for this call only
-        self.n_evaluated += int(arr.size)
-        out = -log_softmax(np.concatenate([first[None], logits[:-1]], axis=0))[np.arange(arr.size), arr]
+        first = prev = self._last_logits
+        # One n_batch chunk at a time (the engine splits a call the same way, so the numbers are the same):
+        # all rows of a long call at once would be n x n_vocab floats several times over (4K tokens of
+        # Gemma's 262K vocabulary: over 20 GB).
+        out = np.empty(arr.size)
+        for s in range(0, arr.size, self.n_batch):
+            part = arr[s:s + self.n_batch]
+            logits = self._engine.eval(part.astype(np.int32), True)  # every row, for this chunk only
+            self.n_evaluated += int(part.size)
+            rows = np.concatenate([prev[None], logits[:-1]], axis=0)
+            out[s:s + part.size] = -log_softmax(rows)[np.arange(part.size), part]
+            if keep and self._scores_all is not None:
+                self._scores_all[self.n_tokens + s : self.n_tokens + s + part.size] = logits
+            prev = logits[-1]
         if not keep:
             if not self._engine.truncate(self.n_tokens):  # a lazy ring overwrote the context: rebuild it
                 prefix = list(self._input_ids)
@@ -313,9 +323,7 @@ class Llama:
                 self.eval(prefix)
             self._last_logits = first
             return out
-        if self._scores_all is not None:
-            self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
-        self._last_logits = logits[-1]
+        self._last_logits = prev
         self._input_ids.extend(int(t) for t in arr)
         return out
 

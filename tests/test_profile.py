@@ -184,3 +184,23 @@ def test_nll_equals_log_softmax_of_the_logits(tiny_model):
     assert b.n_tokens == 60
     with pytest.raises(ValueError, match="needs a context"):
         Llama(path, n_ctx=128).nll([1, 2])
+
+
+def test_nll_in_n_batch_chunks_equals_one_call(tiny_model):
+    """nll() scores long inputs one n_batch chunk at a time (bounded memory for large vocabularies); the
+    engine splits a call into the same chunks, so it equals one eval() call of the same tokens."""
+    path = tiny_model("llama")
+    toks = [int(t) for t in np.random.default_rng(7).integers(0, 49152, 300)]
+    a = Llama(path, n_ctx=512, n_threads=2, n_batch=64, logits_all=True)
+    a.eval(toks[:10])
+    a.eval(toks[10:])  # one call: chunks of 64 from position 10, as nll's
+    lp = a.scores[9:299].astype(np.float64)
+    lp = lp - lp.max(1, keepdims=True)
+    want = -(lp - np.log(np.exp(lp).sum(1, keepdims=True)))[np.arange(290), toks[10:]]
+    b = Llama(path, n_ctx=512, n_threads=2, n_batch=64, logits_all=True)
+    b.eval(toks[:10])
+    np.testing.assert_array_equal(b.nll(toks[10:], keep=False), want)
+    assert b.n_tokens == 10
+    np.testing.assert_array_equal(b.nll(toks[10:]), want)
+    assert b.n_tokens == 300
+    np.testing.assert_array_equal(b.scores, a.scores)
