@@ -154,7 +154,7 @@ def _print_stats(llm, last) -> None:
 
 def cmd_info(args) -> int:
     from . import _native, default_model_path
-    from .memory import kv_bytes
+    from .memory import kv_bytes, layers_that_can_be_lazy
 
     path = args.model
     if path is None:
@@ -172,7 +172,7 @@ def cmd_info(args) -> int:
     print(f"weights      {model.weight_bytes / 2**20:.1f} MiB")
     print(f"devices      CPU{''.join(', ' + d for d in _native.gpu_devices()) or ' only (llama-cpp-python without GPU support)'}")
     # Only layers with a full history can be lazy (a model's sliding-window layers already are rings).
-    can_be_lazy = [il for il in range(hp["n_layer"]) if il not in set(hp["swa_layers"])]
+    can_be_lazy = layers_that_can_be_lazy(hp)
     half = can_be_lazy[len(can_be_lazy) // 2:]
     what = "50% lazy" if len(can_be_lazy) == hp["n_layer"] else "50% of global layers lazy"
     rows = [("full f16", dict(type_kv="f16")), ("full q8_0", dict(type_kv="q8_0")), ("full q4_0", dict(type_kv="q4_0")),

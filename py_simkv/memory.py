@@ -2,7 +2,7 @@
 (`simkv info`). The same rule the native stores follow; tests check it against kv_cache_stats()."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, List
 
 CELL_PAD = 256  # stores are padded to multiples of 256 cells (stable shapes, fast CUDA kernels)
 BYTES_PER_VALUE = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -15,6 +15,12 @@ def pad_cells(n: int) -> int:
 def lazy_capacity(n_sink: int, n_window: int, n_ubatch: int) -> int:
     """Cells of a lazy store: sinks + a ring with room for one ubatch beyond the window."""
     return pad_cells(n_sink + n_window + n_ubatch - 1)
+
+
+def layers_that_can_be_lazy(hparams: dict) -> List[int]:
+    """All layers but a model's own sliding-window layers (gemma3), which already keep only a window."""
+    swa = set(hparams.get("swa_layers", ()))
+    return [il for il in range(hparams["n_layer"]) if il not in swa]
 
 
 def kv_bytes(hparams: dict, n_ctx: int, type_kv: str = "f16", lazy_layers: Iterable[int] = (),

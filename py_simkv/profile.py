@@ -27,6 +27,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .memory import layers_that_can_be_lazy
+
 PROFILE_SUFFIX = ".simkv.json"
 FORMAT_VERSION = 1
 CRITERIA = {"mass": "higher is lazier", "change": "lower is lazier", "loss": "lower is lazier"}
@@ -261,7 +263,7 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
         raise ValueError("calibration texts must be non-empty strings")
     llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
     samples = _samples(llm, pairs, n_ctx, max_samples)
-    n_layer = len(_candidates(llm))
+    n_layer = len(layers_that_can_be_lazy(llm.hparams))
     n_loss = min(loss_samples, len(samples))
     steps = len(samples) + n_loss * n_layer
     t0 = time.perf_counter()
@@ -293,20 +295,14 @@ def _trim_losses(llm, toks, n_sink: int, n_window: int, tick) -> List[float]:
     llm.reset()
     llm.eval(toks[:half])
     base = float(llm.nll(toks[half:], keep=False).mean())
-    out = [float("nan")] * llm.hparams["n_layer"]  # NaN: not a candidate (see _candidates)
-    for j, il in enumerate(_candidates(llm)):
+    # NaN for layers that cannot be lazy (the probe, too, reports NaN for them): never selected.
+    out = [float("nan")] * llm.hparams["n_layer"]
+    for j, il in enumerate(layers_that_can_be_lazy(llm.hparams)):
         llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
         out[il] = float(llm.nll(toks[half:], keep=False).mean()) - base
         tick(j)
     llm.set_masked_layers([])
     return out
-
-
-def _candidates(llm) -> List[int]:
-    """Layers that can be lazy: all but a model's own sliding-window layers (gemma3), which already keep
-    only a window; their scores are NaN (the probe, too, reports NaN for them) and never selected."""
-    swa = set(llm.hparams["swa_layers"])
-    return [il for il in range(llm.hparams["n_layer"]) if il not in swa]
 
 
 def _progress(done: int, total: int, t0: float) -> None:
