@@ -13,11 +13,16 @@ every layer, K and V of type_k/type_v).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 from py_simkv import Llama, default_model_path
-from py_simkv.reference import reference_llama
+
+# The llama-cpp-python baseline is shared with the tests (tests/llama_cpp_reference.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from llama_cpp_reference import reference_llama  # noqa: E402
 
 PP_CHUNK = 512
 TG_STEPS = 64

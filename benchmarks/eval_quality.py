@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from py_simkv import Llama, LazyProfile, default_model_path, profile_model
-from py_simkv.profile import find_profile
+from py_simkv.lazy_profile import find_profile
 
 RATIOS = (0.25, 0.5, 0.75)
 PROMPT_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")

@@ -17,7 +17,7 @@ export SIMKV_TOKENIZER_GGUF=$root/.gpu/tokenizer.gguf
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import py_simkv; print('simkv devices:', py_simkv.gpu_devices())" | tee -a "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  # From /tmp: the repository's py_simkv/ (no compiled module) must not shadow the installed one.
+  # From /tmp: pytest then writes no cache into the carried tree.
   (cd /tmp && timeout 240 python3 -m pytest -q -rs -p no:cacheprovider "$root/tests/test_cuda.py" "$root/tests/test_devices.py") \
     2>&1 | tail -25 | tee "$OUT/test_cuda.txt"
   echo "gpu_check: tests done after $((SECONDS - T0)) s" | tee -a "$OUT/test_cuda.txt"

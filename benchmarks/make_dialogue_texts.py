@@ -37,7 +37,7 @@ def main() -> None:
 
     folder = os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
     seen = set()  # across both files: no conversation is in calibration and held out
-    for categories, out in ((CALIBRATION, "py_simkv/calibration/dialogue_chatterbot.txt"),
+    for categories, out in ((CALIBRATION, "src/py_simkv/calibration/dialogue_chatterbot.txt"),
                             (HELD_OUT, "benchmarks/heldout/dialogue_chatterbot_heldout.txt")):
         with open(os.path.join(ROOT, out), "w", encoding="utf-8") as f:
             f.write(render(folder, categories, seen))

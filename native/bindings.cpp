@@ -2,6 +2,8 @@
 // (BadInput -> ValueError) and the Python layer; nothing here decides policy.
 #include "engine.h"
 #include "errors.h"
+#include "kv_policy.h"
+#include "logging.h"
 #include "model.h"
 #include "sampler.h"
 #include "vocab.h"
@@ -59,10 +61,10 @@ nb::list kv_stats(const Engine & e) {
         const KvStore & s = kv.store((int) il);
         nb::dict d;
         d["layer"] = il;
-        d["kind"] = kv.groups()[s.group].policy->kind();
+        d["kind"] = kv_kind_name(kv.kind_of((int) il));
         d["type_k"] = std::string(ggml_type_name(s.k->type));
         d["type_v"] = std::string(ggml_type_name(s.v->type));
-        d["capacity"] = (uint32_t) s.k->ne[1];
+        d["capacity"] = s.capacity();
         d["bytes"] = s.bytes();
         d["device"] = s.device;
         layers.append(d);
@@ -105,23 +107,45 @@ NB_MODULE(_native, m) {
         return out;
     }, "GPU devices of the ggml build llama-cpp-python installed (empty: CPU only)");
 
+    // Every engine setting with its one default (engine.h). Cache types and modes are strings here and
+    // parsed once, on assignment.
+    nb::class_<EngineConfig>(m, "EngineConfig")
+        .def(nb::init<>())
+        .def_rw("n_ctx", &EngineConfig::n_ctx)
+        .def_rw("n_batch", &EngineConfig::n_batch)
+        .def_rw("n_ubatch", &EngineConfig::n_ubatch)
+        .def_rw("n_threads", &EngineConfig::n_threads)
+        .def_rw("lazy_layers", &EngineConfig::lazy_layers)
+        .def_rw("n_sink", &EngineConfig::n_sink)
+        .def_rw("n_window", &EngineConfig::n_window)
+        .def_rw("dynamic_threshold", &EngineConfig::dynamic_threshold)
+        .def_rw("w_last", &EngineConfig::w_last)
+        .def_prop_rw("type_k", [](const EngineConfig & c) { return std::string(ggml_type_name(c.type_k)); },
+                     [](EngineConfig & c, const std::string & v) { c.type_k = parse_cache_type(v, "type_k"); })
+        .def_prop_rw("type_v", [](const EngineConfig & c) { return std::string(ggml_type_name(c.type_v)); },
+                     [](EngineConfig & c, const std::string & v) { c.type_v = parse_cache_type(v, "type_v"); })
+        .def_prop_rw("lazy_type", [](const EngineConfig & c) { return std::string(ggml_type_name(c.lazy_type)); },
+                     [](EngineConfig & c, const std::string & v) { c.lazy_type = parse_cache_type(v, "lazy_type"); })
+        .def_prop_rw("lazy_prefill", [](const EngineConfig & c) { return std::string(lazy_prefill_name(c.lazy_prefill)); },
+                     [](EngineConfig & c, const std::string & v) { c.lazy_prefill = parse_lazy_prefill(v); })
+        .def_prop_rw("lazy_mode", [](const EngineConfig & c) { return std::string(lazy_mode_name(c.lazy_mode)); },
+                     [](EngineConfig & c, const std::string & v) { c.lazy_mode = parse_lazy_mode(v); });
+
+    // Sizes of stores, from the policies themselves (memory.py and `simkv info` ask, never recompute).
+    m.def("store_capacity",
+          [](const std::string & kind, uint32_t n_ctx, uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch) {
+              if (kind == "full") return make_full_policy(n_ctx)->capacity();
+              if (kind == "lazy") return make_lazy_policy(n_sink, n_window, n_ubatch)->capacity();
+              if (kind == "swa") return make_sliding_policy(n_window, n_ubatch)->capacity();
+              throw BadInput("unknown store kind '" + kind + "'");
+          },
+          "kind"_a, "n_ctx"_a, "n_sink"_a, "n_window"_a, "n_ubatch"_a, "Cells a store of this kind allocates");
+    m.def("row_bytes", [](const std::string & type, int64_t n) { return ggml_row_size(parse_cache_type(type, "type"), n); },
+          "type"_a, "n"_a, "Bytes of one row of n values of a cache type");
+
     nb::class_<Engine>(m, "Engine")
-        .def("__init__",
-             [](Engine * self, std::shared_ptr<Model> model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
-                int n_threads, std::string type_k, std::string type_v, std::string lazy_type,
-                std::vector<int> lazy_layers, uint32_t n_sink, uint32_t n_window, std::string lazy_prefill,
-                std::string lazy_mode, float dynamic_threshold, uint32_t w_last) {
-                 EngineConfig c;
-                 c.n_ctx = n_ctx; c.n_batch = n_batch; c.n_ubatch = n_ubatch; c.n_threads = n_threads;
-                 c.type_k = type_k; c.type_v = type_v; c.lazy_type = lazy_type;
-                 c.lazy_layers = lazy_layers; c.n_sink = n_sink; c.n_window = n_window;
-                 c.lazy_prefill = lazy_prefill; c.lazy_mode = lazy_mode; c.dynamic_threshold = dynamic_threshold;
-                 c.w_last = w_last;
-                 new (self) Engine(std::move(model), c);
-             },
-             "model"_a, "n_ctx"_a, "n_batch"_a, "n_ubatch"_a, "n_threads"_a, "type_k"_a, "type_v"_a,
-             "lazy_type"_a, "lazy_layers"_a, "n_sink"_a, "n_window"_a, "lazy_prefill"_a = "streaming",
-             "lazy_mode"_a = "static", "dynamic_threshold"_a = 0.9f, "w_last"_a = 32)
+        .def(nb::init<std::shared_ptr<Model>, const EngineConfig &>(), "model"_a, "config"_a)
+        .def_prop_ro("config", &Engine::config)
         .def("eval",
              [](Engine & e, TokenArray tokens, bool all_logits) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
@@ -140,10 +164,8 @@ NB_MODULE(_native, m) {
                  std::vector<float> logits;
                  {
                      nb::gil_scoped_release release;
-                     ProbeSpec spec;
-                     spec.n_sink = n_sink;
-                     spec.n_window = n_window;
-                     logits = e.eval_probed(tokens.data(), n, all_logits, spec, n_probe);
+                     const ProbeSpec spec{n_sink, n_window};
+                     logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
                  return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
@@ -155,6 +177,7 @@ NB_MODULE(_native, m) {
         .def("reset", &Engine::reset)
         .def("set_masked_layers", &Engine::set_masked_layers, "layers"_a, "n_sink"_a, "n_window"_a)
         .def_prop_ro("n_past", &Engine::n_past)
+        .def_prop_ro("compacted", &Engine::compacted)
         .def_prop_ro("lazy_layers", &Engine::lazy_layers)
         .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)
         .def("kv_layers", &kv_stats)

@@ -1,5 +1,6 @@
 // Engine: one model + one per-layer KV cache + a backend scheduler. eval(tokens) appends tokens to the
-// context in ubatches and returns logits (of the last token or of every token).
+// context in ubatches and returns logits (of the last token or of every token). It orchestrates: the cache
+// decides cells and masks (kv_cache.h), the graph builders compute (graph.h), the probe scores (probe.h).
 #pragma once
 #include "graph.h"
 #include "kv_cache.h"
@@ -7,6 +8,7 @@
 #include "probe.h"
 
 #include <ggml-backend.h>
+#include <ggml-cpp.h>
 
 #include <memory>
 #include <string>
@@ -14,42 +16,58 @@
 
 namespace simkv {
 
+// How lazy layers get their store. Streaming: sink + ring from the first token (bounded memory). Exact:
+// every layer is full while the prompt is evaluated; at its end the lazy layers are compacted into sink +
+// ring stores (the paper's procedure; the peak is a full cache).
+enum class LazyPrefill { Streaming, Exact };
+// Which layers are lazy. Static: lazy_layers. Dynamic: exact prefill where the lazy layers are those whose
+// probed attention mass (last w_last prompt tokens) exceeds dynamic_threshold, decided per prompt.
+enum class LazyMode { Static, Dynamic };
+
+LazyPrefill parse_lazy_prefill(const std::string & name);
+LazyMode parse_lazy_mode(const std::string & name);
+const char * lazy_prefill_name(LazyPrefill p);
+const char * lazy_mode_name(LazyMode m);
+ggml_type parse_cache_type(const std::string & name, const char * what);
+
+// Every setting of an engine, with its one default (Python reads these defaults through the binding).
+// Counts are signed and wide so that any value a caller passes arrives here and is refused by
+// validated() with one message, rather than wrapping on the way.
 struct EngineConfig {
-    uint32_t n_ctx = 4096;
-    uint32_t n_batch = 512;
-    uint32_t n_ubatch = 512;
-    int n_threads = 1;
-    std::string type_k = "f16", type_v = "f16", lazy_type = "q4_0";
-    std::vector<int> lazy_layers;
-    uint32_t n_sink = 4;
-    uint32_t n_window = 1024;
-    // "streaming": lazy layers are sink + ring stores from the first token (bounded memory).
-    // "exact": every layer is full while the prompt is evaluated; at its end the lazy layers are
-    // compacted into sink + ring stores (the paper's procedure; the peak is a full cache).
-    std::string lazy_prefill = "streaming";
-    // "static": lazy_layers. "dynamic": exact prefill where the lazy layers are those whose probed
-    // attention mass (last w_last prompt tokens) exceeds dynamic_threshold, decided per prompt.
-    std::string lazy_mode = "static";
-    float dynamic_threshold = 0.9f;
-    uint32_t w_last = 32;
+    int64_t n_ctx = 4096;
+    int64_t n_batch = 512;
+    int64_t n_ubatch = 512;
+    int64_t n_threads = default_threads();
+    ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16, lazy_type = GGML_TYPE_Q4_0;
+    std::vector<int64_t> lazy_layers;
+    int64_t n_sink = 4;
+    int64_t n_window = 1024;
+    LazyPrefill lazy_prefill = LazyPrefill::Streaming;
+    LazyMode lazy_mode = LazyMode::Static;
+    double dynamic_threshold = 0.9;
+    int64_t w_last = 32;
+
+    static int64_t default_threads();  // half the cores, as llama-cpp-python
 };
 
-ggml_type parse_cache_type(const std::string & name, const char * what);
+// The largest context an engine accepts (positions are int32 and cell maps are allocated up front).
+constexpr int64_t kMaxContext = int64_t(1) << 26;
+
+// Checks every setting against the model (one message per rule) and returns the configuration the engine
+// runs with: n_ubatch <= n_batch, n_sink and n_window no larger than the context.
+EngineConfig validated(const EngineConfig & cfg, const HParams & hp);
 
 class Engine {
 public:
     Engine(std::shared_ptr<Model> model, const EngineConfig & cfg);
-    ~Engine();
     Engine(const Engine &) = delete;
     Engine & operator=(const Engine &) = delete;
 
     // Appends tokens at positions n_past.. and returns logits, row-major [n_out, n_vocab]
-    // (n_out = n if all_logits else 1).
-    std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits);
-    // The same, probing the last n_probe tokens of the call (probe.h); read the scores with probe_mass()
-    // and probe_change() (per layer, NaN where not probed).
-    std::vector<float> eval_probed(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec & spec,
-                                   uint32_t n_probe);
+    // (n_out = n if all_logits else 1). With a probe spec, also probes the last n_probe tokens of the call
+    // (probe.h); read the scores with probe_mass() and probe_change() (per layer, NaN where not probed).
+    std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe = nullptr,
+                            uint32_t n_probe = 0);
     std::vector<double> probe_mass() const { return probe_acc_.mass(); }
     std::vector<double> probe_change() const { return probe_acc_.change(); }
     // Drops positions >= n_keep. False if a store cannot (a lazy ring overwrote what is needed): then
@@ -62,44 +80,52 @@ public:
     void set_masked_layers(const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window);
 
     uint32_t n_past() const { return n_past_; }
-    std::vector<int> lazy_layers() const;  // the layers whose store is lazy now
+    // Exact prefill has compacted lazy layers of this context: a new prompt must start from scratch (a
+    // fresh exact evaluation keeps every layer full throughout, which a reused prefix would not).
+    bool compacted() const { return compacted_ && !lazy_layers().empty(); }
+    std::vector<int> lazy_layers() const { return kv_->layers_of_kind(KvKind::Lazy); }
     size_t peak_kv_bytes() const { return peak_kv_bytes_; }
     const Model & model() const { return *model_; }
     const KvCache & kv() const { return *kv_; }
     const EngineConfig & config() const { return cfg_; }
 
 private:
-    void make_lazy(const std::vector<int> & layers);  // exact prefill: compact full stores into lazy ones
+    bool exact() const { return cfg_.lazy_prefill == LazyPrefill::Exact || cfg_.lazy_mode == LazyMode::Dynamic; }
+    std::vector<int> dynamic_lazy_layers() const;  // dynamic mode: the layers the probe found lazy
     std::unique_ptr<KvCache> new_cache() const;
-    void eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe);
+    void eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe,
+                     const ProbeSpec * probe);
 
-    std::shared_ptr<Model> model_;
-    EngineConfig cfg_;
-    std::unique_ptr<KvCache> kv_;
-    ggml_backend_t cpu_ = nullptr;
-    ggml_backend_t gpu_ = nullptr;  // when the model has layers on a GPU
-    ggml_backend_sched_t sched_ = nullptr;
     // The last ubatch graph, kept allocated: a decode step whose shapes (tokens, outputs, viewed cells
     // per group) equal the previous one's only refreshes inputs, as llama.cpp's graph reuse does.
     struct BuiltGraph {
-        ggml_context * ctx = nullptr;
+        ggml_context_ptr ctx;
         ggml_cgraph * gf = nullptr;
         ggml_tensor * logits = nullptr;
         UbatchInputs in;
         ProbeGraph probe;
-        bool probed = false;
         std::vector<uint32_t> shape;  // n_tokens, n_rows, n_probe, n_kv of each group
     };
     BuiltGraph & graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe);
+    // Forget the cached graph (layers changed groups, or the scheduler is about to run another graph).
+    void drop_graph(bool replan) {
+        graph_ = BuiltGraph{};
+        groups_changed_ = groups_changed_ || replan;
+    }
+
+    std::shared_ptr<Model> model_;
+    EngineConfig cfg_;
+    KvConfig kv_cfg_;
+    // Members are destroyed in reverse order: the graph, then the scheduler, the stores, the backends.
+    ggml_backend_ptr cpu_;
+    ggml_backend_ptr gpu_;  // when the model has layers on a GPU
+    std::vector<ggml_backend_buffer_type_t> bufts_;
+    std::unique_ptr<KvCache> kv_;
+    ggml_backend_sched_ptr sched_;
+    GraphArena arena_;
     BuiltGraph graph_;
-    std::vector<uint8_t> graph_meta_;  // storage for the graph's tensor descriptors
-    size_t graph_nodes_ = 0;
     uint32_t n_past_ = 0;
     uint32_t n_written_ = 0;  // positions ever written since the last reset (for ring rewinds)
-    const ProbeSpec * probe_spec_ = nullptr;  // set during eval_probed
-    KvConfig kv_cfg_;
-    std::vector<ggml_backend_buffer_type_t> bufts_;
-    bool exact_ = false;      // lazy_prefill == "exact" (or dynamic mode)
     bool compacted_ = false;  // the lazy layers of this context were compacted already
     bool groups_changed_ = false;  // layers moved between KV groups since the last graph: replan memory
     size_t peak_kv_bytes_ = 0;

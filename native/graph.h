@@ -1,9 +1,11 @@
 // Building one ubatch's compute graph: inputs, shared helpers, and one builder per architecture family.
 #pragma once
+#include <ggml-cpp.h>
 #include <ggml.h>
 
 #include "kv_rotation.h"
 
+#include <cstdio>
 #include <vector>
 
 namespace simkv {
@@ -11,6 +13,32 @@ namespace simkv {
 class Model;
 class KvCache;
 struct ProbeGraph;
+
+// Memory for graph descriptors (tensor metadata only; data lives in the scheduler's buffers). One per
+// engine, reused by every graph it builds, one graph at a time.
+class GraphArena {
+public:
+    explicit GraphArena(size_t n_nodes)
+        : n_nodes_(n_nodes), meta_(ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false)) {}
+    size_t n_nodes() const { return n_nodes_; }
+    // A fresh no-alloc context over the arena; the previous one must be gone.
+    ggml_context_ptr context() {
+        ggml_init_params ip = {meta_.size(), meta_.data(), true};
+        return ggml_context_ptr(ggml_init(ip));
+    }
+
+private:
+    size_t n_nodes_;
+    std::vector<uint8_t> meta_;
+};
+
+// Names an intermediate tensor as llama.cpp's graph callback does ("Qcur-5"), so a layer's tensors can be
+// compared with llama.cpp's by name (GGML_SCHED debugging, eval callbacks).
+inline ggml_tensor * cb(ggml_tensor * t, const char * name, int il) {
+    if (il >= 0) ggml_format_name(t, "%s-%d", name, il);
+    else ggml_set_name(t, name);
+    return t;
+}
 
 // Graph inputs, filled after the scheduler has allocated them.
 struct UbatchInputs {

@@ -21,10 +21,10 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
                              hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
     };
 
-    ggml_tensor * x = ggml_get_rows(ctx, m.tok_embd, b.in.tokens);  // [n_embd, n]
+    ggml_tensor * x = cb(ggml_get_rows(ctx, m.tok_embd, b.in.tokens), "inp_embd", -1);  // [n_embd, n]
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const LayerWeights & L = m.layers[il];
-        ggml_tensor * cur = build_rms_norm(b, x, L.attn_norm, hp.rms_eps);
+        ggml_tensor * cur = cb(build_rms_norm(b, x, L.attn_norm, hp.rms_eps), "attn_norm", il);
 
         ggml_tensor * q = ggml_mul_mat(ctx, L.wq, cur);
         ggml_tensor * k = ggml_mul_mat(ctx, L.wk, cur);
@@ -37,24 +37,25 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
         v = ggml_reshape_3d(ctx, v, hp.head_dim, hp.n_head_kv, n);
         if (L.q_norm) q = build_rms_norm(b, q, L.q_norm, hp.rms_eps);
         if (L.k_norm) k = build_rms_norm(b, k, L.k_norm, hp.rms_eps);
-        q = rope(q, L.rope_freqs);
-        k = rope(k, L.rope_freqs);
+        q = cb(rope(q, L.rope_freqs), "Qcur", il);
+        k = cb(rope(k, L.rope_freqs), "Kcur", il);
+        cb(v, "Vcur", il);
 
-        cur = build_attention(b, (int) il, q, k, v, 1.0f / std::sqrt((float) hp.head_dim));
-        cur = ggml_mul_mat(ctx, L.wo, cur);
+        cur = cb(build_attention(b, (int) il, q, k, v, 1.0f / std::sqrt((float) hp.head_dim)), "kqv_out", il);
+        cur = cb(ggml_mul_mat(ctx, L.wo, cur), "attn_out", il);
 
         if (il == hp.n_layer - 1 && b.in.out_ids) {
             // Only the output rows go through the last FFN and the vocabulary projection.
             cur = ggml_get_rows(ctx, cur, b.in.out_ids);
             x = ggml_get_rows(ctx, x, b.in.out_ids);
         }
-        ggml_tensor * ffn_in = ggml_add(ctx, cur, x);
-        cur = build_rms_norm(b, ffn_in, L.ffn_norm, hp.rms_eps);
-        cur = build_ffn_swiglu(b, cur, L.ffn_gate, L.ffn_up, L.ffn_down);
-        x = ggml_add(ctx, cur, ffn_in);
+        ggml_tensor * ffn_in = cb(ggml_add(ctx, cur, x), "ffn_inp", il);
+        cur = cb(build_rms_norm(b, ffn_in, L.ffn_norm, hp.rms_eps), "ffn_norm", il);
+        cur = cb(build_ffn_swiglu(b, cur, L.ffn_gate, L.ffn_up, L.ffn_down), "ffn_out", il);
+        x = cb(ggml_add(ctx, cur, ffn_in), "l_out", il);
     }
-    x = build_rms_norm(b, x, m.output_norm, hp.rms_eps);
-    return ggml_mul_mat(ctx, m.output, x);
+    x = cb(build_rms_norm(b, x, m.output_norm, hp.rms_eps), "result_norm", -1);
+    return cb(ggml_mul_mat(ctx, m.output, x), "result_output", -1);
 }
 
 }  // namespace simkv

@@ -1,6 +1,7 @@
 #include "kv_cache.h"
 
 #include "errors.h"
+#include "kv_mask.h"
 #include "model.h"
 
 #include <algorithm>
@@ -46,95 +47,26 @@ KvStore KvCache::alloc_store(const HParams & hp, int il, int group, ggml_type ty
     s.type = type;
     s.rot = rotation_for(type, hp.head_dim);
     ggml_init_params ip = {2 * ggml_tensor_overhead(), nullptr, true};
-    s.ctx = ggml_init(ip);
-    s.k = ggml_new_tensor_2d(s.ctx, type, hp.n_embd_k_gqa(), capacity);
-    s.v = ggml_new_tensor_2d(s.ctx, type, hp.n_embd_v_gqa(), capacity);
+    s.ctx.reset(ggml_init(ip));
+    s.k = ggml_new_tensor_2d(s.ctx.get(), type, hp.n_embd_k_gqa(), capacity);
+    s.v = ggml_new_tensor_2d(s.ctx.get(), type, hp.n_embd_v_gqa(), capacity);
     ggml_format_name(s.k, "cache_k_l%d", il);
     ggml_format_name(s.v, "cache_v_l%d", il);
-    s.buffer = ggml_backend_alloc_ctx_tensors_from_buft(s.ctx, buft);
-    if (!s.buffer) {
-        ggml_free(s.ctx);
-        throw std::runtime_error("failed to allocate the KV store of layer " + std::to_string(il));
-    }
+    s.buffer.reset(ggml_backend_alloc_ctx_tensors_from_buft(s.ctx.get(), buft));
+    if (!s.buffer) throw std::runtime_error("failed to allocate the KV store of layer " + std::to_string(il));
     // Zero it: masked cells are skipped on the CPU, but a NaN in a never-written cell times a zero
     // weight would still poison a GPU kernel.
-    ggml_backend_buffer_clear(s.buffer, 0);
+    ggml_backend_buffer_clear(s.buffer.get(), 0);
     s.device = ggml_backend_buft_name(buft);
     return s;
 }
 
-void KvCache::free_store(KvStore & s) {
-    if (s.buffer) ggml_backend_buffer_free(s.buffer);
-    if (s.ctx) ggml_free(s.ctx);
-    s.buffer = nullptr;
-    s.ctx = nullptr;
-}
-
-KvCache::~KvCache() {
-    for (auto & s : stores_) free_store(s);
-}
-
-KvCache::Conversion KvCache::prepare_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
-                                          const std::vector<ggml_backend_buffer_type_t> & buft_per_layer) {
-    Conversion c;
-    c.layers = layers;
-    if (layers.empty()) return c;
-    const int src_group = stores_[layers[0]].group;
-    for (int il : layers) {
-        if (stores_[il].group != src_group || groups_[src_group].policy->kind() != "full") {
-            throw std::runtime_error("only full layers of one group can be made lazy");
-        }
+std::vector<int> KvCache::layers_of_kind(KvKind kind) const {
+    std::vector<int> out;
+    for (size_t il = 0; il < stores_.size(); ++il) {
+        if (kind_of((int) il) == kind) out.push_back((int) il);
     }
-    c.group = group_for(make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch));
-    const KvGroup & src = groups_[src_group];
-    KvGroup & dst = groups_[c.group];
-    if (!dst.layers.empty()) throw std::runtime_error("exact prefill cannot join layers that were lazy from the start");
-    // Write every position in order through the lazy policy: later positions overwrite earlier ones, so
-    // what survives is exactly what a lazy store would hold had it been written all along.
-    std::vector<int32_t> src_of_cell(dst.policy->capacity(), -1);
-    c.cell_pos.assign(dst.policy->capacity(), -1);
-    std::vector<std::pair<int32_t, uint32_t>> by_pos;  // (position, source cell)
-    for (uint32_t cell = 0; cell < src.cell_pos.size(); ++cell) {
-        if (src.cell_pos[cell] >= 0) by_pos.emplace_back(src.cell_pos[cell], cell);
-    }
-    std::sort(by_pos.begin(), by_pos.end());
-    for (const auto & [pos, cell] : by_pos) {
-        const uint32_t d = dst.policy->cell_of(pos);
-        c.cell_pos[d] = pos;
-        src_of_cell[d] = (int32_t) cell;
-    }
-    for (uint32_t d = 0; d < src_of_cell.size(); ++d) {
-        if (src_of_cell[d] < 0) continue;
-        c.src_cells.push_back(src_of_cell[d]);
-        c.dst_cells.push_back(d);
-    }
-    for (int il : layers) {
-        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, dst.policy->capacity(), buft_per_layer[il]));
-    }
-    return c;
-}
-
-void KvCache::discard(Conversion && c) {
-    for (KvStore & s : c.stores) free_store(s);
-}
-
-void KvCache::commit_lazy(Conversion && c) {
-    if (c.layers.empty()) return;
-    KvGroup & dst = groups_[c.group];
-    KvGroup & src = groups_[stores_[c.layers[0]].group];
-    for (size_t i = 0; i < c.layers.size(); ++i) {
-        const int il = c.layers[i];
-        free_store(stores_[il]);
-        stores_[il] = c.stores[i];
-        src.layers.erase(std::find(src.layers.begin(), src.layers.end(), il));
-        dst.layers.push_back(il);
-    }
-    std::sort(dst.layers.begin(), dst.layers.end());
-    dst.cell_pos = std::move(c.cell_pos);
-    dst.n_used = 0;
-    for (uint32_t cell = 0; cell < dst.cell_pos.size(); ++cell) {
-        if (dst.cell_pos[cell] >= 0) dst.n_used = cell + 1;
-    }
+    return out;
 }
 
 void KvCache::regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy> policy) {
@@ -142,7 +74,7 @@ void KvCache::regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy>
     const int src_group = stores_.at(layers[0]).group;
     for (int il : layers) {
         if (stores_.at(il).group != src_group) throw std::runtime_error("regroup: layers of different groups");
-        if ((uint32_t) stores_[il].k->ne[1] != policy->capacity()) throw std::runtime_error("regroup: capacity differs");
+        if (stores_[il].capacity() != policy->capacity()) throw std::runtime_error("regroup: capacity differs");
     }
     const int dst_group = group_for(std::move(policy));
     if (dst_group == src_group) return;
@@ -174,8 +106,6 @@ uint32_t KvCache::max_ubatch() const {
 }
 
 void KvCache::plan_ubatch(const int32_t * pos, uint32_t n_tokens) {
-    static const ggml_fp16_t kZero = ggml_fp32_to_fp16(0.0f);
-    static const ggml_fp16_t kHidden = ggml_fp32_to_fp16(-INFINITY);
     for (auto & g : groups_) {
         if (g.layers.empty()) continue;  // e.g. the full group once exact prefill made every layer lazy
         const KvPolicy & p = *g.policy;
@@ -188,15 +118,9 @@ void KvCache::plan_ubatch(const int32_t * pos, uint32_t n_tokens) {
             g.n_used = std::max(g.n_used, c + 1);
         }
         g.n_kv = std::min(p.capacity(), pad_cells(g.n_used));
-        g.mask.assign((size_t) n_tokens * g.n_kv, kHidden);
-        for (uint32_t i = 0; i < n_tokens; ++i) {
-            ggml_fp16_t * row = g.mask.data() + (size_t) i * g.n_kv;
-            const int32_t q = pos[i];
-            for (uint32_t c = 0; c < g.n_used; ++c) {
-                const int32_t k = g.cell_pos[c];
-                if (k >= 0 && k <= q && p.visible(q, k)) row[c] = kZero;
-            }
-        }
+        g.mask.resize((size_t) n_tokens * g.n_kv);
+        fill_mask_rows(g.cell_pos, g.n_used, pos, n_tokens, g.n_kv,
+                       [&p](int32_t q, int32_t k) { return p.visible(q, k); }, g.mask.data());
     }
 }
 

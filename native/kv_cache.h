@@ -4,14 +4,16 @@
 //
 // Where a lazy layer's cache is handled:
 //   written  - plan_ubatch() picks the cells (KvPolicy::cell_of), graph_attention.cpp writes them (set_rows)
-//   masked   - plan_ubatch() builds the group's mask (causal + KvPolicy::visible)
+//   masked   - plan_ubatch() builds the group's mask (kv_mask.h: causal + KvPolicy::visible)
 //   read     - graph_attention.cpp views the first n_kv cells of the store for flash attention
 //   encoded  - a quantized store (a q4_0 ring by default) holds K and V Hadamard-rotated (kv_rotation.h)
+//   compacted - exact prefill turns full stores into lazy ones after the prompt (kv_compaction.cpp)
 #pragma once
 #include "kv_policy.h"
 #include "kv_rotation.h"
 
 #include <ggml-backend.h>
+#include <ggml-cpp.h>
 #include <ggml.h>
 
 #include <memory>
@@ -21,28 +23,33 @@
 namespace simkv {
 
 struct HParams;
+class GraphArena;
 
+// The cache's share of the engine's configuration (engine.h has the defaults and the checks).
 struct KvConfig {
-    uint32_t n_ctx = 4096;
-    uint32_t n_ubatch = 512;
-    ggml_type type_full = GGML_TYPE_F16;  // K and V of full layers (always the same type: fast CUDA FA pairs)
-    ggml_type type_lazy = GGML_TYPE_Q4_0; // K and V of lazy layers
-    uint32_t n_sink = 4;
-    uint32_t n_window = 1024;
+    uint32_t n_ctx;
+    uint32_t n_ubatch;
+    ggml_type type_full;  // K and V of full layers (always the same type: fast CUDA FA pairs)
+    ggml_type type_lazy;  // K and V of lazy layers
+    uint32_t n_sink;
+    uint32_t n_window;
     std::vector<int> lazy_layers;
 };
 
+// One layer's K and V. It owns its tensors' context and buffer: moving a store moves them, dropping it
+// frees them (ggml-cpp.h's owning pointers), so a store is never copied or freed by hand.
 struct KvStore {
     int layer = 0;
     int group = 0;
     ggml_type type = GGML_TYPE_F16;
     KvRotation rot;             // quantized stores hold K and V Hadamard-rotated (kv_rotation.h)
-    ggml_tensor * k = nullptr;  // [n_embd_k_gqa, capacity]
-    ggml_tensor * v = nullptr;  // [n_embd_v_gqa, capacity]
-    ggml_context * ctx = nullptr;
-    ggml_backend_buffer_t buffer = nullptr;
+    ggml_tensor * k = nullptr;  // [n_embd_k_gqa, capacity], in ctx
+    ggml_tensor * v = nullptr;  // [n_embd_v_gqa, capacity], in ctx
+    ggml_context_ptr ctx;
+    ggml_backend_buffer_ptr buffer;
     std::string device;
-    size_t bytes() const { return buffer ? ggml_backend_buffer_get_size(buffer) : 0; }
+    size_t bytes() const { return buffer ? ggml_backend_buffer_get_size(buffer.get()) : 0; }
+    uint32_t capacity() const { return k ? (uint32_t) k->ne[1] : 0; }
 };
 
 struct KvGroup {
@@ -59,29 +66,18 @@ struct KvGroup {
 class KvCache {
 public:
     KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
-    ~KvCache();
-    KvCache(const KvCache &) = delete;
-    KvCache & operator=(const KvCache &) = delete;
 
     // Largest ubatch every policy accepts.
     uint32_t max_ubatch() const;
     // Choose cells for the positions of a ubatch, record them, and build each group's mask.
     void plan_ubatch(const int32_t * pos, uint32_t n_tokens);
-    // Exact prefill (lazy_prefill="exact"): after the prompt, FULL layers become LAZY. prepare_lazy()
-    // allocates their lazy stores and says which cell goes where (sinks + the most recent positions the
-    // ring holds); the caller copies K/V (requantizing) and then commit_lazy() frees the full stores.
-    struct Conversion {
-        std::vector<int> layers;
-        std::vector<KvStore> stores;       // the new lazy stores, one per layer
-        std::vector<int32_t> src_cells;    // copy cell src_cells[i] of the full store ...
-        std::vector<int64_t> dst_cells;    // ... to cell dst_cells[i] of the lazy store
-        std::vector<int32_t> cell_pos;     // the lazy group's cell map afterwards
-        int group = -1;                    // the lazy group (created if needed)
-    };
-    Conversion prepare_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
-                            const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
-    void commit_lazy(Conversion && c);
-    static void discard(Conversion && c);  // frees the new stores of a conversion that failed
+    // Exact prefill (lazy_prefill="exact"): after the prompt, these FULL layers become LAZY. Their lazy
+    // stores are allocated, the kept cells (sinks + the most recent positions the ring holds) copied into
+    // them (converting type and rotation) by a graph run on `sched`, and the full stores freed.
+    // Returns the KV bytes held at the peak of the conversion. On failure nothing changes.
+    size_t make_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
+                     const std::vector<ggml_backend_buffer_type_t> & buft_per_layer, ggml_backend_sched_t sched,
+                     GraphArena & arena);
 
     // Move layers to the group of `policy` without touching their stores: allowed only where the store
     // already holds each of its positions in the cell the new policy would put it (e.g. full <-> masked).
@@ -97,11 +93,28 @@ public:
     size_t n_layer() const { return stores_.size(); }
     size_t total_bytes() const;
 
+    // The layers whose store is of this kind now.
+    std::vector<int> layers_of_kind(KvKind kind) const;
+    KvKind kind_of(int il) const { return groups_[stores_[il].group].policy->kind(); }
+
 private:
+    // kv_compaction.cpp: which cells of the full store go where in the lazy one.
+    struct Conversion {
+        std::vector<int> layers;
+        std::vector<KvStore> stores;       // the new lazy stores, one per layer
+        std::vector<int32_t> src_cells;    // copy cell src_cells[i] of the full store ...
+        std::vector<int64_t> dst_cells;    // ... to cell dst_cells[i] of the lazy store
+        std::vector<int32_t> cell_pos;     // the lazy group's cell map afterwards
+        int group = -1;                    // the lazy group (created if needed)
+    };
+    Conversion plan_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
+                         const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
+    bool copy_cells(const Conversion & c, ggml_backend_sched_t sched, GraphArena & arena) const;
+    void commit_lazy(Conversion && c);
+
     int group_for(std::unique_ptr<KvPolicy> policy);
     static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
                                ggml_backend_buffer_type_t buft);
-    static void free_store(KvStore & s);
 
     std::vector<KvGroup> groups_;
     std::vector<KvStore> stores_;

@@ -8,6 +8,11 @@
 
 namespace simkv {
 
+// What a store keeps. FULL: every position. LAZY: SimLayerKV's sinks + ring. SWA: a model's own sliding
+// window (a ring without sinks). MASKED: a full store seen through a lazy layer's mask (profiler what-ifs).
+enum class KvKind { Full, Lazy, Swa, Masked };
+const char * kv_kind_name(KvKind kind);
+
 constexpr uint32_t kCellPad = 256;  // CUDA's vector FA kernel wants n_kv % 256 == 0; keep shapes stable
 inline uint32_t pad_cells(uint32_t n) { return (n + kCellPad - 1) / kCellPad * kCellPad; }
 
@@ -20,7 +25,7 @@ inline bool in_sink_or_window(uint32_t n_sink, uint32_t n_window, int32_t q_pos,
 class KvPolicy {
 public:
     virtual ~KvPolicy() = default;
-    virtual std::string kind() const = 0;            // "full", "lazy", ...
+    virtual KvKind kind() const = 0;
     virtual uint32_t capacity() const = 0;           // cells allocated (a multiple of kCellPad)
     virtual uint32_t cell_of(int32_t pos) const = 0; // where position `pos` is written
     // Whether a query at q_pos attends to the key at k_pos (k_pos <= q_pos is checked by the caller).

@@ -8,7 +8,7 @@ namespace {
 class FullPolicy final : public KvPolicy {
 public:
     explicit FullPolicy(uint32_t n_ctx) : capacity_(pad_cells(n_ctx)) {}
-    std::string kind() const override { return "full"; }
+    KvKind kind() const override { return KvKind::Full; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override { return (uint32_t) pos; }
     bool visible(int32_t, int32_t) const override { return true; }
@@ -21,6 +21,16 @@ private:
 };
 
 }  // namespace
+
+const char * kv_kind_name(KvKind kind) {
+    switch (kind) {
+        case KvKind::Full: return "full";
+        case KvKind::Lazy: return "lazy";
+        case KvKind::Swa: return "swa";
+        case KvKind::Masked: return "masked";
+    }
+    return "?";
+}
 
 std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx) { return std::make_unique<FullPolicy>(n_ctx); }
 

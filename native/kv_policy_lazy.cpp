@@ -15,11 +15,11 @@ namespace {
 
 class SinkRingPolicy final : public KvPolicy {
 public:
-    SinkRingPolicy(std::string kind, uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch)
-        : kind_(std::move(kind)), n_sink_(n_sink), n_window_(n_window),
+    SinkRingPolicy(KvKind kind, uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch)
+        : kind_(kind), n_sink_(n_sink), n_window_(n_window),
           capacity_(pad_cells(n_sink + n_window + n_ubatch - 1)), ring_(capacity_ - n_sink) {}
 
-    std::string kind() const override { return kind_; }
+    KvKind kind() const override { return kind_; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override {
         return (uint32_t) pos < n_sink_ ? (uint32_t) pos : n_sink_ + ((uint32_t) pos - n_sink_) % ring_;
@@ -34,22 +34,22 @@ public:
         return needed_from >= n_keep || needed_from >= kept_from;
     }
     std::string key() const override {
-        return kind_ + "/" + std::to_string(n_sink_) + "/" + std::to_string(n_window_) + "/" + std::to_string(capacity_);
+        return std::string(kv_kind_name(kind_)) + "/" + std::to_string(n_sink_) + "/" + std::to_string(n_window_) + "/" + std::to_string(capacity_);
     }
 
 private:
-    std::string kind_;
+    KvKind kind_;
     uint32_t n_sink_, n_window_, capacity_, ring_;
 };
 
 }  // namespace
 
 std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch) {
-    return std::make_unique<SinkRingPolicy>("lazy", n_sink, n_window, n_ubatch);
+    return std::make_unique<SinkRingPolicy>(KvKind::Lazy, n_sink, n_window, n_ubatch);
 }
 
 std::unique_ptr<KvPolicy> make_sliding_policy(uint32_t n_window, uint32_t n_ubatch) {
-    return std::make_unique<SinkRingPolicy>("swa", 0, n_window, n_ubatch);
+    return std::make_unique<SinkRingPolicy>(KvKind::Swa, 0, n_window, n_ubatch);
 }
 
 }  // namespace simkv

@@ -36,15 +36,16 @@ Model::Model(const std::string & path, const LoadOptions & opts) : path_(path) {
     load_weights(f, opts.use_mmap);
 }
 
-Model::~Model() {
-    for (ggml_backend_buffer_t b : {buffer_, buffer_copied_, buffer_gpu_}) {
-        if (b) ggml_backend_buffer_free(b);
-    }
-    if (mapping_) munmap(mapping_, mapping_size_);
-    for (ggml_context * c : {ctx_, ctx_copied_, ctx_gpu_}) {
-        if (c) ggml_free(c);
-    }
+FileMapping::FileMapping(const std::string & path, size_t size) : size_(size) {
+    int fd = open(path.c_str(), O_RDONLY);
+    if (fd < 0) throw BadInput("cannot open model file: " + path);
+    void * p = mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) throw std::runtime_error("mmap failed for " + path);
+    data_ = p;
 }
+
+FileMapping::~FileMapping() { munmap(data_, size_); }
 
 void Model::load_hparams(const GgufFile & f) {
     if (!f.has("general.architecture")) throw BadInput("GGUF has no general.architecture: " + f.path());
@@ -172,15 +173,7 @@ void Model::bind_tensors(const GgufFile & f) {
 }
 
 void Model::load_weights(const GgufFile & f, bool use_mmap) {
-    int fd = open(f.path().c_str(), O_RDONLY);
-    if (fd < 0) throw BadInput("cannot open model file: " + f.path());
-    mapping_size_ = f.file_size();
-    mapping_ = mmap(nullptr, mapping_size_, PROT_READ, MAP_SHARED, fd, 0);
-    close(fd);
-    if (mapping_ == MAP_FAILED) {
-        mapping_ = nullptr;
-        throw std::runtime_error("mmap failed for " + f.path());
-    }
+    mapping_ = std::make_unique<FileMapping>(f.path(), f.file_size());
     const uint32_t n_layer = hp_.n_layer;
     auto on_gpu = [&](const std::string & name) {
         if (name.rfind("blk.", 0) == 0) {
@@ -194,7 +187,7 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
     const int64_t n = gguf_get_n_tensors(f.gguf());
     auto new_ctx = [](size_t n_tensors) {
         ggml_init_params ip = {ggml_tensor_overhead() * (n_tensors + 2), nullptr, true};
-        return ggml_init(ip);
+        return ggml_context_ptr(ggml_init(ip));
     };
     ctx_ = new_ctx(n);
     ctx_copied_ = new_ctx(n);
@@ -203,15 +196,15 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
     std::vector<Placed> mapped, copied;
     std::map<ggml_tensor *, ggml_tensor *> remap;
     std::map<ggml_tensor *, const char *> data_of;
-    const char * base = (const char *) mapping_ + f.data_offset();
+    const char * base = (const char *) mapping_->data() + f.data_offset();
     for (int64_t i = 0; i < n; ++i) {
         const char * name = gguf_get_tensor_name(f.gguf(), i);
         ggml_tensor * src = ggml_get_tensor(f.meta(), name);
         const char * data = base + gguf_get_tensor_offset(f.gguf(), i);
-        ggml_context * home = on_gpu(name) ? ctx_gpu_ : use_mmap ? ctx_ : ctx_copied_;
+        ggml_context * home = (on_gpu(name) ? ctx_gpu_ : use_mmap ? ctx_ : ctx_copied_).get();
         ggml_tensor * dst = ggml_dup_tensor(home, src);
         ggml_set_name(dst, name);
-        (home == ctx_ ? mapped : copied).push_back({dst, data});
+        (home == ctx_.get() ? mapped : copied).push_back({dst, data});
         remap[src] = dst;
         data_of[src] = data;
         weight_bytes_ += ggml_nbytes(dst);
@@ -220,40 +213,38 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
     // RoPE frequency factors that every offloaded layer reads.
     ggml_tensor * output_gpu = nullptr, * rope_freqs_gpu = nullptr;
     if (placement_.output_on_gpu && output == tok_embd) {
-        output_gpu = ggml_dup_tensor(ctx_gpu_, tok_embd);
+        output_gpu = ggml_dup_tensor(ctx_gpu_.get(), tok_embd);
         ggml_set_name(output_gpu, "output.weight (tied)");
         copied.push_back({output_gpu, data_of.at(tok_embd)});
     }
     if (rope_freqs && placement_.any_layer_on_gpu()) {
-        rope_freqs_gpu = ggml_dup_tensor(ctx_gpu_, rope_freqs);
+        rope_freqs_gpu = ggml_dup_tensor(ctx_gpu_.get(), rope_freqs);
         ggml_set_name(rope_freqs_gpu, "rope_freqs.weight (gpu)");
         copied.push_back({rope_freqs_gpu, data_of.at(rope_freqs)});
     }
 
-    auto alloc = [&](ggml_context * ctx, ggml_backend_buffer_type_t buft, const char * where) -> ggml_backend_buffer_t {
-        if (!ggml_get_first_tensor(ctx)) return nullptr;
-        ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+    auto alloc = [&](const ggml_context_ptr & ctx, ggml_backend_buffer_type_t buft, const char * where) {
+        if (!ggml_get_first_tensor(ctx.get())) return ggml_backend_buffer_ptr();
+        ggml_backend_buffer_ptr b(ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft));
         if (!b) {
             throw std::runtime_error(std::string("not enough memory for the model's weights on ") + where +
-                                     (ctx == ctx_gpu_ ? ": offload fewer layers (n_gpu_layers)" : ""));
+                                     (&ctx == &ctx_gpu_ ? ": offload fewer layers (n_gpu_layers)" : ""));
         }
-        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        ggml_backend_buffer_set_usage(b.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         return b;
     };
     if (!mapped.empty()) {
         // The CPU buffer wraps the mapping; ggml never writes weights.
-        buffer_ = ggml_backend_cpu_buffer_from_ptr(mapping_, mapping_size_);
-        ggml_backend_buffer_set_usage(buffer_, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-        for (const Placed & p : mapped) ggml_backend_tensor_alloc(buffer_, p.dst, (void *) p.data);
+        buffer_.reset(ggml_backend_cpu_buffer_from_ptr(mapping_->data(), mapping_->size()));
+        ggml_backend_buffer_set_usage(buffer_.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        for (const Placed & p : mapped) ggml_backend_tensor_alloc(buffer_.get(), p.dst, (void *) p.data);
     }
     buffer_copied_ = alloc(ctx_copied_, ggml_backend_cpu_buffer_type(), "the CPU");
-    if (ggml_get_first_tensor(ctx_gpu_)) buffer_gpu_ = alloc(ctx_gpu_, ggml_backend_dev_buffer_type(placement_.gpu),
-                                                             ggml_backend_dev_name(placement_.gpu));
-    for (const Placed & p : copied) ggml_backend_tensor_set(p.dst, p.data, 0, ggml_nbytes(p.dst));
-    if (mapped.empty()) {  // every weight was copied: the mapping is no longer read
-        munmap(mapping_, mapping_size_);
-        mapping_ = nullptr;
+    if (ggml_get_first_tensor(ctx_gpu_.get())) {
+        buffer_gpu_ = alloc(ctx_gpu_, ggml_backend_dev_buffer_type(placement_.gpu), ggml_backend_dev_name(placement_.gpu));
     }
+    for (const Placed & p : copied) ggml_backend_tensor_set(p.dst, p.data, 0, ggml_nbytes(p.dst));
+    if (mapped.empty()) mapping_.reset();  // every weight was copied: the mapping is no longer read
 
     auto fix = [&](ggml_tensor *& t) { if (t) t = remap.at(t); };
     ggml_tensor * rope_freqs_src = rope_freqs;

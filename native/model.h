@@ -5,6 +5,7 @@
 #include "devices.h"
 
 #include <ggml-backend.h>
+#include <ggml-cpp.h>
 #include <ggml.h>
 
 #include <map>
@@ -62,10 +63,24 @@ struct LayerWeights {
     ggml_tensor * rope_freqs = nullptr;  // the model's, on this layer's device (null if the model has none)
 };
 
+// A read-only memory map of a whole file, unmapped when dropped.
+class FileMapping {
+public:
+    FileMapping(const std::string & path, size_t size);
+    ~FileMapping();
+    FileMapping(const FileMapping &) = delete;
+    FileMapping & operator=(const FileMapping &) = delete;
+    void * data() const { return data_; }
+    size_t size() const { return size_; }
+
+private:
+    void * data_ = nullptr;
+    size_t size_ = 0;
+};
+
 class Model {
 public:
     explicit Model(const std::string & path, const LoadOptions & opts = {});
-    ~Model();
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;
 
@@ -92,12 +107,12 @@ private:
     HParams hp_;
     std::map<std::string, std::string> metadata_;
     Placement placement_;
-    ggml_context * ctx_ = nullptr;         // descriptors of the weights that stay in the mapping
-    ggml_context * ctx_copied_ = nullptr;  // ... copied into CPU memory (use_mmap = false)
-    ggml_context * ctx_gpu_ = nullptr;     // ... copied to the GPU
-    void * mapping_ = nullptr;
-    size_t mapping_size_ = 0;
-    ggml_backend_buffer_t buffer_ = nullptr, buffer_copied_ = nullptr, buffer_gpu_ = nullptr;
+    // Owned in the order they are needed; destroyed in reverse (buffers, then descriptors, then the mapping).
+    std::unique_ptr<FileMapping> mapping_;  // null once every weight was copied out of it
+    ggml_context_ptr ctx_;         // descriptors of the weights that stay in the mapping
+    ggml_context_ptr ctx_copied_;  // ... copied into CPU memory (use_mmap = false)
+    ggml_context_ptr ctx_gpu_;     // ... copied to the GPU
+    ggml_backend_buffer_ptr buffer_, buffer_copied_, buffer_gpu_;
     size_t weight_bytes_ = 0;
 };
 

@@ -2,6 +2,7 @@
 
 #include "graph.h"
 #include "kv_cache.h"
+#include "kv_mask.h"
 #include "kv_policy.h"
 #include "model.h"
 
@@ -18,7 +19,7 @@ void create_probe_inputs(GraphBuild & b) {
     pg.ids = ggml_new_tensor_1d(b.ctx, GGML_TYPE_I32, b.n_probe);
     ggml_set_input(pg.ids);
     for (const KvGroup & g : b.kv.groups()) {
-        const bool full = g.policy->kind() == "full" && !g.layers.empty();
+        const bool full = g.policy->kind() == KvKind::Full && !g.layers.empty();
         ggml_tensor * all = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, g.n_kv, b.n_probe) : nullptr;
         ggml_tensor * win = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, g.n_kv, b.n_probe) : nullptr;
         ggml_tensor * in = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F32, g.n_kv, b.n_probe) : nullptr;
@@ -76,26 +77,20 @@ void ProbeAccumulator::reset(uint32_t n_layer) {
 void ProbeAccumulator::set_inputs(const ProbeGraph & pg, const KvCache & kv, const ProbeSpec & spec,
                                   const std::vector<int32_t> & q_rows, const std::vector<int32_t> & q_pos) {
     ggml_backend_tensor_set(pg.ids, q_rows.data(), 0, sizeof(int32_t) * q_rows.size());
-    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), hidden = ggml_fp32_to_fp16(-INFINITY);
     const auto & groups = kv.groups();
     for (size_t gi = 0; gi < groups.size(); ++gi) {
         if (!pg.mask_all[gi]) continue;
         const KvGroup & g = groups[gi];
         const size_t n_sel = q_pos.size(), n_kv = g.n_kv;
-        std::vector<ggml_fp16_t> all(n_sel * n_kv, hidden), win(n_sel * n_kv, hidden);
-        std::vector<float> in(n_sel * n_kv, 0.0f);
-        for (size_t r = 0; r < n_sel; ++r) {
-            const int32_t q = q_pos[r];
-            for (size_t c = 0; c < n_kv; ++c) {
-                const int32_t kp = g.cell_pos[c];
-                if (kp < 0 || kp > q) continue;
-                all[r * n_kv + c] = zero;
-                if (in_sink_or_window(spec.n_sink, spec.n_window, q, kp)) {
-                    win[r * n_kv + c] = zero;
-                    in[r * n_kv + c] = 1.0f;
-                }
-            }
-        }
+        // What the full layer's query sees, and the same trimmed to sinks + window (kv_mask.h's rule).
+        std::vector<ggml_fp16_t> all(n_sel * n_kv), win(n_sel * n_kv);
+        fill_mask_rows(g.cell_pos, g.n_used, q_pos.data(), n_sel, g.n_kv, [](int32_t, int32_t) { return true; },
+                       all.data());
+        fill_mask_rows(g.cell_pos, g.n_used, q_pos.data(), n_sel, g.n_kv,
+                       [&spec](int32_t q, int32_t k) { return in_sink_or_window(spec.n_sink, spec.n_window, q, k); },
+                       win.data());
+        std::vector<float> in(n_sel * n_kv);
+        for (size_t i = 0; i < in.size(); ++i) in[i] = win[i] == mask_visible() ? 1.0f : 0.0f;
         ggml_backend_tensor_set(pg.mask_all[gi], all.data(), 0, ggml_nbytes(pg.mask_all[gi]));
         ggml_backend_tensor_set(pg.mask_window[gi], win.data(), 0, ggml_nbytes(pg.mask_window[gi]));
         ggml_backend_tensor_set(pg.in_window[gi], in.data(), 0, ggml_nbytes(pg.in_window[gi]));

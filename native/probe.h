@@ -16,9 +16,10 @@ namespace simkv {
 struct GraphBuild;
 class KvCache;
 
+// The trimmed view whose effect is measured: sinks + window (always given by the caller).
 struct ProbeSpec {
-    uint32_t n_sink = 4;
-    uint32_t n_window = 1024;
+    uint32_t n_sink;
+    uint32_t n_window;
 };
 
 // Graph side: inputs shared by the layers of a group, outputs per layer.

@@ -10,22 +10,6 @@
 
 namespace simkv {
 
-namespace {
-
-bool g_verbose = false;
-
-void log_callback(ggml_log_level level, const char * text, void *) {
-    if (g_verbose || level == GGML_LOG_LEVEL_ERROR) std::fputs(text, stderr);
-}
-
-}  // namespace
-
-void set_native_logging(bool verbose) {
-    g_verbose = verbose;
-    llama_log_set(log_callback, nullptr);
-    ggml_log_set(log_callback, nullptr);
-}
-
 Vocab::Vocab(const std::string & path) {
     llama_model_params mp = llama_model_default_params();
     mp.vocab_only = true;

@@ -30,7 +30,4 @@ private:
     const llama_vocab * vocab_ = nullptr;
 };
 
-// Route ggml/libllama log messages: silent unless verbose.
-void set_native_logging(bool verbose);
-
 }  // namespace simkv

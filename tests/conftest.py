@@ -3,10 +3,13 @@ import os
 
 import pytest
 
-from py_simkv import default_model_path
+try:
+    from py_simkv import default_model_path
+except ImportError as e:  # the package lives in src/ and needs its compiled module: it must be installed
+    raise pytest.UsageError(f"py_simkv is not installed ({e}): run the README's test command, "
+                            "pip install \".[test]\" && pytest -q tests") from None
 
-# The repository root must not go on sys.path (its py_simkv/ has no compiled module): load the
-# synthetic-model writer from its file.
+# Load the synthetic-model writer from its file (models/ is not a package).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("simkv_synthetic", os.path.join(_ROOT, "models", "synthetic.py"))
 synthetic = importlib.util.module_from_spec(_spec)

@@ -94,13 +94,30 @@ def test_bad_arguments(tiny_model, kw, exc, match):
 
 
 def test_native_engine_validates_without_python(tiny_model):
+    """Values are checked once, natively: an EngineConfig filled without Python's type checks is refused."""
     model = _native.load_model(tiny_model("llama"))
     base = dict(n_ctx=64, n_batch=64, n_ubatch=64, n_threads=1, type_k="f16", type_v="f16", lazy_type="q4_0",
                 lazy_layers=[], n_sink=4, n_window=16)
     for bad, match in [(dict(lazy_layers=[9]), "out of range"), (dict(lazy_layers=[0, 0]), "twice"),
-                       (dict(n_window=0), "n_window"), (dict(n_ctx=0), "n_ctx"), (dict(lazy_type="x"), "unknown")]:
+                       (dict(n_window=0), "n_window"), (dict(n_ctx=0), "n_ctx"), (dict(lazy_type="x"), "unknown"),
+                       (dict(n_ctx=2**40), "n_ctx must be <="), (dict(lazy_mode="sometimes"), "lazy_mode")]:
         with pytest.raises(ValueError, match=match):
-            _native.Engine(model, **dict(base, **bad))
+            cfg = _native.EngineConfig()
+            for name, value in dict(base, **bad).items():
+                setattr(cfg, name, value)
+            _native.Engine(model, cfg)
+
+
+def test_engine_config_defaults_are_the_llama_defaults():
+    """One home per default: Llama's signature and the CLI read the native config's."""
+    import inspect
+
+    from py_simkv.engine_config import DEFAULTS
+    sig = inspect.signature(Llama.__init__).parameters
+    for name in ("n_ctx", "n_batch", "n_ubatch", "n_sink", "n_window", "type_k", "type_v", "lazy_type",
+                 "lazy_prefill", "lazy_mode"):
+        assert sig[name].default == getattr(DEFAULTS, name)
+    assert (DEFAULTS.n_window, DEFAULTS.n_sink, DEFAULTS.lazy_type) == (1024, 4, "q4_0")
 
 
 def test_prompt_longer_than_context(tiny_model):

@@ -13,13 +13,27 @@ from py_simkv import Llama
 PROMPT = "> "
 
 
-@pytest.fixture
-def chat():
+def _spawn(*extra):
     exe = shutil.which("simkv")
     assert exe
-    child = pexpect.spawn(exe, ["chat", "--n-ctx", "2048", "--temp", "0", "--threads", "2", "-n", "300"],
-                          cwd=tempfile.gettempdir(), env=dict(os.environ, TERM="dumb"), encoding="utf-8",
-                          timeout=120, dimensions=(40, 200))
+    return pexpect.spawn(exe, ["chat", "--n-ctx", "2048", "--temp", "0", "--threads", "2", *extra],
+                         cwd=tempfile.gettempdir(), env=dict(os.environ, TERM="dumb"), encoding="utf-8",
+                         timeout=120, dimensions=(40, 200))
+
+
+@pytest.fixture
+def chat():
+    child = _spawn("-n", "300")
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+@pytest.fixture
+def endless_chat():
+    """Replies cannot end before the context is full (about 2,000 tokens, several seconds even on a fast
+    CPU): an interrupt sent as soon as a reply starts always lands while it streams."""
+    child = _spawn("-n", "100000", "--ignore-eos")
     yield child
     if child.isalive():
         child.terminate(force=True)
@@ -53,17 +67,34 @@ def test_chat_session(chat):
     chat.expect(r"context: 0 / 2048 tokens")
     chat.expect_exact(PROMPT)
 
-    # Ctrl-C during a long reply stops it and returns to the prompt; the session goes on.
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_chat_ctrl_c_stops_a_reply(endless_chat):
+    """Ctrl-C during a reply stops it and returns to the prompt; the session goes on."""
+    chat = endless_chat
+    chat.expect_exact(PROMPT)
     chat.sendline("Write a very long story about a dragon, with many chapters.")
     chat.expect_exact("chapters.\r\n")  # our line, echoed by the terminal
     chat.expect(r"\w+ \w+ \w+")  # the reply has started streaming
     chat.sendintr()
     chat.expect_exact("[stopped]")
     chat.expect_exact(PROMPT)
-    chat.sendline("Say hello.")
+    chat.sendline("/stats")  # the stopped reply stayed in the context, far from filling it
+    chat.expect(r"context: (\d+) / 2048 tokens")
+    assert 20 < int(chat.match.group(1)) < 2000
     chat.expect_exact(PROMPT)
-    assert re.search(r"[Hh]ello", chat.before)
-
+    chat.sendline("/reset")
+    chat.expect_exact(PROMPT)
+    chat.sendline("Say hello.")
+    chat.expect_exact("hello.\r\n")  # the echo of our line
+    chat.expect(r"[Hh]ello")  # the session goes on (this reply, too, would run to the context's end)
+    chat.sendintr()
+    chat.expect_exact("[stopped]")
+    chat.expect_exact(PROMPT)
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
     chat.close()

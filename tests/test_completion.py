@@ -2,7 +2,7 @@
 import pytest
 
 from py_simkv import Llama
-from py_simkv.reference import reference_llama
+from llama_cpp_reference import reference_llama
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]

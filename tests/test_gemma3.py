@@ -12,7 +12,7 @@ import pytest
 
 from py_simkv import Llama
 from py_simkv.memory import kv_bytes
-from py_simkv.reference import reference_llama
+from llama_cpp_reference import reference_llama
 from torch_reference import Weights, causal_mask, forward, sink_window_mask
 
 N_THREADS = 2

@@ -56,16 +56,18 @@ def test_lazy_window_off_by_one_is_detected(tiny_model):
         assert (got - wrong).abs().mean().item() > 0.05
 
 
-def test_lazy_q4_0_matches_quantized_reference(tiny_model):
+@pytest.mark.parametrize("n_ubatch", [128, 1])  # ggml's batched and single-row kernels (different rounding)
+def test_lazy_q4_0_matches_quantized_reference(tiny_model, n_ubatch):
     # The reference quantizes K and V to Q4_0 (gguf's quantizer = ggml's reference algorithm) and Q to
     # Q8_0 as ggml does for a Q4_0 K. What remains are rounding-boundary flips: K from torch's matmul
-    # differs from ggml's in the last float bit, and a value on a 4-bit rounding boundary then moves by a
-    # whole quantization step. So the tolerance is relative to the effect of Q4_0 itself: we must be
-    # >= 20x closer to the Q4_0 reference (mean) than the Q4_0 reference is to the f16 one.
+    # differs from ggml's in the last float bit (which bit depends on the CPU's instruction set and the
+    # kernel), and a value on a 4-bit rounding boundary then moves by a whole quantization step. So every
+    # bound is relative to the effect of Q4_0 itself, never an absolute number: we must be >= 20x closer to
+    # the Q4_0 reference (mean) than the Q4_0 reference is to the f16 one.
     path = tiny_model("llama")
     tokens = _tokens(600)
     lazy = [0, 1, 2, 3]
-    got = _ours(path, tokens, lazy, n_ctx=1024, n_ubatch=128, lazy_type="q4_0")
+    got = _ours(path, tokens, lazy, n_ctx=1024, n_ubatch=n_ubatch, lazy_type="q4_0")
     want = _reference(path, tokens, lazy, "q4_0")
     unquantized = _reference(path, tokens, lazy, "f16")
     quant_effect = (want - unquantized).abs()
@@ -73,9 +75,16 @@ def test_lazy_q4_0_matches_quantized_reference(tiny_model):
     assert quant_effect.mean().item() > 0.1  # Q4_0 really is in play
     assert err.mean().item() < quant_effect.mean().item() / 20
     assert err.max().item() < quant_effect.max().item() / 10
-    # Before any key leaves a window (the first n_sink + n_window positions) there are few keys and
-    # no flips have had a chance to accumulate: near-exact.
-    assert err[: N_SINK + N_WINDOW].max().item() < 1e-3
+    # Before any key leaves a window (the first n_sink + n_window positions) nothing is trimmed, so only
+    # flips separate us from the reference, and they have not compounded through later positions yet. Away
+    # from a flip the two agree to float rounding (measured: mean 1/77,000 of the Q4_0 effect); one flip moves
+    # one of the ~8,700 K/V values a position attends to by one step, i.e. its logits by a small share of
+    # the effect (measured on AVX-512: max 1/2,900, one flip at position 47; the same with n_ubatch 1 and
+    # 128, 1 or 2 threads). A wrong quantizer, scale or cell gives an error of the order of the effect
+    # itself (storing q8_0 instead: mean 0.47, max 4.3 here), far above these bounds.
+    early = slice(0, N_SINK + N_WINDOW)
+    assert err[early].mean().item() < quant_effect[early].mean().item() / 1000
+    assert err[early].max().item() < quant_effect[early].max().item() / 100
 
 
 def test_window_covering_the_context_equals_full(tiny_model):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from py_simkv import Llama
-from py_simkv.reference import reference_llama
+from llama_cpp_reference import reference_llama
 
 # Same GGUF, same ggml ops in the same order, same thread count: the logits are expected to be
 # bit-identical. The tolerance only admits float32 re-association inside ggml kernels (relative ~1e-6

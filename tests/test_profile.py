@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from py_simkv import LazyProfile, Llama, profile_model
-from py_simkv.profile import default_calibration_texts, find_profile
+from py_simkv.lazy_profile import find_profile
+from py_simkv.profiler import default_calibration_texts
 
 TEXTS = [("prose", "The quick brown fox jumps over the lazy dog. " * 200),
          ("code", "def f(x):\n    return x * 2 + 1\n\n" * 200)]

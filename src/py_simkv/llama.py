@@ -6,50 +6,20 @@ logits of the current context.
 """
 from __future__ import annotations
 
-import os
 import warnings
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _native
 from .chat import ChatTemplate, create_chat_completion
+from .checks import check_int, check_layer_list, check_model_file, check_str
 from .completion import create_completion
+from .engine_config import DEFAULTS, engine_config
+from .lazy_profile import family_threshold, model_identity, resolve_lazy_layers
 from .logprobs import log_softmax
-from .profile import family_threshold, resolve_lazy_layers
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
-CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0")
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_cache_type(name: str, value) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string such as 'f16' or 'q4_0', got {type(value).__name__}")
-    if value.lower() not in CACHE_TYPES:
-        raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(CACHE_TYPES)}")
-    return value.lower()
-
-
-def _check_model_file(model_path) -> str:
-    if not isinstance(model_path, (str, os.PathLike)):
-        raise TypeError(f"model_path must be a path, got {type(model_path).__name__}")
-    path = os.fspath(model_path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    if not os.path.isfile(path):
-        raise ValueError(f"model path is not a file: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"not a GGUF file: {path}")
-    return path
 
 
 def gpu_devices() -> List[str]:
@@ -67,23 +37,6 @@ def _warn_no_gpu() -> None:
         _warned_no_gpu = True
         warnings.warn("n_gpu_layers ignored: llama-cpp-python was installed without GPU support, so simkv runs on "
                       "the CPU (reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" to offload)", RuntimeWarning, stacklevel=3)
-
-
-def _check_lazy_layers(lazy_layers, n_layer: int) -> List[int]:
-    if lazy_layers is None:
-        return []
-    if isinstance(lazy_layers, (str, bytes)) or not hasattr(lazy_layers, "__iter__"):
-        raise TypeError("lazy_layers must be a sequence of layer indices (ints) or None")
-    out: List[int] = []
-    for il in lazy_layers:
-        if isinstance(il, bool) or not isinstance(il, (int, np.integer)):
-            raise TypeError(f"lazy layer indices must be ints, got {il!r}")
-        if not 0 <= il < n_layer:
-            raise ValueError(f"lazy layer {il} is out of range: the model has {n_layer} layers (0..{n_layer - 1})")
-        if il in out:
-            raise ValueError(f"lazy layer {il} is listed twice")
-        out.append(int(il))
-    return sorted(out)
 
 
 class Llama:
@@ -109,86 +62,79 @@ class Llama:
     def __init__(
         self,
         model_path,
-        n_ctx: int = 4096,
-        n_batch: int = 512,
-        n_ubatch: int = 512,
+        n_ctx: int = DEFAULTS.n_ctx,
+        n_batch: int = DEFAULTS.n_batch,
+        n_ubatch: int = DEFAULTS.n_ubatch,
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
         main_gpu: int = 0,
         use_mmap: bool = True,
-        type_k: str = "f16",
-        type_v: str = "f16",
+        type_k: str = DEFAULTS.type_k,
+        type_v: str = DEFAULTS.type_v,
         lazy_layers: Optional[Sequence[int]] = None,
-        lazy_type: str = "q4_0",
+        lazy_type: str = DEFAULTS.lazy_type,
         lazy_profile: Optional[str] = None,
         lazy_ratio: Optional[float] = None,
         lazy_threshold: Optional[float] = None,
         lazy_criterion: Optional[str] = None,
-        lazy_prefill: str = "streaming",
-        lazy_mode: str = "static",
-        n_sink: int = 4,
-        n_window: int = 1024,
+        lazy_prefill: str = DEFAULTS.lazy_prefill,
+        lazy_mode: str = DEFAULTS.lazy_mode,
+        n_sink: int = DEFAULTS.n_sink,
+        n_window: int = DEFAULTS.n_window,
         logits_all: bool = False,
         seed: int = LLAMA_DEFAULT_SEED,
         verbose: bool = False,
     ):
         self.verbose = bool(verbose)
         _native.set_logging(self.verbose)
-        self.model_path = _check_model_file(model_path)
-        self._n_ctx = _check_int("n_ctx", n_ctx, 1)
-        self.n_batch = _check_int("n_batch", n_batch, 1)
-        self.n_ubatch = min(_check_int("n_ubatch", n_ubatch, 1), self.n_batch)
-        if n_threads is None:
-            n_threads = max((os.cpu_count() or 2) // 2, 1)  # llama-cpp-python's default
-        self.n_threads = _check_int("n_threads", n_threads, 1)
-        self.n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
-        self.main_gpu = _check_int("main_gpu", main_gpu, 0)
+        self.model_path = check_model_file(model_path)
+        self.n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, -1)
+        self.main_gpu = check_int("main_gpu", main_gpu, 0)
         if self.n_gpu_layers != 0 and not gpu_devices():
             _warn_no_gpu()
-        self.type_k = _check_cache_type("type_k", type_k)
-        self.type_v = _check_cache_type("type_v", type_v)
-        if self.type_k != self.type_v:
-            raise ValueError(
-                f"type_k and type_v must be equal (got {self.type_k} and {self.type_v}): "
-                "mixed K/V types fall off the fast flash-attention kernels"
-            )
-        self.lazy_type = _check_cache_type("lazy_type", lazy_type)
-        self.n_sink = _check_int("n_sink", n_sink, 0)
-        self.n_window = _check_int("n_window", n_window, 1)
         self.logits_all = bool(logits_all)
-        self._seed = _check_int("seed", seed, 0) & 0xFFFFFFFF
+        self._seed = check_int("seed", seed, 0) & 0xFFFFFFFF
+        # Types here; values are checked natively when the config is assigned or the engine is built.
+        settings = dict(n_ctx=check_int("n_ctx", n_ctx), n_batch=check_int("n_batch", n_batch),
+                        n_ubatch=check_int("n_ubatch", n_ubatch), n_sink=check_int("n_sink", n_sink),
+                        n_window=check_int("n_window", n_window),
+                        type_k=check_str("type_k", type_k, "f16"), type_v=check_str("type_v", type_v, "f16"),
+                        lazy_type=check_str("lazy_type", lazy_type, "q4_0"),
+                        lazy_prefill=check_str("lazy_prefill", lazy_prefill, "exact"),
+                        lazy_mode=check_str("lazy_mode", lazy_mode, "dynamic"))
+        if n_threads is not None:
+            settings["n_threads"] = check_int("n_threads", n_threads)
+        config = engine_config(**settings)
 
         self._model = _native.load_model(self.model_path, n_gpu_layers=self.n_gpu_layers, main_gpu=self.main_gpu,
                                          use_mmap=bool(use_mmap))
         self._hparams = self._model.hparams
-        if lazy_prefill not in ("streaming", "exact"):
-            raise ValueError(f"lazy_prefill must be 'streaming' or 'exact', got {lazy_prefill!r}")
-        if lazy_mode not in ("static", "dynamic"):
-            raise ValueError(f"lazy_mode must be 'static' or 'dynamic', got {lazy_mode!r}")
-        self.lazy_prefill, self.lazy_mode = lazy_prefill, lazy_mode
-        dynamic_threshold = 0.0
-        if lazy_mode == "dynamic":
+        if config.lazy_mode == "dynamic":
             if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None:
                 raise ValueError("lazy_mode='dynamic' chooses lazy layers per prompt: give only lazy_threshold")
-            dynamic_threshold = (family_threshold({"name": self._model.metadata.get("general.name", "")})
-                                 if lazy_threshold is None else float(lazy_threshold))
-            lazy_layers, self.lazy_profile_path = None, None
+            config.dynamic_threshold = (family_threshold({"name": self._model.metadata.get("general.name", "")})
+                                        if lazy_threshold is None else float(lazy_threshold))
+            self.lazy_profile_path = None
         else:
             lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
-                self.model_path, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion)
-        self.lazy_layers = _check_lazy_layers(lazy_layers, self._hparams["n_layer"])
+                self.model_path, self._model, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion)
+            if lazy_layers is not None:
+                config.lazy_layers = check_layer_list("lazy_layers", lazy_layers)
         self._vocab = _native.Vocab(self.model_path)
         if self._vocab.n_vocab != self._hparams["n_vocab"]:
             raise ValueError(
                 f"tokenizer has {self._vocab.n_vocab} tokens but the model's embedding has {self._hparams['n_vocab']}"
             )
-        self._engine = _native.Engine(
-            self._model, n_ctx=self._n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch,
-            n_threads=self.n_threads, type_k=self.type_k, type_v=self.type_v, lazy_type=self.lazy_type,
-            lazy_layers=self.lazy_layers, n_sink=self.n_sink, n_window=self.n_window, lazy_prefill=lazy_prefill,
-            lazy_mode=lazy_mode, dynamic_threshold=dynamic_threshold,
-        )
+        self._engine = _native.Engine(self._model, config)
+        # What the engine runs with (validated: n_ubatch <= n_batch, windows no larger than the context).
+        config = self._engine.config
+        self._n_ctx, self.n_batch, self.n_ubatch, self.n_threads = config.n_ctx, config.n_batch, config.n_ubatch, config.n_threads
+        self.type_k, self.type_v, self.lazy_type = config.type_k, config.type_v, config.lazy_type
+        self.n_sink, self.n_window = config.n_sink, config.n_window
+        self.lazy_prefill, self.lazy_mode = config.lazy_prefill, config.lazy_mode
+        self.lazy_layers = sorted(config.lazy_layers)
         self._chat_template: Optional[ChatTemplate] = None
+        self._eog: Optional[List[int]] = None
         self.n_evaluated = 0  # tokens evaluated since construction (prefix reuse skips some)
         self._input_ids: List[int] = []
         self._last_logits: Optional[np.ndarray] = None
@@ -205,6 +151,10 @@ class Llama:
 
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    def model_identity(self) -> dict:
+        """What ties a lazy profile to this model file (lazy_profile.model_identity)."""
+        return model_identity(self.model_path, self._model)
 
     def n_vocab(self) -> int:
         return self._hparams["n_vocab"]
@@ -238,6 +188,11 @@ class Llama:
         return np.asarray(self._input_ids, dtype=np.int32)
 
     @property
+    def last_logits(self) -> Optional[np.ndarray]:
+        """Logits after the last token of the context (what the next token is sampled from); None if empty."""
+        return self._last_logits
+
+    @property
     def scores(self) -> np.ndarray:
         """Logits [n_tokens, n_vocab]: every row when logits_all=True, otherwise only the last row is set."""
         if self._scores_all is not None:
@@ -268,12 +223,12 @@ class Llama:
             return None
         self._sync()
         if probe is not None:
-            n_probe = _check_int("n_probe", probe.get("n_probe", 32), 1)
+            n_probe = check_int("n_probe", probe.get("n_probe", DEFAULTS.w_last), 1)
             if n_probe > arr.size:
                 raise ValueError(f"cannot probe {n_probe} tokens of an eval of {arr.size}")
             logits = self._engine.eval_probed(arr.astype(np.int32), self.logits_all,
-                                              n_sink=_check_int("n_sink", probe.get("n_sink", 4), 0),
-                                              n_window=_check_int("n_window", probe.get("n_window", 1024), 1),
+                                              n_sink=check_int("n_sink", probe.get("n_sink", DEFAULTS.n_sink), 0),
+                                              n_window=check_int("n_window", probe.get("n_window", DEFAULTS.n_window), 1),
                                               n_probe=n_probe)
         else:
             logits = self._engine.eval(arr.astype(np.int32), self.logits_all)
@@ -327,13 +282,12 @@ class Llama:
         self._input_ids.extend(int(t) for t in arr)
         return out
 
-    def set_masked_layers(self, layers: Sequence[int], n_sink: int = 4, n_window: Optional[int] = None) -> None:
+    def set_masked_layers(self, layers: Sequence[int], n_sink: int = DEFAULTS.n_sink, n_window: Optional[int] = None) -> None:
         """Trimming as a what-if (the profiler's "loss" criterion): from now on these layers attend only to
         the first n_sink and the n_window most recent keys, as lazy layers would, but keep their full store,
         so `set_masked_layers([])` undoes it. Full layers only; not with exact prefill or dynamic mode."""
-        layers = _check_lazy_layers(layers, self.hparams["n_layer"])
-        self._engine.set_masked_layers(layers, _check_int("n_sink", n_sink, 0),
-                                       _check_int("n_window", self.n_window if n_window is None else n_window, 1))
+        self._engine.set_masked_layers(check_layer_list("layers", layers), check_int("n_sink", n_sink, 0),
+                                       check_int("n_window", self.n_window if n_window is None else n_window, 1))
 
     def reset(self) -> None:
         """Forget the context (the KV cache is cleared)."""
@@ -370,13 +324,16 @@ class Llama:
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
         seed: Optional[int] = None,
+        logit_bias: Optional[Dict[int, float]] = None,
     ) -> Iterator[int]:
         """Yield sampled tokens after `tokens`, forever (the caller stops). temp <= 0 is greedy.
 
         With reset=True the context restarts from `tokens`, reusing the longest common prefix with the
-        current context where every store still holds it.
+        current context where every store still holds it. logit_bias {token id: bias} is added to the
+        logits before sampling (-inf bans a token), as in llama-cpp-python.
         """
         tokens = [int(t) for t in tokens]
+        bias = self._bias_vector(logit_bias)
         if reset:
             tokens = self._reuse_prefix(tokens)
         sampler = self._make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
@@ -388,15 +345,37 @@ class Llama:
         for t in self._input_ids[-64:]:
             sampler.accept(t)  # repetition penalties look at the prompt too
         while True:
-            token = sampler.sample(self._last_logits)
+            token = sampler.sample(self._last_logits if bias is None else self._last_logits + bias)
             sampler.accept(token)
             yield token
             self.eval([token])
 
+    def _bias_vector(self, logit_bias) -> Optional[np.ndarray]:
+        if logit_bias is None:
+            return None
+        if not isinstance(logit_bias, dict):
+            raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}")
+        bias = np.zeros(self.n_vocab(), dtype=np.float32)
+        for token, value in logit_bias.items():
+            token = int(token)  # the OpenAI API sends ids as strings
+            if not 0 <= token < self.n_vocab():
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{self.n_vocab() - 1})")
+            value = float(value)
+            if value != value:
+                raise ValueError(f"logit_bias for token {token} is NaN")
+            bias[token] += value
+        return bias
+
+    def eog_tokens(self) -> List[int]:
+        """Every token that ends a generation (EOS, EOT, ...): what `ignore_eos` bans."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab()) if self._vocab.is_eog(t)]
+        return list(self._eog)
+
     def _reuse_prefix(self, tokens: List[int]) -> List[int]:
         """Keep the common prefix of the context and `tokens`; return the tokens still to evaluate."""
         self._sync()
-        if (self.lazy_prefill == "exact" or self.lazy_mode == "dynamic") and self._engine.lazy_layers:
+        if self._engine.compacted:
             # The context was compacted after its prompt; a fresh exact evaluation of a new prompt keeps
             # every layer full throughout, so reuse would not give the same result: start over.
             self.reset()
@@ -414,7 +393,7 @@ class Llama:
         return tokens[common:]
 
     def _make_sampler(self, temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty, seed):
-        seed = self._seed if seed is None else (_check_int("seed", seed, 0) & 0xFFFFFFFF)
+        seed = self._seed if seed is None else (check_int("seed", seed, 0) & 0xFFFFFFFF)
         return _native.Sampler(
             n_vocab=self.n_vocab(), temperature=float(temp), top_k=int(top_k), top_p=float(top_p),
             min_p=float(min_p), repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
@@ -438,12 +417,14 @@ class Llama:
         echo: bool = False,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        logit_bias: Optional[Dict[int, float]] = None,
     ):
         """Complete `prompt`; a `text_completion` dict, or an iterator of chunks with stream=True."""
         return create_completion(
             self, prompt, stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, stop=stop, seed=seed, logprobs=logprobs, echo=echo,
+            logit_bias=logit_bias,
         )
 
     __call__ = create_completion
@@ -451,7 +432,7 @@ class Llama:
     def create_chat_completion(self, messages: List[dict], **kwargs):
         """Reply to `messages` with the model's chat template; a `chat.completion` dict or chunk iterator.
         Keyword arguments: temperature=0.2, top_p, top_k, min_p, stream, stop, seed, max_tokens,
-        presence_penalty, frequency_penalty, repeat_penalty, logprobs, top_logprobs."""
+        presence_penalty, frequency_penalty, repeat_penalty, logprobs, top_logprobs, logit_bias."""
         return create_chat_completion(self, messages, **kwargs)
 
     def chat_template(self) -> ChatTemplate:

@@ -51,6 +51,7 @@ def create_chat_completion(
     repeat_penalty: float = 1.0,
     logprobs: bool = False,
     top_logprobs: Optional[int] = None,
+    logit_bias: Optional[dict] = None,
 ):
     tokens, template_stop = llm.chat_template().render(messages)
     user_stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -58,6 +59,6 @@ def create_chat_completion(
         llm, tokens, stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty, stop=user_stop + template_stop, seed=seed,
-        logprobs=(top_logprobs or 0) if logprobs else None,
+        logprobs=(top_logprobs or 0) if logprobs else None, logit_bias=logit_bias,
     )
     return _convert_completion_to_chat(completion, stream=stream)

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import List, Optional
 
+from .engine_config import DEFAULTS
+
 
 def _layer_list(text: str) -> List[int]:
     try:
@@ -18,18 +20,20 @@ def _layer_list(text: str) -> List[int]:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("--n-ctx", type=int, default=DEFAULTS.n_ctx, help=f"context length in tokens (default {DEFAULTS.n_ctx})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
                    help="offload the last N layers to the GPU (-1 = all, with the output layer); needs llama-cpp-python "
                         "built with CUDA")
     p.add_argument("--main-gpu", type=int, default=0, help="GPU device that takes the offloaded layers")
     p.add_argument("--lazy-layers", type=_layer_list, default=None, help="lazy layers, e.g. 15,16,17")
-    p.add_argument("--n-sink", type=int, default=4, help="initial tokens a lazy layer keeps (default 4)")
-    p.add_argument("--n-window", type=int, default=1024, help="recent tokens a lazy layer keeps (default 1024)")
-    p.add_argument("--type-k", default="f16", help="K cache type of full layers: f16, bf16, q8_0, q4_0")
-    p.add_argument("--type-v", default="f16", help="V cache type of full layers (must equal --type-k)")
-    p.add_argument("--lazy-type", default="q4_0", help="K/V type of lazy layers (default q4_0)")
+    p.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink,
+                   help=f"initial tokens a lazy layer keeps (default {DEFAULTS.n_sink})")
+    p.add_argument("--n-window", type=int, default=DEFAULTS.n_window,
+                   help=f"recent tokens a lazy layer keeps (default {DEFAULTS.n_window})")
+    p.add_argument("--type-k", default=DEFAULTS.type_k, help="K cache type of full layers: f16, bf16, q8_0, q4_0")
+    p.add_argument("--type-v", default=DEFAULTS.type_v, help="V cache type of full layers (must equal --type-k)")
+    p.add_argument("--lazy-type", default=DEFAULTS.lazy_type, help=f"K/V type of lazy layers (default {DEFAULTS.lazy_type})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--lazy-profile", default=None, metavar="PATH|auto",
                    help="choose lazy layers from a profile (auto: MODEL.gguf.simkv.json beside the model)")
@@ -37,19 +41,32 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lazy-threshold", type=float, default=None, help="with a profile: score threshold")
     p.add_argument("--lazy-criterion", default=None, choices=["mass", "change", "loss"],
                    help="profile score to use (default: loss where the profile has it, else mass)")
-    p.add_argument("--lazy-prefill", default="streaming", choices=["streaming", "exact"],
+    p.add_argument("--lazy-prefill", default=DEFAULTS.lazy_prefill, choices=["streaming", "exact"],
                    help="streaming: bounded memory from the first token; exact: full prompt, then trim (paper)")
-    p.add_argument("--lazy-mode", default="static", choices=["static", "dynamic"],
+    p.add_argument("--lazy-mode", default=DEFAULTS.lazy_mode, choices=["static", "dynamic"],
                    help="dynamic: choose lazy layers per prompt by attention mass > --lazy-threshold")
 
 
-def _open(args):
-    from . import Llama, default_model_path
+def _add_ignore_eos(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never end a reply with an end-of-generation token (it runs to -n or the context's end)")
 
-    path = args.model
-    if path is None:
-        path = default_model_path()
-        print(f"simkv: using the embedded default model {path}", file=sys.stderr)
+
+def _model_path(args) -> str:
+    """MODEL, or the embedded default model (and say so)."""
+    if args.model is not None:
+        return args.model
+    from . import default_model_path
+
+    path = default_model_path()
+    print(f"simkv: using the embedded default model {path}", file=sys.stderr)
+    return path
+
+
+def _open(args):
+    from . import Llama
+
+    path = _model_path(args)
     kw = {}
     if args.seed is not None:
         kw["seed"] = args.seed
@@ -64,6 +81,11 @@ def _open(args):
     return llm
 
 
+def _eos_ban(llm, args):
+    """--ignore-eos (llama.cpp's flag): the end-of-generation tokens can never be sampled."""
+    return {t: float("-inf") for t in llm.eog_tokens()} if args.ignore_eos else None
+
+
 def cmd_generate(args) -> int:
     llm = _open(args)
     prompt = llm.tokenize(args.prompt.encode("utf-8"), add_bos=True, special=True)
@@ -74,7 +96,8 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     n = 0
     for n, token in enumerate(llm.generate(prompt, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                           repeat_penalty=args.repeat_penalty), start=1):
+                                           repeat_penalty=args.repeat_penalty, logit_bias=_eos_ban(llm, args)),
+                              start=1):
         if llm.token_is_eog(token):
             break
         sys.stdout.write(decoder.decode(llm.detokenize([token])))
@@ -127,7 +150,7 @@ def cmd_chat(args) -> int:
         t0 = time.perf_counter()
         try:  # Ctrl-C anywhere in the reply (prompt evaluation included) ends the reply, not the session
             for chunk in llm.create_chat_completion(history, stream=True, temperature=args.temp,
-                                                    max_tokens=args.n_predict):
+                                                    max_tokens=args.n_predict, logit_bias=_eos_ban(llm, args)):
                 piece = chunk["choices"][0]["delta"].get("content", "")
                 reply.append(piece)
                 sys.stdout.write(piece)
@@ -153,16 +176,12 @@ def _print_stats(llm, last) -> None:
 
 
 def cmd_info(args) -> int:
-    from . import _native, default_model_path
+    from . import _native
+    from .checks import check_model_file
     from .memory import kv_bytes, layers_that_can_be_lazy
 
-    path = args.model
-    if path is None:
-        path = default_model_path()
-        print(f"simkv: using the embedded default model {path}", file=sys.stderr)
-    from .llama import _check_model_file
-
-    model = _native.load_model(_check_model_file(path))
+    path = _model_path(args)
+    model = _native.load_model(check_model_file(path))
     hp = model.hparams
     md = model.metadata
     print(f"model        {md.get('general.name', os.path.basename(path))}  ({path})")
@@ -194,13 +213,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from . import default_model_path
-    from .profile import default_profile_path, profile_model
+    from .lazy_profile import default_profile_path
+    from .profiler import profile_model
 
-    path = args.model
-    if path is None:
-        path = default_model_path()
-        print(f"simkv: using the embedded default model {path}", file=sys.stderr)
+    path = _model_path(args)
     texts = None
     if args.calib:
         texts = []
@@ -243,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--repeat-penalty", type=float, default=1.0)
+    _add_ignore_eos(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")
@@ -250,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-s", "--system", default=None, help="system prompt")
     c.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per reply (default 512)")
     c.add_argument("--temp", type=float, default=0.2, help="temperature (default 0.2)")
+    _add_ignore_eos(c)
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="model facts and a KV-memory table by configuration")
@@ -261,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", nargs="+", default=None, metavar="FILE",
                     help="calibration text files (default: the set shipped with simkv)")
     pr.add_argument("--n-ctx", type=int, default=2048, help="tokens per sample (default 2048)")
-    pr.add_argument("--n-sink", type=int, default=4)
+    pr.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink)
     pr.add_argument("--n-window", type=int, default=256, help="recent keys counted as the window (default 256)")
-    pr.add_argument("--w-last", type=int, default=32, help="queries probed per sample: the last W (default 32)")
+    pr.add_argument("--w-last", type=int, default=DEFAULTS.w_last,
+                    help=f"queries probed per sample: the last W (default {DEFAULTS.w_last})")
     pr.add_argument("--samples", type=int, default=8, help="most samples (default 8)")
     pr.add_argument("--threads", type=int, default=None)
     pr.add_argument("--loss-samples", type=int, default=3, metavar="N",

@@ -1,18 +1,16 @@
-"""Choosing lazy layers offline: profile a model once on calibration text, save the per-layer scores
-beside the model (`MODEL.gguf.simkv.json`), select lazy layers from them at load time.
+"""Lazy-layer profiles: the per-layer scores of one model, saved beside it (`MODEL.gguf.simkv.json`), and
+the selection of lazy layers from them at load time. Making a profile (running the model over calibration
+text) is profiler.py's job; this module never runs a model.
 
-Two criteria, both measured by the native probe on the last `w_last` tokens of each sample:
+Three criteria, all measured on the last `w_last` tokens of each calibration sample:
 - "mass" (SimLayerKV's): attention weight on the first n_sink keys + the n_window most recent ones,
   averaged over heads and queries. Higher = lazier; the paper's thresholds apply.
 - "change" (effect-based): relative change of the layer's attention output when it keeps only those keys.
   Lower = lazier. It measures what trimming does rather than a proxy for it.
-- "loss" (effect-based; measured on the first `loss_samples` samples, the default criterion when a profile
-  has it): increase of the mean next-token loss on the second half of a sample
-  when only this layer is trimmed after a full first half (the paper's exact prefill). The first half is
-  evaluated once; each layer is then masked to sinks + window in place and the second half scored
-  again (n_layer + 1 evaluations of half a sample each).
-  Lower = lazier. It catches layers that put almost all attention on sinks + window yet do long-range
-  copying with the rest.
+- "loss" (effect-based, the default criterion when a profile has it): increase of the mean next-token loss
+  on the second half of a sample when only this layer is trimmed after a full first half (the paper's
+  exact prefill). Lower = lazier. It catches layers that put almost all attention on sinks + window yet do
+  long-range copying with the rest.
 """
 from __future__ import annotations
 
@@ -20,14 +18,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
-import time
-from importlib import resources
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
-
-from .memory import layers_that_can_be_lazy
 
 PROFILE_SUFFIX = ".simkv.json"
 FORMAT_VERSION = 1
@@ -52,11 +45,9 @@ def find_profile(model_path: str) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def model_identity(model_path: str) -> dict:
-    """What ties a profile to one model file: name, shape and a fingerprint of the file's bytes."""
-    from . import _native
-
-    model = _native.load_model(os.fspath(model_path))
+def model_identity(model_path: str, model) -> dict:
+    """What ties a profile to one model file: name, shape and a fingerprint of the file's bytes.
+    `model` is the file's loaded native model (its metadata and hyperparameters)."""
     size = os.path.getsize(model_path)
     h = hashlib.sha256()
     with open(model_path, "rb") as f:  # first and last MiB: cheap even for a multi-GB file
@@ -173,9 +164,9 @@ class LazyProfile:
                     raise ValueError(f"lazy profile {path}: a sample has {len(s[c])} '{c}' scores for {prof.n_layer} layers")
         return prof
 
-    def check_model(self, model_path: str) -> None:
-        """Refuse a profile made for another model."""
-        ident = model_identity(model_path)
+    def check_model(self, model_path: str, model) -> None:
+        """Refuse a profile made for another model (`model`: the file's loaded native model)."""
+        ident = model_identity(model_path, model)
         diff = [k for k in ("arch", "n_layer", "file_size", "fingerprint") if self.model.get(k) != ident[k]]
         if diff:
             raise ValueError(f"this lazy profile was made for '{self.model.get('name')}' ({self.model.get('file_size')} "
@@ -218,104 +209,11 @@ def _check_criterion(criterion: str) -> None:
         raise ValueError(f"unknown criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
 
 
-def default_calibration_texts() -> List[Tuple[str, str]]:
-    """(source, text) pairs of the calibration set shipped in py_simkv/calibration (see its README)."""
-    folder = resources.files("py_simkv") / "calibration"
-    return [(name, (folder / name).read_text(encoding="utf-8"))
-            for name in ("python_reference_prose.txt", "python_stdlib_code.txt", "dialogue_chatterbot.txt")]
-
-
-def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int) -> List[Tuple[str, List[int]]]:
-    """Cut each text into n_ctx-token samples, alternating sources, up to max_samples."""
-    per_source = []
-    for source, text in texts:
-        toks = llm.tokenize(text.encode("utf-8"), add_bos=True)
-        chunks = [(f"{source}[{i // n_ctx}]", toks[i:i + n_ctx]) for i in range(0, len(toks) - n_ctx + 1, n_ctx)]
-        if not chunks and len(toks) > 0:
-            chunks = [(source, toks)]
-        per_source.append(chunks)
-    out = []
-    for i in range(max(len(c) for c in per_source) if per_source else 0):
-        for chunks in per_source:
-            if i < len(chunks) and len(out) < max_samples:
-                out.append(chunks[i])
-    return out
-
-
-def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = 2048, n_sink: int = 4,
-                  n_window: int = 256, w_last: int = 32, max_samples: int = 8, loss_samples: int = 3,
-                  n_threads: Optional[int] = None, progress: bool = True) -> LazyProfile:
-    """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
-
-    texts: strings or (source, text) pairs; default: the calibration set shipped with simkv.
-    loss_samples: how many of the samples (the first ones: samples alternate between the texts, so one of
-    each kind) also measure the "loss" criterion, n_layer + 1 half-sample evaluations each; 0 = none."""
-    from .llama import Llama, _check_int
-
-    _check_int("n_ctx", n_ctx, 2)
-    _check_int("w_last", w_last, 1)
-    _check_int("loss_samples", loss_samples, 0)
-    if w_last > n_ctx:
-        raise ValueError(f"w_last ({w_last}) must not exceed n_ctx ({n_ctx})")
-    pairs = default_calibration_texts() if texts is None else [
-        t if isinstance(t, tuple) else (f"text{i}", t) for i, t in enumerate(texts)]
-    if not pairs or not all(isinstance(t, str) and t for _, t in pairs):
-        raise ValueError("calibration texts must be non-empty strings")
-    llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
-    samples = _samples(llm, pairs, n_ctx, max_samples)
-    n_layer = len(layers_that_can_be_lazy(llm.hparams))
-    n_loss = min(loss_samples, len(samples))
-    steps = len(samples) + n_loss * n_layer
-    t0 = time.perf_counter()
-    results = []
-    for k, (source, toks) in enumerate(samples):
-        done = k + min(k, n_loss) * n_layer
-        if progress:
-            _progress(done, steps, t0)
-        llm.reset()
-        scores = llm.eval(toks, probe={"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window})
-        result = {"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
-                  "change": scores["change"].tolist()}
-        if k < n_loss:
-            tick = (lambda j: _progress(done + 2 + j, steps, t0)) if progress else (lambda j: None)
-            result["loss"] = _trim_losses(llm, toks, n_sink, n_window, tick)
-        results.append(result)
-    if progress:
-        _progress(steps, steps, t0)
-        print(file=sys.stderr)
-    return LazyProfile(model=model_identity(model_path),
-                       params={"n_ctx": n_ctx, "n_sink": n_sink, "n_window": n_window, "w_last": w_last},
-                       samples=results)
-
-
-def _trim_losses(llm, toks, n_sink: int, n_window: int, tick) -> List[float]:
-    """For each layer: mean next-token loss on toks[half:] with only that layer trimmed to sinks + window,
-    minus the loss with none trimmed, after toks[:half] evaluated with every layer full."""
-    half = len(toks) // 2
-    llm.reset()
-    llm.eval(toks[:half])
-    base = float(llm.nll(toks[half:], keep=False).mean())
-    # NaN for layers that cannot be lazy (the probe, too, reports NaN for them): never selected.
-    out = [float("nan")] * llm.hparams["n_layer"]
-    for j, il in enumerate(layers_that_can_be_lazy(llm.hparams)):
-        llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
-        out[il] = float(llm.nll(toks[half:], keep=False).mean()) - base
-        tick(j)
-    llm.set_masked_layers([])
-    return out
-
-
-def _progress(done: int, total: int, t0: float) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {done}/{total} evaluations, "
-          f"{time.perf_counter() - t0:.0f} s", end="", file=sys.stderr, flush=True)
-
-
-def resolve_lazy_layers(model_path: str, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold,
+def resolve_lazy_layers(model_path: str, model, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold,
                         lazy_criterion: Optional[str] = None) -> Tuple[Optional[List[int]], Optional[str]]:
     """Which layers are lazy at load time: explicit lazy_layers win; else a profile (a path, or "auto" = the
-    one saved beside the model) with a ratio or threshold. Returns (layers or None, profile path used)."""
+    one saved beside the model) with a ratio or threshold. `model` is the loaded native model. Returns
+    (layers or None, profile path used)."""
     if lazy_layers is not None:
         return lazy_layers, None
     if lazy_profile is None:
@@ -333,5 +231,5 @@ def resolve_lazy_layers(model_path: str, lazy_layers, lazy_profile, lazy_ratio, 
     else:
         path = os.fspath(lazy_profile)
     prof = LazyProfile.load(path)
-    prof.check_model(model_path)
+    prof.check_model(model_path, model)
     return prof.select(threshold=lazy_threshold, ratio=lazy_ratio, criterion=lazy_criterion), path

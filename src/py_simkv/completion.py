@@ -73,6 +73,7 @@ def completion_stream(
     logprobs: Optional[int] = None,
     echo: bool = False,
     stop_token_ids: Sequence[int] = (),
+    logit_bias: Optional[Dict[int, float]] = None,
 ) -> Iterator[dict]:
     """Yields stream chunks (llama-cpp-python's `text_completion` chunk shape); the last one carries the
     finish_reason and, as an extra key consumed by create_completion, the usage."""
@@ -113,7 +114,7 @@ def completion_stream(
         return record.since(start)
     generator = None if limit <= 0 else llm.generate(prompt_tokens, top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature,
                              repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                             presence_penalty=presence_penalty, seed=seed)
+                             presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
     if echo:
         if record is not None:
             scores = llm.scores  # rows of the prompt (logits_all): row i predicts token i + 1
@@ -130,7 +131,7 @@ def completion_stream(
             finish_reason = "stop"
             break
         if record is not None:
-            record.add(token, llm._last_logits)
+            record.add(token, llm.last_logits)
         completion_tokens.append(token)
         pending += llm.detokenize([token])
         hit = [i for i in (pending.find(s) for s in stop_bytes) if i >= 0]
