@@ -249,6 +249,8 @@ def cmd_profile(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .profiler import PROFILE_LOSS_SAMPLES, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES
+
     ap = argparse.ArgumentParser(prog="simkv", description="Local LLM runtime with a per-layer KV cache (SimLayerKV).")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="complete a prompt, streaming the text")
@@ -278,16 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", nargs="?", default=None, help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
     pr.add_argument("--calib", nargs="+", default=None, metavar="FILE",
                     help="calibration text files (default: the set shipped with simkv)")
-    pr.add_argument("--n-ctx", type=int, default=2048, help="tokens per sample (default 2048)")
+    pr.add_argument("--n-ctx", type=int, default=PROFILE_N_CTX, help=f"tokens per sample (default {PROFILE_N_CTX})")
     pr.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink)
-    pr.add_argument("--n-window", type=int, default=256, help="recent keys counted as the window (default 256)")
+    pr.add_argument("--n-window", type=int, default=PROFILE_N_WINDOW,
+                    help=f"recent keys counted as the window (default {PROFILE_N_WINDOW})")
     pr.add_argument("--w-last", type=int, default=DEFAULTS.w_last,
                     help=f"queries probed per sample: the last W (default {DEFAULTS.w_last})")
-    pr.add_argument("--samples", type=int, default=8, help="most samples (default 8)")
+    pr.add_argument("--samples", type=int, default=PROFILE_SAMPLES, help=f"most samples (default {PROFILE_SAMPLES})")
     pr.add_argument("--threads", type=int, default=None)
-    pr.add_argument("--loss-samples", type=int, default=3, metavar="N",
+    pr.add_argument("--loss-samples", type=int, default=PROFILE_LOSS_SAMPLES, metavar="N",
                     help="score each layer by the loss increase when it alone is trimmed on the first N samples "
-                         "(n_layer+1 half-sample evaluations each; default 3, one per kind of text; 0 = attention only)")
+                         f"(n_layer+1 half-sample evaluations each; default {PROFILE_LOSS_SAMPLES}, one per kind of "
+                         "text; 0 = attention only)")
     pr.add_argument("-o", "--output", default=None, help="profile path (default: MODEL.gguf.simkv.json)")
     pr.add_argument("--plot", default=None, metavar="PNG", help="also draw the scores (needs matplotlib)")
     pr.set_defaults(func=cmd_profile)

@@ -40,8 +40,14 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
     return out
 
 
-def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = 2048, n_sink: int = DEFAULTS.n_sink,
-                  n_window: int = 256, w_last: int = 32, max_samples: int = 8, loss_samples: int = 3,
+# Profiling defaults (the CLI's `simkv profile` reads these): 2K-token samples, a 256-token window (the
+# prefill window of the paper scaled to the sample), three samples scored by loss (one per kind of text).
+PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES = 2048, 256, 8, 3
+
+
+def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = PROFILE_N_CTX,
+                  n_sink: int = DEFAULTS.n_sink, n_window: int = PROFILE_N_WINDOW, w_last: int = DEFAULTS.w_last,
+                  max_samples: int = PROFILE_SAMPLES, loss_samples: int = PROFILE_LOSS_SAMPLES,
                   n_threads: Optional[int] = None, progress: bool = True) -> LazyProfile:
     """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
 
