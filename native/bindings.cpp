@@ -120,6 +120,7 @@ NB_MODULE(_native, m) {
         .def_rw("n_window", &EngineConfig::n_window)
         .def_rw("dynamic_threshold", &EngineConfig::dynamic_threshold)
         .def_rw("w_last", &EngineConfig::w_last)
+        .def_rw("n_seq_max", &EngineConfig::n_seq_max)
         .def_prop_rw("type_k", [](const EngineConfig & c) { return std::string(ggml_type_name(c.type_k)); },
                      [](EngineConfig & c, const std::string & v) { c.type_k = parse_cache_type(v, "type_k"); })
         .def_prop_rw("type_v", [](const EngineConfig & c) { return std::string(ggml_type_name(c.type_v)); },
@@ -152,6 +153,7 @@ NB_MODULE(_native, m) {
                  std::vector<float> logits;
                  {
                      nb::gil_scoped_release release;
+                     auto busy = e.claim();
                      logits = e.eval(tokens.data(), n, all_logits);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
@@ -164,6 +166,7 @@ NB_MODULE(_native, m) {
                  std::vector<float> logits;
                  {
                      nb::gil_scoped_release release;
+                     auto busy = e.claim();
                      const ProbeSpec spec{n_sink, n_window};
                      logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe);
                  }
@@ -171,16 +174,62 @@ NB_MODULE(_native, m) {
                  return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
              },
              "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
+        .def("decode",
+             [](Engine & e, const std::vector<int32_t> & seqs, const std::vector<TokenArray> & tokens,
+                const std::vector<bool> & all_logits) {
+                 if (seqs.size() != tokens.size() || seqs.size() != all_logits.size()) {
+                     throw BadInput("decode(): seqs, tokens and all_logits must have the same length");
+                 }
+                 std::vector<SeqTokens> batch(seqs.size());
+                 for (size_t i = 0; i < seqs.size(); ++i) {
+                     batch[i] = SeqTokens{seqs[i], tokens[i].data(), (uint32_t) tokens[i].shape(0), all_logits[i]};
+                 }
+                 std::vector<std::vector<float>> logits;
+                 {
+                     nb::gil_scoped_release release;
+                     auto busy = e.claim();
+                     logits = e.decode(batch);
+                 }
+                 const size_t n_vocab = e.model().hp().n_vocab;
+                 nb::list out;
+                 for (size_t i = 0; i < logits.size(); ++i) {
+                     out.append(to_numpy(std::move(logits[i]), all_logits[i] ? batch[i].n : 1, n_vocab));
+                 }
+                 return out;
+             },
+             "seqs"_a, "tokens"_a, "all_logits"_a,
+             "Append tokens to several sequences in shared ubatches; returns each one's logits")
         .def("probe_mass", &Engine::probe_mass)
         .def("probe_change", &Engine::probe_change)
-        .def("truncate", &Engine::truncate, "n_keep"_a)
-        .def("reset", &Engine::reset)
-        .def("set_masked_layers", &Engine::set_masked_layers, "layers"_a, "n_sink"_a, "n_window"_a)
-        .def_prop_ro("n_past", &Engine::n_past)
+        .def("truncate", [](Engine & e, uint32_t n_keep, int32_t seq) { auto busy = e.claim(); return e.truncate(n_keep, seq); },
+             "n_keep"_a, "seq"_a = 0)
+        .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); e.clear(seq); }, "seq"_a)
+        .def("reset", [](Engine & e) { auto busy = e.claim(); e.reset(); })
+        .def("set_masked_layers",
+             [](Engine & e, const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window) {
+                 auto busy = e.claim();
+                 e.set_masked_layers(layers, n_sink, n_window);
+             },
+             "layers"_a, "n_sink"_a, "n_window"_a)
+        .def_prop_ro("n_past", [](const Engine & e) { return e.n_past(0); })
+        .def("n_past_of", [](const Engine & e, int32_t seq) { return e.n_past(seq); }, "seq"_a)
+        .def_prop_ro("free_cells", &Engine::free_cells)
         .def_prop_ro("compacted", &Engine::compacted)
         .def_prop_ro("lazy_layers", &Engine::lazy_layers)
         .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)
-        .def("kv_layers", &kv_stats)
+        .def("kv_layers", [](const Engine & e) { auto busy = e.claim(); return kv_stats(e); })
+        .def("seq_stats",
+             [](const Engine & e, int32_t seq) {
+                 auto busy = e.claim();
+                 nb::dict d;
+                 d["n_tokens"] = e.n_past(seq);
+                 d["bytes"] = e.kv().seq_bytes(seq);
+                 std::vector<uint32_t> cells;
+                 for (size_t il = 0; il < e.kv().n_layer(); ++il) cells.push_back(e.kv().seq_cells(seq, (int) il));
+                 d["cells"] = cells;
+                 return d;
+             },
+             "seq"_a, "One sequence's share of the KV cache: tokens, cells per layer, bytes")
         .def_prop_ro("kv_total_bytes", [](const Engine & e) { return e.kv().total_bytes(); });
 
     nb::class_<Vocab>(m, "Vocab")

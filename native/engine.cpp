@@ -67,6 +67,12 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     check_at_least("n_sink", c.n_sink, 0);
     check_at_least("n_window", c.n_window, 1);
     check_at_least("w_last", c.w_last, 1);
+    check_at_least("n_seq_max", c.n_seq_max, 1);
+    check_at_most("n_seq_max", c.n_seq_max, kMaxSequences, "");
+    if (c.n_seq_max > 1 && (c.lazy_prefill == LazyPrefill::Exact || c.lazy_mode == LazyMode::Dynamic)) {
+        throw BadInput("exact prefill and dynamic mode hold one sequence: use n_seq_max=1, or streaming prefill "
+                       "with static lazy layers");
+    }
     if (!(c.dynamic_threshold == c.dynamic_threshold)) throw BadInput("dynamic_threshold must be a number, got NaN");
     // A batch never exceeds the context, and a window or sink set covering the context is the whole context
     // (clamping keeps every ring size far from overflow).
@@ -109,6 +115,9 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
     ggml_backend_cpu_set_n_threads(cpu_.get(), (int) cfg_.n_threads);
 
     kv_cfg_.n_ctx = (uint32_t) cfg_.n_ctx;
+    kv_cfg_.n_seq_max = (uint32_t) cfg_.n_seq_max;
+    n_past_.assign(cfg_.n_seq_max, 0);
+    n_written_.assign(cfg_.n_seq_max, 0);
     kv_cfg_.n_ubatch = (uint32_t) cfg_.n_ubatch;
     kv_cfg_.type_full = cfg_.type_k;
     kv_cfg_.type_lazy = cfg_.lazy_type;
@@ -140,23 +149,72 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
 
 std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe,
                                 uint32_t n_probe) {
-    const HParams & hp = model_->hp();
     if (n == 0) throw BadInput("eval() needs at least one token");
-    if ((uint64_t) n_past_ + n > (uint64_t) cfg_.n_ctx) {
-        throw BadInput("context overflow: " + std::to_string(n_past_) + " tokens in context + " + std::to_string(n) +
-                       " new > n_ctx " + std::to_string(cfg_.n_ctx));
+    return std::move(decode({SeqTokens{0, tokens, n, all_logits}}, probe, n_probe)[0]);
+}
+
+std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & batch) {
+    return decode(batch, nullptr, 0);
+}
+
+size_t Engine::checked_seq(int32_t seq) const {
+    if (seq < 0 || seq >= cfg_.n_seq_max) {
+        throw BadInput("sequence " + std::to_string(seq) + " is out of range (0.." + std::to_string(cfg_.n_seq_max - 1) +
+                       ": n_seq_max " + std::to_string(cfg_.n_seq_max) + ")");
     }
-    for (uint32_t i = 0; i < n; ++i) {
-        if (tokens[i] < 0 || (uint32_t) tokens[i] >= hp.n_vocab) {
-            throw BadInput("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
-                           std::to_string(hp.n_vocab - 1) + ")");
+    return (size_t) seq;
+}
+
+std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
+                                               uint32_t n_probe) {
+    const HParams & hp = model_->hp();
+    // Check everything first: a refused call changes nothing.
+    if (batch.empty()) throw BadInput("decode() needs at least one sequence");
+    std::vector<bool> seen(cfg_.n_seq_max, false);
+    uint64_t n_total = 0;
+    for (const SeqTokens & b : batch) {
+        const size_t s = checked_seq(b.seq);
+        if (seen[s]) throw BadInput("sequence " + std::to_string(b.seq) + " appears twice in one decode() call");
+        seen[s] = true;
+        if (b.n == 0) throw BadInput("sequence " + std::to_string(b.seq) + ": no tokens");
+        if ((uint64_t) n_past_[s] + b.n > (uint64_t) cfg_.n_ctx) {
+            throw BadInput("context overflow: " + std::to_string(n_past_[s]) + " tokens in context + " +
+                           std::to_string(b.n) + " new > n_ctx " + std::to_string(cfg_.n_ctx));
         }
+        for (uint32_t i = 0; i < b.n; ++i) {
+            if (b.tokens[i] < 0 || (uint32_t) b.tokens[i] >= hp.n_vocab) {
+                throw BadInput("token id " + std::to_string(b.tokens[i]) + " is outside the vocabulary (0.." +
+                               std::to_string(hp.n_vocab - 1) + ")");
+            }
+        }
+        n_total += b.n;
     }
+    if (n_total > kv_->free_cells()) {
+        throw BadInput("the KV cache is full: " + std::to_string(n_total) + " new tokens, " +
+                       std::to_string(kv_->free_cells()) + " free cells (clear or truncate a sequence, or raise n_ctx)");
+    }
+    const uint32_t n = (uint32_t) n_total;
     if (!probe) n_probe = 0;
     if (n_probe > n) throw BadInput("cannot probe more tokens than are evaluated");
+    if (n_probe && batch.size() > 1) throw BadInput("the probe runs on one sequence at a time");
     if (n_probe && probe->n_window < 1) throw BadInput("probe n_window must be >= 1");
-    const uint32_t n_out = all_logits ? n : 1;
-    std::vector<float> logits((size_t) n_out * hp.n_vocab);
+
+    // Lay the batch out token by token, with each output row's destination.
+    std::vector<int32_t> tok(n), pos(n), seq(n);
+    std::vector<float *> dest(n, nullptr);
+    std::vector<std::vector<float>> logits(batch.size());
+    uint32_t k = 0;
+    for (size_t bi = 0; bi < batch.size(); ++bi) {
+        const SeqTokens & b = batch[bi];
+        logits[bi].resize((size_t) (b.all_logits ? b.n : 1) * hp.n_vocab);
+        for (uint32_t i = 0; i < b.n; ++i, ++k) {
+            tok[k] = b.tokens[i];
+            pos[k] = (int32_t) (n_past_[b.seq] + i);
+            seq[k] = b.seq;
+            if (b.all_logits) dest[k] = logits[bi].data() + (size_t) i * hp.n_vocab;
+            else if (i + 1 == b.n) dest[k] = logits[bi].data();
+        }
+    }
     // Exact prefill: the first eval of a context is its prompt; its end triggers the compaction of the lazy
     // layers. In dynamic mode the probe (on the prompt's last w_last tokens, unless the caller probes)
     // picks them.
@@ -172,6 +230,8 @@ std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_log
     // batch shape, so the same split gives the same logits).
     const uint32_t n_batch = (uint32_t) cfg_.n_batch;
     const uint32_t step = std::min((uint32_t) cfg_.n_ubatch, kv_->max_ubatch());
+    std::vector<uint32_t> rows;
+    std::vector<float *> out;
     for (uint32_t b0 = 0; b0 < n; b0 += n_batch) {
         const uint32_t b1 = std::min(n, b0 + n_batch);
         for (uint32_t i = b0; i < b1; i += step) {
@@ -179,12 +239,15 @@ std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_log
             // Probed rows: the ubatch's share of the call's last n_probe tokens.
             const uint32_t first_probed = n - n_probe;
             const uint32_t n_sel = i + m <= first_probed ? 0 : std::min(m, i + m - first_probed);
-            if (all_logits) {
-                eval_ubatch(tokens + i, m, m, logits.data() + (size_t) i * hp.n_vocab, n_sel, probe);
-            } else {
-                const bool last = i + m == n;
-                eval_ubatch(tokens + i, m, last ? 1 : 0, last ? logits.data() : nullptr, n_sel, probe);
+            rows.clear();
+            out.clear();
+            for (uint32_t r = 0; r < m; ++r) {
+                if (dest[i + r]) {
+                    rows.push_back(r);
+                    out.push_back(dest[i + r]);
+                }
             }
+            eval_ubatch(tok.data() + i, pos.data() + i, seq.data() + i, m, rows, out, n_sel, probe);
         }
     }
     if (compact_after) {
@@ -236,22 +299,21 @@ void Engine::set_masked_layers(const std::vector<int> & layers, uint32_t n_sink,
     kv_->regroup(layers, make_masked_policy(kv_cfg_.n_ctx, n_sink, n_window));
 }
 
-void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe,
+void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int32_t * seq, uint32_t n,
+                         const std::vector<uint32_t> & out_rows, const std::vector<float *> & out, uint32_t n_probe,
                          const ProbeSpec * probe) {
     const HParams & hp = model_->hp();
-    std::vector<int32_t> pos(n);
-    for (uint32_t i = 0; i < n; ++i) pos[i] = (int32_t) (n_past_ + i);
-    kv_->plan_ubatch(pos.data(), n);
+    kv_->plan_ubatch(pos, seq, n);
 
-    // A ubatch with no output still needs a graph sink: keep one row of logits and drop it.
-    const uint32_t n_rows = std::max<uint32_t>(n_outputs, 1);
+    // A ubatch with no output still needs a graph sink: keep the last row's logits and drop them.
+    const std::vector<uint32_t> rows = out_rows.empty() ? std::vector<uint32_t>{n - 1} : out_rows;
+    const uint32_t n_rows = (uint32_t) rows.size();
     BuiltGraph & g = graph_for(n, n_rows, n_probe);
     UbatchInputs & in = g.in;
     ggml_backend_tensor_set(in.tokens, tokens, 0, sizeof(int32_t) * n);
-    ggml_backend_tensor_set(in.pos, pos.data(), 0, sizeof(int32_t) * n);
+    ggml_backend_tensor_set(in.pos, pos, 0, sizeof(int32_t) * n);
     if (in.out_ids) {
-        std::vector<int32_t> ids(n_rows);
-        for (uint32_t i = 0; i < n_rows; ++i) ids[i] = (int32_t) (n - n_rows + i);  // the last rows
+        const std::vector<int32_t> ids(rows.begin(), rows.end());
         ggml_backend_tensor_set(in.out_ids, ids.data(), 0, sizeof(int32_t) * n_rows);
     }
     const auto & groups = kv_->groups();
@@ -261,21 +323,31 @@ void Engine::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs,
         ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
     }
     in.rotations.set();
-    std::vector<int32_t> probe_rows, probe_pos;
     if (n_probe) {
+        std::vector<int32_t> probe_rows, probe_pos, probe_seq;
         for (uint32_t r = n - n_probe; r < n; ++r) {
             probe_rows.push_back((int32_t) r);
             probe_pos.push_back(pos[r]);
+            probe_seq.push_back(seq[r]);
         }
-        ProbeAccumulator::set_inputs(g.probe, *kv_, *probe, probe_rows, probe_pos);
+        ProbeAccumulator::set_inputs(g.probe, *kv_, *probe, probe_rows, probe_pos, probe_seq);
     }
     if (ggml_backend_sched_graph_compute(sched_.get(), g.gf) != GGML_STATUS_SUCCESS) {
         throw std::runtime_error("graph compute failed");
     }
     if (n_probe) probe_acc_.collect(g.probe, hp.n_head, n_probe);
-    if (out && n_outputs > 0) ggml_backend_tensor_get(g.logits, out, 0, sizeof(float) * (size_t) n_outputs * hp.n_vocab);
-    n_past_ += n;
-    n_written_ = std::max(n_written_, n_past_);
+    // The logits of consecutive rows to consecutive destinations come in one read.
+    const size_t row_bytes = sizeof(float) * hp.n_vocab;
+    for (size_t j = 0; j < out.size();) {
+        size_t run = 1;
+        while (j + run < out.size() && out[j + run] == out[j] + (size_t) run * hp.n_vocab) ++run;
+        ggml_backend_tensor_get(g.logits, out[j], j * row_bytes, run * row_bytes);
+        j += run;
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+        n_past_[seq[i]] = std::max<uint32_t>(n_past_[seq[i]], (uint32_t) pos[i] + 1);
+        n_written_[seq[i]] = std::max(n_written_[seq[i]], n_past_[seq[i]]);
+    }
 }
 
 Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe) {
@@ -306,11 +378,19 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     return graph_;
 }
 
-bool Engine::truncate(uint32_t n_keep) {
-    if (n_keep >= n_past_) return true;
-    if (!kv_->truncate((int32_t) n_keep, (int32_t) n_written_)) return false;
-    n_past_ = n_keep;
+bool Engine::truncate(uint32_t n_keep, int32_t seq) {
+    const size_t s = checked_seq(seq);
+    if (n_keep >= n_past_[s]) return true;
+    if (!kv_->truncate(seq, (int32_t) n_keep, (int32_t) n_written_[s])) return false;
+    n_past_[s] = n_keep;
     return true;
+}
+
+void Engine::clear(int32_t seq) {
+    const size_t s = checked_seq(seq);
+    kv_->clear(seq);
+    n_past_[s] = 0;
+    n_written_[s] = 0;
 }
 
 void Engine::reset() {
@@ -322,8 +402,8 @@ void Engine::reset() {
         compacted_ = false;
     }
     kv_->clear();
-    n_past_ = 0;
-    n_written_ = 0;
+    std::fill(n_past_.begin(), n_past_.end(), 0);
+    std::fill(n_written_.begin(), n_written_.end(), 0);
 }
 
 }  // namespace simkv

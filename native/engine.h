@@ -11,6 +11,7 @@
 #include <ggml-cpp.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -46,12 +47,24 @@ struct EngineConfig {
     LazyMode lazy_mode = LazyMode::Static;
     double dynamic_threshold = 0.9;
     int64_t w_last = 32;
+    // Sequences (conversations) the engine holds at once. They share the pool of n_ctx cells of the full
+    // layers; each has its own sink + ring in the lazy layers.
+    int64_t n_seq_max = 1;
 
     static int64_t default_threads();  // half the cores, as llama-cpp-python
 };
 
 // The largest context an engine accepts (positions are int32 and cell maps are allocated up front).
 constexpr int64_t kMaxContext = int64_t(1) << 26;
+constexpr int64_t kMaxSequences = 256;
+
+// Tokens to append to one sequence in a decode() call.
+struct SeqTokens {
+    int32_t seq = 0;
+    const int32_t * tokens = nullptr;
+    uint32_t n = 0;
+    bool all_logits = false;  // logits of every token, or of the last one
+};
 
 // Checks every setting against the model (one message per rule) and returns the configuration the engine
 // runs with: n_ubatch <= n_batch, n_sink and n_window no larger than the context.
@@ -63,23 +76,29 @@ public:
     Engine(const Engine &) = delete;
     Engine & operator=(const Engine &) = delete;
 
-    // Appends tokens at positions n_past.. and returns logits, row-major [n_out, n_vocab]
+    // Appends tokens to sequence 0 at positions n_past.. and returns logits, row-major [n_out, n_vocab]
     // (n_out = n if all_logits else 1). With a probe spec, also probes the last n_probe tokens of the call
     // (probe.h); read the scores with probe_mass() and probe_change() (per layer, NaN where not probed).
     std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe = nullptr,
                             uint32_t n_probe = 0);
+    // Appends tokens to several sequences at once (each at most once per call): their tokens share ubatches
+    // (continuous batching: one sequence's decode token beside another's prompt chunk). Returns each entry's
+    // logits as eval() does. Everything is checked before anything is evaluated.
+    std::vector<std::vector<float>> decode(const std::vector<SeqTokens> & batch);
     std::vector<double> probe_mass() const { return probe_acc_.mass(); }
     std::vector<double> probe_change() const { return probe_acc_.change(); }
-    // Drops positions >= n_keep. False if a store cannot (a lazy ring overwrote what is needed): then
-    // nothing changed and the caller must reset and re-evaluate.
-    bool truncate(uint32_t n_keep);
-    void reset();
+    // Drops positions >= n_keep of a sequence. False if a store cannot (a lazy ring overwrote what is
+    // needed): then nothing changed and the caller must clear the sequence and re-evaluate.
+    bool truncate(uint32_t n_keep, int32_t seq = 0);
+    void clear(int32_t seq);  // forget one sequence (its cells return to the pool)
+    void reset();             // forget every sequence
     // What-if trimming for the profiler: these layers keep their full store but attend only to the sinks
     // and the n_window most recent keys from now on (kv_policy_masked.cpp); the layers masked before are
     // unmasked. Together with truncate() this scores trimming each layer over one shared full prefix.
     void set_masked_layers(const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window);
 
-    uint32_t n_past() const { return n_past_; }
+    uint32_t n_past(int32_t seq = 0) const { return n_past_.at(checked_seq(seq)); }
+    uint32_t free_cells() const { return kv_->free_cells(); }
     // Exact prefill has compacted lazy layers of this context: a new prompt must start from scratch (a
     // fresh exact evaluation keeps every layer full throughout, which a reused prefix would not).
     bool compacted() const { return compacted_ && !lazy_layers().empty(); }
@@ -89,11 +108,26 @@ public:
     const KvCache & kv() const { return *kv_; }
     const EngineConfig & config() const { return cfg_; }
 
+    // An engine runs one call at a time. Callers that may race (the bindings release the GIL while a call
+    // runs) hold this claim for the call; a second thread gets an error instead of corrupting the cache.
+    std::unique_lock<std::mutex> claim() const {
+        std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
+        if (!lk) throw std::runtime_error("this model is busy with a call from another thread: serialize calls "
+                                          "on one Llama (or use one per thread)");
+        return lk;
+    }
+
 private:
     bool exact() const { return cfg_.lazy_prefill == LazyPrefill::Exact || cfg_.lazy_mode == LazyMode::Dynamic; }
     std::vector<int> dynamic_lazy_layers() const;  // dynamic mode: the layers the probe found lazy
+    size_t checked_seq(int32_t seq) const;
+    std::vector<std::vector<float>> decode(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
+                                           uint32_t n_probe);
     std::unique_ptr<KvCache> new_cache() const;
-    void eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_outputs, float * out, uint32_t n_probe,
+    // One ubatch: token i is tokens[i] at pos[i] of sequence seq[i]; the logits of row out_rows[j] go to
+    // out[j] (n_vocab floats each).
+    void eval_ubatch(const int32_t * tokens, const int32_t * pos, const int32_t * seq, uint32_t n,
+                     const std::vector<uint32_t> & out_rows, const std::vector<float *> & out, uint32_t n_probe,
                      const ProbeSpec * probe);
 
     // The last ubatch graph, kept allocated: a decode step whose shapes (tokens, outputs, viewed cells
@@ -124,12 +158,13 @@ private:
     ggml_backend_sched_ptr sched_;
     GraphArena arena_;
     BuiltGraph graph_;
-    uint32_t n_past_ = 0;
-    uint32_t n_written_ = 0;  // positions ever written since the last reset (for ring rewinds)
+    std::vector<uint32_t> n_past_;     // per sequence
+    std::vector<uint32_t> n_written_;  // per sequence: positions ever written since its last clear (ring rewinds)
     bool compacted_ = false;  // the lazy layers of this context were compacted already
     bool groups_changed_ = false;  // layers moved between KV groups since the last graph: replan memory
     size_t peak_kv_bytes_ = 0;
     ProbeAccumulator probe_acc_;
+    mutable std::mutex busy_;
 };
 
 }  // namespace simkv

@@ -9,7 +9,8 @@
 
 namespace simkv {
 
-KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer) {
+KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer)
+    : n_seq_(cfg.n_seq_max) {
     std::vector<bool> lazy(hp.n_layer, false);
     for (int il : cfg.lazy_layers) lazy.at(il) = true;
     stores_.resize(hp.n_layer);
@@ -23,7 +24,7 @@ KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggm
                                                 : make_full_policy(cfg.n_ctx));
         groups_[g].layers.push_back((int) il);
         stores_[il] = alloc_store(hp, (int) il, g, lazy[il] ? cfg.type_lazy : cfg.type_full,
-                                  groups_[g].policy->capacity(), buft_per_layer[il]);
+                                  (uint32_t) groups_[g].cell_pos.size(), buft_per_layer[il]);
     }
 }
 
@@ -34,7 +35,10 @@ int KvCache::group_for(std::unique_ptr<KvPolicy> policy) {
     }
     KvGroup grp;
     grp.policy = std::move(policy);
-    grp.cell_pos.assign(grp.policy->capacity(), -1);
+    const uint32_t cells = grp.policy->pooled() ? grp.policy->capacity() : grp.policy->capacity() * n_seq_;
+    grp.cell_pos.assign(cells, -1);
+    grp.cell_seq.assign(cells, -1);
+    grp.n_free = cells;
     groups_.push_back(std::move(grp));
     return (int) groups_.size() - 1;
 }
@@ -76,21 +80,20 @@ void KvCache::regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy>
         if (stores_.at(il).group != src_group) throw std::runtime_error("regroup: layers of different groups");
         if (stores_[il].capacity() != policy->capacity()) throw std::runtime_error("regroup: capacity differs");
     }
+    // Only between pooled policies, whose cells hold any position: the cell map carries over unchanged.
+    if (!policy->pooled() || !groups_[src_group].policy->pooled()) throw std::runtime_error("regroup: pooled groups only");
     const int dst_group = group_for(std::move(policy));
     if (dst_group == src_group) return;
     KvGroup & src = groups_[src_group];
     KvGroup & dst = groups_[dst_group];
-    for (uint32_t c = 0; c < src.cell_pos.size(); ++c) {
-        if (src.cell_pos[c] >= 0 && dst.policy->cell_of(src.cell_pos[c]) != c) {
-            throw std::runtime_error("regroup: the stores' cells do not match the new policy");
-        }
-    }
     // A group with layers has its own cell map; joining it needs the same one (both written in lockstep).
-    if (!dst.layers.empty() && (dst.cell_pos != src.cell_pos || dst.n_used != src.n_used)) {
+    if (!dst.layers.empty() && (dst.cell_pos != src.cell_pos || dst.cell_seq != src.cell_seq || dst.n_used != src.n_used)) {
         throw std::runtime_error("regroup: the target group holds other positions");
     }
     dst.cell_pos = src.cell_pos;
+    dst.cell_seq = src.cell_seq;
     dst.n_used = src.n_used;
+    dst.n_free = src.n_free;
     for (int il : layers) {
         src.layers.erase(std::find(src.layers.begin(), src.layers.end(), il));
         dst.layers.push_back(il);
@@ -105,47 +108,97 @@ uint32_t KvCache::max_ubatch() const {
     return m;
 }
 
-void KvCache::plan_ubatch(const int32_t * pos, uint32_t n_tokens) {
+uint32_t KvCache::free_cells() const {
+    uint32_t m = UINT32_MAX;
+    for (const auto & g : groups_) {
+        if (!g.layers.empty() && g.policy->pooled()) m = std::min(m, g.n_free);
+    }
+    return m;
+}
+
+void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens) {
+    if (free_cells() < n_tokens) {
+        throw BadInput("the KV cache is full: " + std::to_string(n_tokens) + " new tokens, " +
+                       std::to_string(free_cells()) + " free cells (clear or truncate a sequence, or raise n_ctx)");
+    }
     for (auto & g : groups_) {
         if (g.layers.empty()) continue;  // e.g. the full group once exact prefill made every layer lazy
         const KvPolicy & p = *g.policy;
         // Write first: the ubatch's own keys must be visible to its queries.
         g.write_cells.resize(n_tokens);
+        uint32_t next_free = 0;  // pooled: the lowest free cells, in order (one sequence: cell = position)
         for (uint32_t i = 0; i < n_tokens; ++i) {
-            const uint32_t c = p.cell_of(pos[i]);
+            uint32_t c;
+            if (p.pooled()) {
+                while (g.cell_pos[next_free] >= 0) ++next_free;
+                c = next_free;
+            } else {
+                c = (uint32_t) seq[i] * g.region() + p.cell_of(pos[i]);
+            }
+            if (g.cell_pos[c] < 0) --g.n_free;
             g.write_cells[i] = c;
             g.cell_pos[c] = pos[i];
+            g.cell_seq[c] = seq[i];
             g.n_used = std::max(g.n_used, c + 1);
         }
-        g.n_kv = std::min(p.capacity(), pad_cells(g.n_used));
+        g.n_kv = std::min((uint32_t) g.cell_pos.size(), pad_cells(g.n_used));
         g.mask.resize((size_t) n_tokens * g.n_kv);
-        fill_mask_rows(g.cell_pos, g.n_used, pos, n_tokens, g.n_kv,
+        fill_mask_rows(g.cell_pos, g.cell_seq, g.n_used, pos, seq, n_tokens, g.n_kv,
                        [&p](int32_t q, int32_t k) { return p.visible(q, k); }, g.mask.data());
     }
 }
 
-bool KvCache::truncate(int32_t n_keep, int32_t n_written) {
+namespace {
+
+// Empty the cells `drop` selects and shrink the viewed range to the highest cell still in use, so the
+// next ubatch attends over as few cells as a fresh context would (llama.cpp does the same).
+template <class Drop>
+void drop_cells(KvGroup & g, Drop drop) {
+    uint32_t n_used = 0;
+    for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
+        if (g.cell_pos[c] >= 0 && drop(g.cell_seq[c], g.cell_pos[c])) {
+            g.cell_pos[c] = -1;
+            g.cell_seq[c] = -1;
+            ++g.n_free;
+        }
+        if (g.cell_pos[c] >= 0) n_used = c + 1;
+    }
+    g.n_used = n_used;
+}
+
+}  // namespace
+
+bool KvCache::truncate(int seq, int32_t n_keep, int32_t n_written) {
     for (const auto & g : groups_) {
         if (!g.policy->can_rewind_to(n_keep, n_written)) return false;
     }
-    for (auto & g : groups_) {
-        // Forget the cut positions and shrink the viewed range to the highest cell still in use, so the
-        // next ubatch attends over as few cells as a fresh context would (llama.cpp does the same).
-        uint32_t n_used = 0;
-        for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
-            if (g.cell_pos[c] >= n_keep) g.cell_pos[c] = -1;
-            if (g.cell_pos[c] >= 0) n_used = c + 1;
-        }
-        g.n_used = n_used;
-    }
+    for (auto & g : groups_) drop_cells(g, [&](int32_t s, int32_t p) { return s == seq && p >= n_keep; });
     return true;
 }
 
+void KvCache::clear(int seq) {
+    for (auto & g : groups_) drop_cells(g, [&](int32_t s, int32_t) { return s == seq; });
+}
+
 void KvCache::clear() {
-    for (auto & g : groups_) {
-        std::fill(g.cell_pos.begin(), g.cell_pos.end(), -1);
-        g.n_used = 0;
+    for (auto & g : groups_) drop_cells(g, [](int32_t, int32_t) { return true; });
+}
+
+uint32_t KvCache::seq_cells(int seq, int il) const {
+    const KvGroup & g = groups_[stores_[il].group];
+    uint32_t n = 0;
+    for (uint32_t c = 0; c < g.cell_pos.size(); ++c) n += g.cell_pos[c] >= 0 && g.cell_seq[c] == seq;
+    return n;
+}
+
+size_t KvCache::seq_bytes(int seq) const {
+    size_t total = 0;
+    for (const KvStore & s : stores_) {
+        const KvGroup & g = groups_[s.group];
+        const uint32_t cells = g.policy->pooled() ? seq_cells(seq, s.layer) : g.region();
+        total += (ggml_row_size(s.k->type, s.k->ne[0]) + ggml_row_size(s.v->type, s.v->ne[0])) * cells;
     }
+    return total;
 }
 
 size_t KvCache::total_bytes() const {

@@ -2,6 +2,11 @@
 // Layers whose policies are equal form a group that shares one cell map, one write index and one mask
 // per ubatch: all FULL layers are one group, all LAZY layers another.
 //
+// Sequences (independent conversations, up to n_seq_max) are a dimension of the cell map, not more
+// caches: each cell records the sequence and position it holds, and a query sees only its own sequence's
+// cells. A pooled group (full layers) hands out cells from one pool shared by every sequence; a ring group
+// (lazy layers) gives each sequence a region of its own (one sink + ring per conversation).
+//
 // Where a lazy layer's cache is handled:
 //   written  - plan_ubatch() picks the cells (KvPolicy::cell_of), graph_attention.cpp writes them (set_rows)
 //   masked   - plan_ubatch() builds the group's mask (kv_mask.h: causal + KvPolicy::visible)
@@ -27,7 +32,8 @@ class GraphArena;
 
 // The cache's share of the engine's configuration (engine.h has the defaults and the checks).
 struct KvConfig {
-    uint32_t n_ctx;
+    uint32_t n_ctx;      // cells of a pooled store, shared by every sequence
+    uint32_t n_seq_max;  // sequences: one region each in a ring store
     uint32_t n_ubatch;
     ggml_type type_full;  // K and V of full layers (always the same type: fast CUDA FA pairs)
     ggml_type type_lazy;  // K and V of lazy layers
@@ -56,7 +62,11 @@ struct KvGroup {
     std::unique_ptr<KvPolicy> policy;
     std::vector<int> layers;
     std::vector<int32_t> cell_pos;  // position held by each cell, -1 = empty
+    std::vector<int32_t> cell_seq;  // the sequence that position belongs to (where cell_pos >= 0)
     uint32_t n_used = 0;            // cells [0, n_used) may hold a position (the rest are empty)
+    uint32_t n_free = 0;            // empty cells
+    // Cells of one sequence's region (ring groups); the whole store for pooled groups.
+    uint32_t region() const { return policy->capacity(); }
     // Plan of the current ubatch (filled by plan_ubatch).
     std::vector<int64_t> write_cells;  // cell for each token of the ubatch
     uint32_t n_kv = 0;                 // cells viewed by attention (multiple of kCellPad)
@@ -69,8 +79,11 @@ public:
 
     // Largest ubatch every policy accepts.
     uint32_t max_ubatch() const;
-    // Choose cells for the positions of a ubatch, record them, and build each group's mask.
-    void plan_ubatch(const int32_t * pos, uint32_t n_tokens);
+    // Choose cells for the tokens of a ubatch (token i: position pos[i] of sequence seq[i]), record them,
+    // and build each group's mask. Throws, changing nothing, if a pool has fewer free cells than tokens.
+    void plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens);
+    // Free cells of the fullest pool: how many more tokens the cache can take now.
+    uint32_t free_cells() const;
     // Exact prefill (lazy_prefill="exact"): after the prompt, these FULL layers become LAZY. Their lazy
     // stores are allocated, the kept cells (sinks + the most recent positions the ring holds) copied into
     // them (converting type and rotation) by a graph run on `sched`, and the full stores freed.
@@ -83,10 +96,17 @@ public:
     // already holds each of its positions in the cell the new policy would put it (e.g. full <-> masked).
     void regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy> policy);
 
-    // Forget every position >= n_keep. Returns false (and changes nothing) if some store no longer holds
-    // what a query at n_keep would need; the caller then clears and re-evaluates.
-    bool truncate(int32_t n_keep, int32_t n_written);
-    void clear();
+    // Forget every position >= n_keep of sequence seq. Returns false (and changes nothing) if some store no
+    // longer holds what a query at n_keep would need; the caller then clears and re-evaluates.
+    bool truncate(int seq, int32_t n_keep, int32_t n_written);
+    void clear(int seq);  // one sequence
+    void clear();         // every sequence
+
+    // Cells sequence seq holds in layer il's store, and the KV bytes that are its own (pooled cells it
+    // holds; its whole region in a ring store).
+    uint32_t seq_cells(int seq, int il) const;
+    size_t seq_bytes(int seq) const;
+    uint32_t n_seq() const { return n_seq_; }
 
     const std::vector<KvGroup> & groups() const { return groups_; }
     const KvStore & store(int il) const { return stores_[il]; }
@@ -104,7 +124,7 @@ private:
         std::vector<KvStore> stores;       // the new lazy stores, one per layer
         std::vector<int32_t> src_cells;    // copy cell src_cells[i] of the full store ...
         std::vector<int64_t> dst_cells;    // ... to cell dst_cells[i] of the lazy store
-        std::vector<int32_t> cell_pos;     // the lazy group's cell map afterwards
+        std::vector<int32_t> cell_pos;     // the lazy group's cell map afterwards (one sequence: 0)
         int group = -1;                    // the lazy group (created if needed)
     };
     Conversion plan_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
@@ -116,6 +136,7 @@ private:
     static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
                                ggml_backend_buffer_type_t buft);
 
+    uint32_t n_seq_ = 1;
     std::vector<KvGroup> groups_;
     std::vector<KvStore> stores_;
 };

@@ -27,8 +27,8 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
     if (!dst.layers.empty()) throw std::runtime_error("exact prefill cannot join layers that were lazy from the start");
     // Write every position in order through the lazy policy: later positions overwrite earlier ones, so
     // what survives is exactly what a lazy store would hold had it been written all along.
-    std::vector<int32_t> src_of_cell(dst.policy->capacity(), -1);
-    c.cell_pos.assign(dst.policy->capacity(), -1);
+    std::vector<int32_t> src_of_cell(dst.cell_pos.size(), -1);
+    c.cell_pos.assign(dst.cell_pos.size(), -1);
     std::vector<std::pair<int32_t, uint32_t>> by_pos;  // (position, source cell)
     for (uint32_t cell = 0; cell < src.cell_pos.size(); ++cell) {
         if (src.cell_pos[cell] >= 0) by_pos.emplace_back(src.cell_pos[cell], cell);
@@ -45,7 +45,7 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
         c.dst_cells.push_back(d);
     }
     for (int il : layers) {
-        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, dst.policy->capacity(), buft_per_layer[il]));
+        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, (uint32_t) dst.cell_pos.size(), buft_per_layer[il]));
     }
     return c;
 }
@@ -93,8 +93,11 @@ void KvCache::commit_lazy(Conversion && c) {
     std::sort(dst.layers.begin(), dst.layers.end());
     dst.cell_pos = std::move(c.cell_pos);
     dst.n_used = 0;
+    dst.n_free = 0;
     for (uint32_t cell = 0; cell < dst.cell_pos.size(); ++cell) {
+        dst.cell_seq[cell] = dst.cell_pos[cell] >= 0 ? 0 : -1;  // exact prefill runs one sequence
         if (dst.cell_pos[cell] >= 0) dst.n_used = cell + 1;
+        else ++dst.n_free;
     }
 }
 

@@ -1,6 +1,6 @@
-// The one rule that turns a group's cell map into attention-mask rows. A query at position q sees the
-// cell holding key position k iff the cell holds something (k >= 0), k <= q (causal), and the policy's
-// own rule allows it (sinks + window for lazy layers). Used for every ubatch's masks (kv_cache.cpp) and
+// The one rule that turns a group's cell map into attention-mask rows. A query at position q of sequence s
+// sees the cell holding key position k iff the cell holds something (k >= 0) of the same sequence s,
+// k <= q (causal), and the policy's own rule allows it (sinks + window for lazy layers). Used for every ubatch's masks (kv_cache.cpp) and
 // for the probe's what-if masks (probe.cpp).
 #pragma once
 #include <ggml.h>
@@ -23,15 +23,16 @@ inline ggml_fp16_t mask_hidden() {
 
 // Fills rows [n_q][n_kv] of `out` (cells >= n_used are empty and stay hidden).
 template <class Rule>
-void fill_mask_rows(const std::vector<int32_t> & cell_pos, uint32_t n_used, const int32_t * q_pos, size_t n_q,
-                    uint32_t n_kv, Rule visible, ggml_fp16_t * out) {
+void fill_mask_rows(const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq, uint32_t n_used,
+                    const int32_t * q_pos, const int32_t * q_seq, size_t n_q, uint32_t n_kv, Rule visible,
+                    ggml_fp16_t * out) {
     const ggml_fp16_t shown = mask_visible(), hidden = mask_hidden();
     for (size_t i = 0; i < n_q; ++i) {
         ggml_fp16_t * row = out + i * n_kv;
-        const int32_t q = q_pos[i];
+        const int32_t q = q_pos[i], s = q_seq[i];
         for (uint32_t c = 0; c < n_kv; ++c) {
             const int32_t k = c < n_used ? cell_pos[c] : -1;
-            row[c] = k >= 0 && k <= q && visible(q, k) ? shown : hidden;
+            row[c] = k >= 0 && k <= q && cell_seq[c] == s && visible(q, k) ? shown : hidden;
         }
     }
 }

@@ -26,8 +26,12 @@ class KvPolicy {
 public:
     virtual ~KvPolicy() = default;
     virtual KvKind kind() const = 0;
-    virtual uint32_t capacity() const = 0;           // cells allocated (a multiple of kCellPad)
-    virtual uint32_t cell_of(int32_t pos) const = 0; // where position `pos` is written
+    // Pooled (full, masked): the store is one pool of cells shared by every sequence; a position takes a
+    // free cell when written and gives it back when dropped, so a short conversation holds few cells.
+    // Not pooled (rings): each sequence owns a region of capacity() cells, placed by cell_of().
+    virtual bool pooled() const = 0;
+    virtual uint32_t capacity() const = 0;           // cells of the pool, or of one region (a multiple of kCellPad)
+    virtual uint32_t cell_of(int32_t pos) const = 0; // rings: where position `pos` goes in its sequence's region
     // Whether a query at q_pos attends to the key at k_pos (k_pos <= q_pos is checked by the caller).
     virtual bool visible(int32_t q_pos, int32_t k_pos) const = 0;
     // Largest ubatch that can be written before being attended to without overwriting a key that one of

@@ -9,6 +9,7 @@ class FullPolicy final : public KvPolicy {
 public:
     explicit FullPolicy(uint32_t n_ctx) : capacity_(pad_cells(n_ctx)) {}
     KvKind kind() const override { return KvKind::Full; }
+    bool pooled() const override { return true; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override { return (uint32_t) pos; }
     bool visible(int32_t, int32_t) const override { return true; }

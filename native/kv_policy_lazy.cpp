@@ -20,6 +20,7 @@ public:
           capacity_(pad_cells(n_sink + n_window + n_ubatch - 1)), ring_(capacity_ - n_sink) {}
 
     KvKind kind() const override { return kind_; }
+    bool pooled() const override { return false; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override {
         return (uint32_t) pos < n_sink_ ? (uint32_t) pos : n_sink_ + ((uint32_t) pos - n_sink_) % ring_;

@@ -13,6 +13,7 @@ public:
     MaskedPolicy(uint32_t n_ctx, uint32_t n_sink, uint32_t n_window)
         : capacity_(pad_cells(n_ctx)), n_sink_(n_sink), n_window_(n_window) {}
     KvKind kind() const override { return KvKind::Masked; }
+    bool pooled() const override { return true; }
     uint32_t capacity() const override { return capacity_; }
     uint32_t cell_of(int32_t pos) const override { return (uint32_t) pos; }
     bool visible(int32_t q_pos, int32_t k_pos) const override { return in_sink_or_window(n_sink_, n_window_, q_pos, k_pos); }

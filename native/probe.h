@@ -40,9 +40,10 @@ void build_probe(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k, g
 class ProbeAccumulator {
 public:
     void reset(uint32_t n_layer);
-    // Fill the probe inputs for queries at `q_pos` (positions of the probed rows).
+    // Fill the probe inputs for the probed rows' queries (their positions and sequences).
     static void set_inputs(const ProbeGraph & pg, const KvCache & kv, const ProbeSpec & spec,
-                           const std::vector<int32_t> & q_rows, const std::vector<int32_t> & q_pos);
+                           const std::vector<int32_t> & q_rows, const std::vector<int32_t> & q_pos,
+                           const std::vector<int32_t> & q_seq);
     void collect(const ProbeGraph & pg, uint32_t n_head, uint32_t n_sel);
     std::vector<double> mass() const;    // NaN for layers never probed
     std::vector<double> change() const;

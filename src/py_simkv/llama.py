@@ -57,6 +57,11 @@ class Llama:
     store. lazy_mode="dynamic": exact prefill where the lazy layers are chosen per prompt by the probe
     (attention mass on sinks + window of the last 32 prompt tokens > lazy_threshold, default the paper's
     threshold for the model family).
+
+    n_seq_max > 1 holds that many independent conversations in one cache (the full layers' n_ctx cells are
+    one pool they share; each has its own sink + ring in the lazy layers). Drive them through
+    `llm.sequences` (sequences.py: decoded together, continuous batching); the single-conversation methods
+    (eval, generate, completions) refuse then, and once `llm.sequences` was used.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class Llama:
         logits_all: bool = False,
         seed: int = LLAMA_DEFAULT_SEED,
         verbose: bool = False,
+        n_seq_max: int = DEFAULTS.n_seq_max,
     ):
         self.verbose = bool(verbose)
         _native.set_logging(self.verbose)
@@ -104,6 +110,7 @@ class Llama:
                         lazy_mode=check_str("lazy_mode", lazy_mode, "dynamic"))
         if n_threads is not None:
             settings["n_threads"] = check_int("n_threads", n_threads)
+        settings["n_seq_max"] = check_int("n_seq_max", n_seq_max)
         config = engine_config(**settings)
 
         self._model = _native.load_model(self.model_path, n_gpu_layers=self.n_gpu_layers, main_gpu=self.main_gpu,
@@ -133,6 +140,8 @@ class Llama:
         self.n_sink, self.n_window = config.n_sink, config.n_window
         self.lazy_prefill, self.lazy_mode = config.lazy_prefill, config.lazy_mode
         self.lazy_layers = sorted(config.lazy_layers)
+        self.n_seq_max = config.n_seq_max
+        self._sequences = None
         self._chat_template: Optional[ChatTemplate] = None
         self._eog: Optional[List[int]] = None
         self.n_evaluated = 0  # tokens evaluated since construction (prefix reuse skips some)
@@ -202,8 +211,26 @@ class Llama:
             out[-1] = self._last_logits
         return out
 
+    @property
+    def sequences(self):
+        """The n_seq_max conversations of this model's cache (sequences.Sequences). From the first use on, they
+        are driven only through it: the single-conversation methods refuse."""
+        if self._sequences is None:
+            self._engine.reset()  # the single conversation, if any, ends here
+            self._input_ids, self._last_logits = [], None
+            from .sequences import Sequences
+
+            self._sequences = Sequences(self, self._engine)
+        return self._sequences
+
+    def _single(self) -> None:
+        if self.n_seq_max != 1 or self._sequences is not None:
+            raise ValueError(f"this Llama's conversations (n_seq_max={self.n_seq_max}) are driven through "
+                             "llm.sequences: use llm.sequences")
+
     def _checked_tokens(self, tokens: Sequence[int]) -> np.ndarray:
         """Token ids as a flat int64 array, in the vocabulary and fitting the remaining context."""
+        self._single()
         arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
         if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab()):
             raise ValueError(f"token ids must be in 0..{self.n_vocab() - 1}")
@@ -291,6 +318,7 @@ class Llama:
 
     def reset(self) -> None:
         """Forget the context (the KV cache is cleared)."""
+        self._single()
         self._engine.reset()
         self._input_ids = []
         self._last_logits = None
@@ -332,12 +360,13 @@ class Llama:
         current context where every store still holds it. logit_bias {token id: bias} is added to the
         logits before sampling (-inf bans a token), as in llama-cpp-python.
         """
+        self._single()
         tokens = [int(t) for t in tokens]
-        bias = self._bias_vector(logit_bias)
+        bias = self.logit_bias_vector(logit_bias)
         if reset:
             tokens = self._reuse_prefix(tokens)
-        sampler = self._make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                     presence_penalty, seed)
+        sampler = self.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
+                                    presence_penalty, seed)
         if tokens:
             self.eval(tokens)
         if self._last_logits is None:
@@ -350,7 +379,7 @@ class Llama:
             yield token
             self.eval([token])
 
-    def _bias_vector(self, logit_bias) -> Optional[np.ndarray]:
+    def logit_bias_vector(self, logit_bias) -> Optional[np.ndarray]:
         if logit_bias is None:
             return None
         if not isinstance(logit_bias, dict):
@@ -392,7 +421,9 @@ class Llama:
             return tokens
         return tokens[common:]
 
-    def _make_sampler(self, temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty, seed):
+    def make_sampler(self, temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
+                     presence_penalty=0.0, seed=None):
+        """libllama's sampler chain for these settings (temp <= 0: greedy); seed None = this Llama's seed."""
         seed = self._seed if seed is None else (check_int("seed", seed, 0) & 0xFFFFFFFF)
         return _native.Sampler(
             n_vocab=self.n_vocab(), temperature=float(temp), top_k=int(top_k), top_p=float(top_p),

@@ -17,7 +17,9 @@ def layers_that_can_be_lazy(hparams: dict) -> List[int]:
 
 def kv_bytes(hparams: dict, n_ctx: int, type_kv: str = DEFAULTS.type_k, lazy_layers: Iterable[int] = (),
              lazy_type: str = DEFAULTS.lazy_type, n_sink: int = DEFAULTS.n_sink, n_window: int = DEFAULTS.n_window,
-             n_ubatch: int = DEFAULTS.n_ubatch) -> int:
+             n_ubatch: int = DEFAULTS.n_ubatch, n_seq_max: int = DEFAULTS.n_seq_max) -> int:
+    """Bytes of the KV stores an engine allocates: full layers hold a pool of n_ctx cells shared by the
+    sequences, ring layers (lazy, and a model's own sliding windows) one ring per sequence."""
     n_kv = hparams["head_dim"] * hparams["n_head_kv"]
     # The engine clamps windows to the context (native/engine.cpp `validated`).
     n_sink, n_window, n_ubatch = min(n_sink, n_ctx), min(n_window, n_ctx), min(n_ubatch, n_ctx)
@@ -32,5 +34,25 @@ def kv_bytes(hparams: dict, n_ctx: int, type_kv: str = DEFAULTS.type_k, lazy_lay
         else:
             kind, type_, window = "full", type_kv, n_window
         cells = _native.store_capacity(kind, n_ctx=n_ctx, n_sink=n_sink, n_window=window, n_ubatch=n_ubatch)
+        if kind != "full":
+            cells *= n_seq_max
         total += 2 * cells * _native.row_bytes(type_, n_kv)
     return total
+
+
+def n_ctx_for_budget(hparams: dict, budget_bytes: int, **config) -> int:
+    """The largest pool (n_ctx, a multiple of 256 cells) whose KV stores fit in budget_bytes with this
+    configuration (kv_bytes' keywords); 0 if not even the rings fit."""
+    if kv_bytes(hparams, 256, **config) > budget_bytes:
+        return 0
+    lo, hi = 1, 1
+    while kv_bytes(hparams, (hi * 2) * 256, **config) <= budget_bytes and hi < (1 << 18):
+        hi *= 2
+    hi *= 2
+    while hi - lo > 1:  # kv_bytes grows with n_ctx: the last multiple of 256 that fits
+        mid = (lo + hi) // 2
+        if kv_bytes(hparams, mid * 256, **config) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo * 256

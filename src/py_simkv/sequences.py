@@ -1,0 +1,133 @@
+"""Several conversations in one per-layer KV cache, decoded together.
+
+`Llama(..., n_seq_max=N).sequences` drives the N sequences of that Llama's engine. Each has its own tokens,
+positions and logits; decode() appends tokens to several of them in shared ubatches, so one conversation's
+prompt chunk and the others' next tokens are evaluated in one pass (continuous batching, as llama-server
+does). The full layers' n_ctx cells are one pool: a sequence takes cells only for the positions it holds.
+The lazy layers give each sequence its own sink + ring. Prefix reuse, truncation (with the lazy-ring rule)
+and clearing are per sequence. Sampling is the caller's: `llm.make_sampler(...)` gives each sequence its
+own chain and seed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .checks import check_int
+
+
+class Sequences:
+    def __init__(self, llm, engine):
+        self.llm = llm
+        self._engine = engine
+        self.n_seq_max = llm.n_seq_max
+        self._tokens: List[List[int]] = [[] for _ in range(self.n_seq_max)]
+        self._last: List[Optional[np.ndarray]] = [None] * self.n_seq_max
+
+    def _seq(self, seq) -> int:
+        seq = check_int("seq", seq)
+        if not 0 <= seq < self.n_seq_max:
+            raise ValueError(f"sequence {seq} is out of range (0..{self.n_seq_max - 1})")
+        return seq
+
+    # --- state -------------------------------------------------------------------------------------
+    def tokens(self, seq: int) -> List[int]:
+        return list(self._tokens[self._seq(seq)])
+
+    def n_tokens(self, seq: int) -> int:
+        return len(self._tokens[self._seq(seq)])
+
+    def last_logits(self, seq: int) -> Optional[np.ndarray]:
+        """Logits after the sequence's last token (what its next token is sampled from); None if empty."""
+        return self._last[self._seq(seq)]
+
+    @property
+    def free_cells(self) -> int:
+        """Tokens the shared pool of the full layers can still take (all sequences together)."""
+        return int(self._engine.free_cells)
+
+    # --- evaluation --------------------------------------------------------------------------------
+    def decode(self, batch: Mapping[int, Sequence[int]], all_logits: bool = False) -> Dict[int, np.ndarray]:
+        """Append tokens to the sequences of `batch` ({seq: tokens}) in shared ubatches. Returns each
+        sequence's logits: of its last token ([n_vocab]), or of every token ([n, n_vocab]) with all_logits.
+        Nothing is evaluated if any part is refused (bad id, context or pool full)."""
+        if not isinstance(batch, Mapping) or not batch:
+            raise TypeError("decode() takes a non-empty {seq: tokens} mapping")
+        seqs, arrays = [], []
+        for seq, tokens in batch.items():
+            seq = self._seq(seq)
+            self._sync(seq)
+            arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            if arr.size and (arr.min() < -2**31 or arr.max() >= 2**31):
+                raise ValueError("token ids must be in the vocabulary")
+            seqs.append(seq)
+            arrays.append(np.ascontiguousarray(arr, dtype=np.int32))
+        logits = self._engine.decode(seqs, arrays, [bool(all_logits)] * len(seqs))
+        out = {}
+        for seq, arr, lg in zip(seqs, arrays, logits):
+            self._tokens[seq].extend(int(t) for t in arr)
+            self._last[seq] = lg[-1]
+            out[seq] = lg if all_logits else lg[-1]
+        self.llm.n_evaluated += sum(int(a.size) for a in arrays)
+        return out
+
+    def _sync(self, seq: int) -> None:
+        """Re-align the engine with our token list after an interrupted decode."""
+        if self._engine.n_past_of(seq) != len(self._tokens[seq]):
+            if not self._engine.truncate(len(self._tokens[seq]), seq):
+                self.clear(seq)
+
+    # --- context per sequence ----------------------------------------------------------------------
+    def common_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """How many leading tokens of `tokens` the sequence already holds."""
+        held = self._tokens[self._seq(seq)]
+        n = 0
+        for a, b in zip(held, tokens):
+            if a != int(b):
+                break
+            n += 1
+        return n
+
+    def prepare(self, seq: int, tokens: Sequence[int]) -> List[int]:
+        """Make `seq` ready to continue into `tokens` (a whole prompt): keep the longest common prefix that
+        every store still holds, and return the tokens still to evaluate (at least the last one, for fresh
+        logits)."""
+        seq = self._seq(seq)
+        tokens = [int(t) for t in tokens]
+        self._sync(seq)
+        common = self.common_prefix(seq, tokens)
+        if common == len(tokens) and common > 0:
+            common -= 1
+        if common == 0 or not self.truncate(seq, common):
+            self.clear(seq)
+            return tokens
+        return tokens[common:]
+
+    def truncate(self, seq: int, n_keep: int) -> bool:
+        """Cut the sequence back to n_keep tokens. False (nothing changed) if a lazy ring no longer holds
+        what that needs."""
+        seq = self._seq(seq)
+        n_keep = check_int("n_keep", n_keep, 0)
+        if n_keep >= len(self._tokens[seq]):
+            return True
+        if not self._engine.truncate(n_keep, seq):
+            return False
+        del self._tokens[seq][n_keep:]
+        self._last[seq] = None  # only the last token's logits are kept: re-evaluate one to sample again
+        return True
+
+    def clear(self, seq: int) -> None:
+        """Forget the sequence; its cells return to the shared pool."""
+        seq = self._seq(seq)
+        self._engine.clear(seq)
+        self._tokens[seq] = []
+        self._last[seq] = None
+
+    def kv_cache_stats(self) -> dict:
+        """The whole cache (as Llama.kv_cache_stats) plus each sequence's share: tokens held, KV bytes that
+        are its own (pooled cells it holds; its whole ring in lazy layers), cells per layer."""
+        stats = self.llm.kv_cache_stats()
+        stats["free_cells"] = self.free_cells
+        stats["sequences"] = [dict(self._engine.seq_stats(s), seq=s) for s in range(self.n_seq_max)]
+        return stats

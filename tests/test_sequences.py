@@ -1,0 +1,177 @@
+"""Several sequences in one per-layer cache (Llama(n_seq_max=N).sequences): decoded together they compute
+what each computes alone, and they never see each other's cells."""
+import numpy as np
+import pytest
+import torch
+
+from py_simkv import Llama
+from test_lazy_reference import _reference, _tokens
+
+PROMPTS = [
+    "The three primary colours are",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who",
+    "Q: What is the capital of Italy?\nA:",
+]
+N_NEW = 64
+
+
+def _greedy_together(llm, prompts):
+    """Prompts prefilled in one batch, then one token per sequence per step, all sequences in each step."""
+    seqs = llm.sequences
+    toks = {s: llm.tokenize(p.encode()) for s, p in enumerate(prompts)}
+    logits = seqs.decode(toks)
+    out = {s: [] for s in toks}
+    rows = {s: [] for s in toks}
+    for _ in range(N_NEW):
+        step = {}
+        for s, lg in logits.items():
+            rows[s].append(lg.copy())
+            out[s].append(int(np.argmax(lg)))
+            step[s] = [out[s][-1]]
+        logits = seqs.decode(step)
+    return out, rows
+
+
+def _greedy_alone(llm, prompt):
+    llm.reset()
+    toks = llm.tokenize(prompt.encode())
+    llm.eval(toks)
+    out, rows = [], []
+    for _ in range(N_NEW):
+        rows.append(llm.last_logits.copy())
+        out.append(int(np.argmax(llm.last_logits)))
+        llm.eval([out[-1]])
+    return out, rows
+
+
+@pytest.mark.parametrize("lazy", [[], list(range(15, 30))])
+def test_four_sequences_together_equal_each_alone(smollm_path, lazy):
+    kw = dict(n_threads=2, lazy_layers=lazy, n_window=64, n_ubatch=64)  # small rings: they wrap within the test
+    together, rows_t = _greedy_together(Llama(smollm_path, n_ctx=2048, n_seq_max=4, **kw), PROMPTS)
+    alone_llm = Llama(smollm_path, n_ctx=512, **kw)
+    for s, prompt in enumerate(PROMPTS):
+        alone, rows_a = _greedy_alone(alone_llm, prompt)
+        assert together[s] == alone, (s, alone_llm.detokenize(together[s]), alone_llm.detokenize(alone))
+        # Batched with other sequences, a token's matrix products run in ubatches of another shape, where
+        # some CPUs' kernels may re-associate float32 sums (relative ~1e-6 per op; measured here: none, the
+        # logits are bit-identical); a cell of another sequence leaking into the mask moves them by O(1).
+        err = np.abs(np.array(rows_t[s]) - np.array(rows_a))
+        assert err.max() < 1e-2, (s, err.max())
+
+
+def test_two_sequences_of_different_lengths_match_the_reference(tiny_model):
+    """Lazy layers (sink + window) with two sequences sharing every ubatch, each against an independent
+    PyTorch forward of that sequence alone (the bounds of test_lazy_reference's f16 test)."""
+    path = tiny_model("llama")
+    lazy = [1, 3]
+    llm = Llama(path, n_ctx=1024, n_seq_max=2, n_threads=2, n_ubatch=128, lazy_layers=lazy, lazy_type="f16",
+                n_sink=4, n_window=64)
+    a, b = _tokens(500, seed=3), _tokens(260, seed=4)
+    seqs = llm.sequences
+    got = {0: [], 1: []}
+    for i in range(0, 500, 100):  # chunks of both in each call; b ends first
+        batch = {0: a[i:i + 100]}
+        if i < 260:
+            batch[1] = b[i:i + 100]
+        for s, lg in seqs.decode(batch, all_logits=True).items():
+            got[s].append(lg)
+    for s, toks in ((0, a), (1, b)):
+        ours = torch.from_numpy(np.concatenate(got[s]))
+        want = _reference(path, toks, lazy, "f16")
+        err = (ours - want).abs()
+        assert err.max().item() < 0.1 and err.mean().item() < 5e-3, (s, err.max().item(), err.mean().item())
+
+
+def test_a_wrapping_ring_does_not_disturb_another_sequence(tiny_model):
+    path = tiny_model("llama")
+    kw = dict(n_threads=1, n_ubatch=32, lazy_layers=[0, 2], lazy_type="f16", n_sink=4, n_window=32)
+    llm = Llama(path, n_ctx=2048, n_seq_max=2, **kw)
+    seqs = llm.sequences
+    short = _tokens(40, seed=5)
+    seqs.decode({1: short})
+    long = _tokens(700, seed=6)
+    for i in range(0, 700, 50):  # sequence 0's ring (256 cells) wraps twice
+        seqs.decode({0: long[i:i + 50]})
+    assert llm.kv_cache_stats()["layers"][0]["capacity"] == 2 * 256  # one ring region per sequence
+    after = seqs.decode({1: [7]})[1]
+
+    # Alone, with the same calls (the same ubatches, so the same float sums) and one thread: the other
+    # sequence's cells in the viewed range are masked out and change nothing, to the bit. (With more
+    # threads ggml splits one query's keys among them at points that depend on the viewed range, and the
+    # partial sums re-associate.)
+    alone = Llama(path, n_ctx=2048, **kw)
+    alone.eval(short)
+    alone.eval([7])
+    np.testing.assert_array_equal(after, alone.last_logits)
+    # and sequence 0 still computes what it would alone
+    last0 = seqs.decode({0: [9]})[0]
+    alone.reset()
+    for i in range(0, 700, 50):
+        alone.eval(long[i:i + 50])
+    alone.eval([9])
+    np.testing.assert_array_equal(last0, alone.last_logits)
+
+
+def test_kv_stats_per_sequence_and_in_total(tiny_model):
+    path = tiny_model("llama")
+    llm = Llama(path, n_ctx=1024, n_seq_max=3, n_threads=1, lazy_layers=[1], n_window=32, n_ubatch=64)
+    seqs = llm.sequences
+    seqs.decode({0: _tokens(100), 2: _tokens(30)})
+    stats = seqs.kv_cache_stats()
+    by_layer = stats["layers"]
+    full_row = by_layer[0]["bytes"] // by_layer[0]["capacity"]  # K + V bytes per cell of a full layer
+    lazy_row = by_layer[1]["bytes"] // by_layer[1]["capacity"]
+    region = by_layer[1]["capacity"] // 3
+    assert by_layer[0]["capacity"] == 1024 and region == 256  # one pool; one ring region per sequence
+    per = {s["seq"]: s for s in stats["sequences"]}
+    assert [per[s]["n_tokens"] for s in range(3)] == [100, 0, 30]
+    assert per[0]["cells"] == [100, 100, 100, 100] and per[2]["cells"] == [30, 30, 30, 30]
+    # A sequence's own bytes: the pool cells it holds in the 3 full layers, plus its whole ring region.
+    assert per[0]["bytes"] == 3 * 100 * full_row + region * lazy_row
+    assert per[1]["bytes"] == region * lazy_row  # an empty sequence still owns its ring
+    assert stats["free_cells"] == 1024 - 130
+    assert stats["total_bytes"] == sum(x["bytes"] for x in by_layer)
+    seqs.clear(0)
+    assert seqs.kv_cache_stats()["free_cells"] == 1024 - 30 and seqs.n_tokens(0) == 0
+
+
+def test_prefix_reuse_truncate_and_clear_per_sequence(tiny_model):
+    path = tiny_model("llama")
+    llm = Llama(path, n_ctx=512, n_seq_max=2, n_threads=1)
+    seqs = llm.sequences
+    turn1, turn2 = _tokens(80, seed=7), _tokens(20, seed=8)
+    seqs.decode({0: turn1, 1: turn2})
+    rest = seqs.prepare(0, turn1 + turn2)  # a chat's next turn: only the new tokens are evaluated
+    assert rest == turn2
+    got = seqs.decode({0: rest})[0]
+    fresh = Llama(path, n_ctx=512, n_threads=1)
+    fresh.eval(turn1)
+    fresh.eval(turn2)  # the same ubatches: the same sums
+    np.testing.assert_array_equal(got, fresh.last_logits)
+    assert seqs.tokens(1) == turn2  # the other sequence untouched
+    assert seqs.prepare(1, turn2[:10] + [5, 6]) == [5, 6] and seqs.n_tokens(1) == 10
+    assert seqs.prepare(1, [9]) == [9] and seqs.n_tokens(1) == 0  # nothing in common: cleared
+
+
+def test_refusals_change_nothing(tiny_model):
+    path = tiny_model("llama")
+    llm = Llama(path, n_ctx=256, n_seq_max=2, n_threads=1)
+    seqs = llm.sequences
+    seqs.decode({0: _tokens(200)})
+    for bad, match in [({2: [1]}, "out of range"), ({0: [10**6]}, "vocabulary"), ({1: _tokens(100)}, "KV cache is full"),
+                       ({0: _tokens(60)}, "context overflow|KV cache is full")]:
+        with pytest.raises(ValueError, match=match):
+            seqs.decode(bad)
+    assert seqs.n_tokens(0) == 200 and seqs.n_tokens(1) == 0 and seqs.free_cells == 56
+    seqs.decode({1: _tokens(56)})  # exactly what is left
+    for call in (lambda: llm.eval([1]), lambda: llm.create_completion("x"), llm.reset):
+        with pytest.raises(ValueError, match="use llm.sequences"):
+            call()
+    one = Llama(path, n_ctx=64, n_threads=1)
+    one.eval([1, 2])
+    assert one.sequences.decode({0: [3]})[0].shape == (one.n_vocab(),) and one.sequences.n_tokens(0) == 1
+    with pytest.raises(ValueError, match="use llm.sequences"):
+        one.eval([4])
+    with pytest.raises(ValueError, match="exact prefill and dynamic mode hold one sequence"):
+        Llama(path, n_ctx=64, n_threads=1, n_seq_max=2, lazy_prefill="exact", lazy_layers=[1])
