@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Union
 
+import jinja2
+
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter, _convert_completion_to_chat
 
 from .completion import create_completion
@@ -29,7 +31,10 @@ class ChatTemplate:
         """(prompt tokens, stop strings) for `messages`, ready for an assistant reply."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        result = self.formatter(messages=messages)
+        try:
+            result = self.formatter(messages=messages)
+        except jinja2.TemplateError as e:  # a message the template cannot render (missing content, ...)
+            raise ValueError(f"the chat template cannot render these messages: {e}") from None
         tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         stop = result.stop if isinstance(result.stop, list) else [result.stop]
         return tokens, [s for s in stop if s]
@@ -52,13 +57,18 @@ def create_chat_completion(
     logprobs: bool = False,
     top_logprobs: Optional[int] = None,
     logit_bias: Optional[dict] = None,
+    token_source=None,
+    model: Optional[str] = None,
 ):
+    """token_source / model: where tokens come from and the model's name in the result (completion.py);
+    `simkv serve` passes its scheduler's slot and its model alias."""
     tokens, template_stop = llm.chat_template().render(messages)
     user_stop = [stop] if isinstance(stop, str) else list(stop or [])
     completion = create_completion(
         llm, tokens, stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty, stop=user_stop + template_stop, seed=seed,
-        logprobs=(top_logprobs or 0) if logprobs else None, logit_bias=logit_bias,
+        logprobs=(top_logprobs or 0) if logprobs else None, logit_bias=logit_bias, token_source=token_source,
+        model=model,
     )
     return _convert_completion_to_chat(completion, stream=stream)

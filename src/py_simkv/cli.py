@@ -1,4 +1,4 @@
-"""`simkv` command line: chat, generate, info, profile."""
+"""`simkv` command line: chat, generate, serve, info, profile."""
 from __future__ import annotations
 
 import argparse
@@ -63,11 +63,11 @@ def _model_path(args) -> str:
     return path
 
 
-def _open(args):
+def _open(args, **extra):
     from . import Llama
 
     path = _model_path(args)
-    kw = {}
+    kw = dict(extra)
     if args.seed is not None:
         kw["seed"] = args.seed
     llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
@@ -248,6 +248,40 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from . import Llama
+    from .memory import kv_bytes, n_ctx_for_budget
+
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ValueError(f"simkv serve needs the server extra ({e.name} is missing): pip install \"py_simkv[server]\"") from None
+    path = args.model = _model_path(args)
+    if args.parallel < 1:
+        raise ValueError("--parallel must be >= 1")
+    n_ctx = args.n_ctx
+    if args.kv_budget is not None:
+        # The pool of full-layer cells that fits the budget beside one ring per slot in the lazy layers.
+        probe = Llama(path, n_ctx=256, n_threads=1, lazy_layers=args.lazy_layers, lazy_profile=args.lazy_profile,
+                      lazy_ratio=args.lazy_ratio, lazy_threshold=args.lazy_threshold, lazy_criterion=args.lazy_criterion)
+        config = dict(type_kv=args.type_k, lazy_layers=probe.lazy_layers, lazy_type=args.lazy_type, n_sink=args.n_sink,
+                      n_window=args.n_window, n_seq_max=args.parallel)
+        n_ctx = n_ctx_for_budget(probe.hparams, int(args.kv_budget * 2**20), **config)
+        if n_ctx == 0:
+            raise ValueError(f"--kv-budget {args.kv_budget} MiB does not hold even the lazy rings of {args.parallel} slots")
+        del probe
+    args.n_ctx = n_ctx
+    llm = _open(args, n_seq_max=args.parallel)
+    stats = llm.kv_cache_stats()
+    full = kv_bytes(llm.hparams, n_ctx, type_kv=args.type_k, n_seq_max=args.parallel)
+    print(f"simkv serve: {args.parallel} slots sharing {n_ctx} KV cells in the full layers; lazy layers "
+          f"{','.join(map(str, llm.lazy_layers)) or 'none'}; KV {stats['total_bytes'] / 2**20:.1f} MiB "
+          f"({stats['total_bytes'] / full:.2f}x a full cache); http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.queue_size,
+          model_name=args.model_alias or os.path.basename(llm.model_path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .profiler import PROFILE_LOSS_SAMPLES, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES
 
@@ -271,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temp", type=float, default=0.2, help="temperature (default 0.2)")
     _add_ignore_eos(c)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server, several conversations at once")
+    _add_model_options(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: the loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("-np", "--parallel", type=int, default=4,
+                    help="slots: conversations decoded at once (default 4); --n-ctx is the full layers' pool of KV "
+                         "cells they share")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route")
+    sv.add_argument("--kv-budget", type=float, default=None, metavar="MIB",
+                    help="size the KV cache to this many MiB (sets --n-ctx to the pool that fits)")
+    sv.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot before 503s")
+    sv.add_argument("--model-alias", default=None, help="the model's name in the API (default: the file name)")
+    sv.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="model facts and a KV-memory table by configuration")
     _add_model_options(i)

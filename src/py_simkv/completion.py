@@ -5,9 +5,10 @@ counting usage. `Llama.create_completion` and `Llama.create_chat_completion` are
 from __future__ import annotations
 
 import codecs
+import itertools
 import time
 import uuid
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -57,6 +58,23 @@ class _Logprobs:
                 "token_logprobs": self.token_logprobs[start:], "top_logprobs": self.top_logprobs[start:]}
 
 
+# Where generated tokens come from: source(prompt_tokens, want_logits, max_new, **sampling) yields (token,
+# the logits it was sampled from, or None unless want_logits), at most max_new tokens. In process: Llama.generate (llama_tokens below); in
+# `simkv serve`: a slot of the continuous-batching scheduler (scheduler.py). Closing the iterator stops it.
+TokenSource = Callable[..., Iterator[Tuple[int, Optional[np.ndarray]]]]
+
+
+def llama_tokens(llm, prompt_tokens: List[int], want_logits: bool, max_new: int,
+                 **sampling) -> Iterator[Tuple[int, Optional[np.ndarray]]]:
+    """The in-process token source: Llama.generate (prefix reuse, libllama's sampler chain)."""
+    gen = llm.generate(prompt_tokens, **sampling)
+    try:
+        for _, token in zip(range(max_new), gen):
+            yield token, (llm.last_logits if want_logits else None)
+    finally:
+        gen.close()
+
+
 def completion_stream(
     llm,
     prompt: Union[str, List[int]],
@@ -74,9 +92,12 @@ def completion_stream(
     echo: bool = False,
     stop_token_ids: Sequence[int] = (),
     logit_bias: Optional[Dict[int, float]] = None,
+    token_source: Optional[TokenSource] = None,
+    model: Optional[str] = None,
 ) -> Iterator[dict]:
     """Yields stream chunks (llama-cpp-python's `text_completion` chunk shape); the last one carries the
-    finish_reason and, as an extra key consumed by create_completion, the usage."""
+    finish_reason and, as an extra key consumed by create_completion, the usage. `model` names the model
+    in the chunks (default: the model path)."""
     if isinstance(prompt, str):
         prompt_text = prompt
         prompt_tokens = llm.tokenize(prompt.encode("utf-8"), special=True) if prompt else [llm.token_bos()]
@@ -100,7 +121,7 @@ def completion_stream(
     created = int(time.time())
 
     def chunk(text: str, finish_reason=None, lp=None) -> dict:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": llm.model_path,
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": model or llm.model_path,
                 "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason}]}
 
     record = _Logprobs(llm, int(logprobs), 0 if echo else len(prompt_text)) if logprobs is not None else None
@@ -112,42 +133,51 @@ def completion_stream(
             return None
         start, reported = reported, len(record.tokens)
         return record.since(start)
-    generator = None if limit <= 0 else llm.generate(prompt_tokens, top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature,
-                             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                             presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
-    if echo:
-        if record is not None:
-            scores = llm.scores  # rows of the prompt (logits_all): row i predicts token i + 1
-            for i, t in enumerate(prompt_tokens):
-                record.add(t, scores[i - 1] if i > 0 else None)
-        yield chunk(prompt_text, lp=new_logprobs())
+    source = token_source or (lambda *a, **kw: llama_tokens(llm, *a, **kw))
+    generator = None if limit <= 0 else source(
+        prompt_tokens, record is not None, limit, top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature,
+        repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        seed=seed, logit_bias=logit_bias)
+    try:
+        pulled: List[Tuple[int, Optional[np.ndarray]]] = []
+        if echo:
+            if record is not None:
+                if generator is None:
+                    raise ValueError("echo with logprobs needs room in the context for at least one new token")
+                # The prompt's logits exist once it is evaluated, i.e. when the first token has been drawn.
+                pulled = [next(generator)]
+                scores = llm.scores  # rows of the prompt (logits_all): row i predicts token i + 1
+                for i, t in enumerate(prompt_tokens):
+                    record.add(t, scores[i - 1] if i > 0 else None)
+            yield chunk(prompt_text, lp=new_logprobs())
 
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = b""
-    completion_tokens: List[int] = []
-    finish_reason = "length"
-    for token in generator or ():
-        if llm.token_is_eog(token) or token in stop_token_ids:
-            finish_reason = "stop"
-            break
-        if record is not None:
-            record.add(token, llm.last_logits)
-        completion_tokens.append(token)
-        pending += llm.detokenize([token])
-        hit = [i for i in (pending.find(s) for s in stop_bytes) if i >= 0]
-        if hit:
-            pending = pending[: min(hit)]
-            finish_reason = "stop"
-            break
-        safe = len(pending) - _held_back(pending, stop_bytes)
-        text = decoder.decode(pending[:safe])
-        pending = pending[safe:]
-        if text:
-            yield chunk(text, lp=new_logprobs())
-        if len(completion_tokens) >= limit:
-            break
-    if generator is not None:
-        generator.close()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = b""
+        completion_tokens: List[int] = []
+        finish_reason = "length"
+        for token, logits in itertools.chain(pulled, generator or ()):
+            if llm.token_is_eog(token) or token in stop_token_ids:
+                finish_reason = "stop"
+                break
+            if record is not None:
+                record.add(token, logits)
+            completion_tokens.append(token)
+            pending += llm.detokenize([token])
+            hit = [i for i in (pending.find(s) for s in stop_bytes) if i >= 0]
+            if hit:
+                pending = pending[: min(hit)]
+                finish_reason = "stop"
+                break
+            safe = len(pending) - _held_back(pending, stop_bytes)
+            text = decoder.decode(pending[:safe])
+            pending = pending[safe:]
+            if text:
+                yield chunk(text, lp=new_logprobs())
+            if len(completion_tokens) >= limit:
+                break
+    finally:  # a stop string, the end, or the caller closing this stream: stop the source
+        if generator is not None:
+            generator.close()
     tail = decoder.decode(pending, final=True)
     if tail or (record is not None and reported < len(record.tokens)):
         yield chunk(tail, lp=new_logprobs())
