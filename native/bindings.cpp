@@ -27,6 +27,29 @@ namespace {
 using FloatArray2 = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
 using TokenArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
+// Between ubatches of a long call (GIL released): take the GIL for a moment and let a pending signal
+// (Ctrl-C) raise here, so a long prefill stops within a ubatch instead of after the whole call.
+const BetweenUbatches check_signals = [] {
+    nb::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw nb::python_error();
+};
+
+// Metadata strings as Python str; bytes that are not UTF-8 (a corrupted file) become U+FFFD.
+nb::dict metadata_dict(const std::map<std::string, std::string> & md) {
+    nb::dict d;
+    for (const auto & [k, v] : md) {
+        PyObject * key = PyUnicode_DecodeUTF8(k.data(), (Py_ssize_t) k.size(), "replace");
+        PyObject * val = PyUnicode_DecodeUTF8(v.data(), (Py_ssize_t) v.size(), "replace");
+        if (!key || !val) {
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            throw nb::python_error();
+        }
+        d[nb::steal(key)] = nb::steal(val);
+    }
+    return d;
+}
+
 FloatArray2 to_numpy(std::vector<float> && v, size_t rows, size_t cols) {
     auto * heap = new std::vector<float>(std::move(v));
     nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
@@ -81,7 +104,7 @@ NB_MODULE(_native, m) {
 
     nb::class_<Model>(m, "Model")
         .def_prop_ro("hparams", [](const Model & md) { return hparams_dict(md.hp()); })
-        .def_prop_ro("metadata", &Model::metadata)
+        .def_prop_ro("metadata", [](const Model & md) { return metadata_dict(md.metadata()); })
         .def_prop_ro("weight_bytes", &Model::weight_bytes)
         .def_prop_ro("layer_devices", [](const Model & md) {
             // "CPU" or the GPU's name for each repeating layer, then the output layer
@@ -154,7 +177,7 @@ NB_MODULE(_native, m) {
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
-                     logits = e.eval(tokens.data(), n, all_logits);
+                     logits = e.eval(tokens.data(), n, all_logits, nullptr, 0, check_signals);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
                  return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
@@ -168,7 +191,7 @@ NB_MODULE(_native, m) {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
                      const ProbeSpec spec{n_sink, n_window};
-                     logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe);
+                     logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe, check_signals);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
                  return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
@@ -188,7 +211,7 @@ NB_MODULE(_native, m) {
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
-                     logits = e.decode(batch);
+                     logits = e.decode(batch, check_signals);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
                  nb::list out;
@@ -204,6 +227,7 @@ NB_MODULE(_native, m) {
         .def("truncate", [](Engine & e, uint32_t n_keep, int32_t seq) { auto busy = e.claim(); return e.truncate(n_keep, seq); },
              "n_keep"_a, "seq"_a = 0)
         .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); e.clear(seq); }, "seq"_a)
+        .def("set_n_threads", [](Engine & e, int n) { auto busy = e.claim(); e.set_n_threads(n); }, "n"_a)
         .def("reset", [](Engine & e) { auto busy = e.claim(); e.reset(); })
         .def("set_masked_layers",
              [](Engine & e, const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window) {

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <set>
 #include <thread>
@@ -138,6 +140,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
         ggml_backend_dev_t dev = model_->layer_device(il);
         bufts_[il] = dev ? ggml_backend_dev_buffer_type(dev) : ggml_backend_get_default_buffer_type(cpu_.get());
     }
+    check_memory();
     kv_ = new_cache();
     peak_kv_bytes_ = kv_->total_bytes();
     std::vector<ggml_backend_t> backends;
@@ -148,13 +151,62 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
 }
 
 std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe,
-                                uint32_t n_probe) {
+                                uint32_t n_probe, const BetweenUbatches & between) {
     if (n == 0) throw BadInput("eval() needs at least one token");
-    return std::move(decode({SeqTokens{0, tokens, n, all_logits}}, probe, n_probe)[0]);
+    return std::move(decode({SeqTokens{0, tokens, n, all_logits}}, probe, n_probe, between)[0]);
 }
 
-std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & batch) {
-    return decode(batch, nullptr, 0);
+std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & batch, const BetweenUbatches & between) {
+    return decode(batch, nullptr, 0, between);
+}
+
+void Engine::set_n_threads(int n) {
+    if (n < 1) throw BadInput("n_threads must be >= 1");
+    cfg_.n_threads = n;
+    ggml_backend_cpu_set_n_threads(cpu_.get(), n);
+}
+
+namespace {
+
+// Memory a new CPU allocation can take without swapping or the OOM killer: MemAvailable (Linux).
+uint64_t available_host_memory() {
+    if (FILE * f = std::fopen("/proc/meminfo", "r")) {
+        char line[256];
+        unsigned long long kb = 0;
+        while (std::fgets(line, sizeof line, f)) {
+            if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+        }
+        std::fclose(f);
+        if (kb) return (uint64_t) kb * 1024;
+    }
+    return UINT64_MAX;  // unknown: let the allocation decide
+}
+
+}  // namespace
+
+void Engine::check_memory() const {
+    // Each device's stores together, against what that device has free: a cache that cannot fit is refused
+    // with its size instead of being killed by the OOM killer half-way through (a zeroed buffer is touched).
+    const HParams & hp = model_->hp();
+    std::vector<std::pair<ggml_backend_dev_t, uint64_t>> need;  // device (null = host), bytes
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        ggml_backend_dev_t dev = model_->layer_device(il);
+        const uint64_t b = KvCache::planned_bytes(hp, kv_cfg_, il);
+        auto it = std::find_if(need.begin(), need.end(), [&](const auto & p) { return p.first == dev; });
+        if (it == need.end()) need.emplace_back(dev, b);
+        else it->second += b;
+    }
+    for (const auto & [dev, bytes] : need) {
+        size_t free = 0, total = 0;
+        if (dev) ggml_backend_dev_memory(dev, &free, &total);
+        const uint64_t avail = dev ? (uint64_t) free : available_host_memory();
+        if (bytes > avail) {
+            throw BadInput("the KV cache needs " + std::to_string(bytes >> 20) + " MiB on " +
+                           (dev ? std::string(ggml_backend_dev_name(dev)) : std::string("the host")) + " but only " +
+                           std::to_string(avail >> 20) + " MiB are available: lower n_ctx (" + std::to_string(cfg_.n_ctx) +
+                           "), n_seq_max or n_window, or use a smaller cache type");
+        }
+    }
 }
 
 size_t Engine::checked_seq(int32_t seq) const {
@@ -166,7 +218,7 @@ size_t Engine::checked_seq(int32_t seq) const {
 }
 
 std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
-                                               uint32_t n_probe) {
+                                               uint32_t n_probe, const BetweenUbatches & between) {
     const HParams & hp = model_->hp();
     // Check everything first: a refused call changes nothing.
     if (batch.empty()) throw BadInput("decode() needs at least one sequence");
@@ -247,6 +299,7 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
                     out.push_back(dest[i + r]);
                 }
             }
+            if (between) between();
             eval_ubatch(tok.data() + i, pos.data() + i, seq.data() + i, m, rows, out, n_sel, probe);
         }
     }
@@ -347,6 +400,16 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
     for (uint32_t i = 0; i < n; ++i) {
         n_past_[seq[i]] = std::max<uint32_t>(n_past_[seq[i]], (uint32_t) pos[i] + 1);
         n_written_[seq[i]] = std::max(n_written_[seq[i]], n_past_[seq[i]]);
+    }
+    // A file with broken weights or hyperparameters computes NaN or inf: say so instead of sampling from it.
+    // (The tokens stay in the context, as evaluated; the caller decides whether to go on.)
+    for (float * row : out) {
+        for (uint32_t v = 0; v < hp.n_vocab; ++v) {
+            if (!std::isfinite(row[v])) {
+                throw BadInput("the model computed non-finite logits (NaN or inf): its weights or hyperparameters "
+                               "are broken");
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 #include <ggml-backend.h>
 #include <ggml-cpp.h>
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -70,6 +71,10 @@ struct SeqTokens {
 // runs with: n_ubatch <= n_batch, n_sink and n_window no larger than the context.
 EngineConfig validated(const EngineConfig & cfg, const HParams & hp);
 
+// Called between ubatches of a long evaluation; it may throw to stop (the bindings raise Ctrl-C's
+// KeyboardInterrupt there). What was evaluated before stays in the context.
+using BetweenUbatches = std::function<void()>;
+
 class Engine {
 public:
     Engine(std::shared_ptr<Model> model, const EngineConfig & cfg);
@@ -80,11 +85,13 @@ public:
     // (n_out = n if all_logits else 1). With a probe spec, also probes the last n_probe tokens of the call
     // (probe.h); read the scores with probe_mass() and probe_change() (per layer, NaN where not probed).
     std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe = nullptr,
-                            uint32_t n_probe = 0);
+                            uint32_t n_probe = 0, const BetweenUbatches & between = {});
     // Appends tokens to several sequences at once (each at most once per call): their tokens share ubatches
     // (continuous batching: one sequence's decode token beside another's prompt chunk). Returns each entry's
     // logits as eval() does. Everything is checked before anything is evaluated.
-    std::vector<std::vector<float>> decode(const std::vector<SeqTokens> & batch);
+    std::vector<std::vector<float>> decode(const std::vector<SeqTokens> & batch, const BetweenUbatches & between = {});
+    // CPU threads for the next calls (a fork()ed child must compute with one: ggml's OpenMP pool is gone).
+    void set_n_threads(int n);
     std::vector<double> probe_mass() const { return probe_acc_.mass(); }
     std::vector<double> probe_change() const { return probe_acc_.change(); }
     // Drops positions >= n_keep of a sequence. False if a store cannot (a lazy ring overwrote what is
@@ -122,7 +129,8 @@ private:
     std::vector<int> dynamic_lazy_layers() const;  // dynamic mode: the layers the probe found lazy
     size_t checked_seq(int32_t seq) const;
     std::vector<std::vector<float>> decode(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
-                                           uint32_t n_probe);
+                                           uint32_t n_probe, const BetweenUbatches & between);
+    void check_memory() const;  // refuse, before allocating, a KV cache that cannot fit
     std::unique_ptr<KvCache> new_cache() const;
     // One ubatch: token i is tokens[i] at pos[i] of sequence seq[i]; the logits of row out_rows[j] go to
     // out[j] (n_vocab floats each).

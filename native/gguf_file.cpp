@@ -108,7 +108,16 @@ std::map<std::string, std::string> GgufFile::metadata() const {
             case GGUF_TYPE_FLOAT32: val = std::to_string(gguf_get_val_f32(gguf_, i)); break;
             case GGUF_TYPE_FLOAT64: val = std::to_string(gguf_get_val_f64(gguf_, i)); break;
             case GGUF_TYPE_ARRAY: continue;
-            default: val = std::to_string(get_u32(key)); break;
+            // Each integer with its own type (a u64 parameter count or a negative value is valid metadata).
+            case GGUF_TYPE_UINT8: val = std::to_string(gguf_get_val_u8(gguf_, i)); break;
+            case GGUF_TYPE_INT8: val = std::to_string(gguf_get_val_i8(gguf_, i)); break;
+            case GGUF_TYPE_UINT16: val = std::to_string(gguf_get_val_u16(gguf_, i)); break;
+            case GGUF_TYPE_INT16: val = std::to_string(gguf_get_val_i16(gguf_, i)); break;
+            case GGUF_TYPE_UINT32: val = std::to_string(gguf_get_val_u32(gguf_, i)); break;
+            case GGUF_TYPE_INT32: val = std::to_string(gguf_get_val_i32(gguf_, i)); break;
+            case GGUF_TYPE_UINT64: val = std::to_string(gguf_get_val_u64(gguf_, i)); break;
+            case GGUF_TYPE_INT64: val = std::to_string(gguf_get_val_i64(gguf_, i)); break;
+            default: continue;
         }
         out[key] = val;
     }

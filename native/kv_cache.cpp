@@ -9,21 +9,43 @@
 
 namespace simkv {
 
-KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer)
-    : n_seq_(cfg.n_seq_max) {
-    std::vector<bool> lazy(hp.n_layer, false);
-    for (int il : cfg.lazy_layers) lazy.at(il) = true;
-    stores_.resize(hp.n_layer);
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        if (lazy[il] && hp.is_swa(il)) {
+namespace {
+
+bool is_lazy(const KvConfig & cfg, uint32_t il) {
+    return std::find(cfg.lazy_layers.begin(), cfg.lazy_layers.end(), (int) il) != cfg.lazy_layers.end();
+}
+
+// The policy of layer il's store: lazy if asked, the model's own sliding window, else full.
+std::unique_ptr<KvPolicy> policy_for(const HParams & hp, const KvConfig & cfg, uint32_t il) {
+    if (is_lazy(cfg, il)) {
+        if (hp.is_swa(il)) {
             throw BadInput("layer " + std::to_string(il) + " is a sliding-window layer of the model: only its "
                            "global layers can be lazy");
         }
-        const int g = group_for(lazy[il]        ? make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch)
-                                : hp.is_swa(il) ? make_sliding_policy(hp.n_swa, cfg.n_ubatch)
-                                                : make_full_policy(cfg.n_ctx));
+        return make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch);
+    }
+    return hp.is_swa(il) ? make_sliding_policy(hp.n_swa, cfg.n_ubatch) : make_full_policy(cfg.n_ctx);
+}
+
+uint64_t cells_of(const KvPolicy & p, uint32_t n_seq) {
+    return p.pooled() ? p.capacity() : (uint64_t) p.capacity() * n_seq;
+}
+
+}  // namespace
+
+uint64_t KvCache::planned_bytes(const HParams & hp, const KvConfig & cfg, uint32_t il) {
+    const auto p = policy_for(hp, cfg, il);
+    const ggml_type t = is_lazy(cfg, il) ? cfg.type_lazy : cfg.type_full;
+    return cells_of(*p, cfg.n_seq_max) * (ggml_row_size(t, hp.n_embd_k_gqa()) + ggml_row_size(t, hp.n_embd_v_gqa()));
+}
+
+KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer)
+    : n_seq_(cfg.n_seq_max) {
+    stores_.resize(hp.n_layer);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const int g = group_for(policy_for(hp, cfg, il));
         groups_[g].layers.push_back((int) il);
-        stores_[il] = alloc_store(hp, (int) il, g, lazy[il] ? cfg.type_lazy : cfg.type_full,
+        stores_[il] = alloc_store(hp, (int) il, g, is_lazy(cfg, il) ? cfg.type_lazy : cfg.type_full,
                                   (uint32_t) groups_[g].cell_pos.size(), buft_per_layer[il]);
     }
 }
@@ -35,7 +57,7 @@ int KvCache::group_for(std::unique_ptr<KvPolicy> policy) {
     }
     KvGroup grp;
     grp.policy = std::move(policy);
-    const uint32_t cells = grp.policy->pooled() ? grp.policy->capacity() : grp.policy->capacity() * n_seq_;
+    const uint32_t cells = (uint32_t) cells_of(*grp.policy, n_seq_);
     grp.cell_pos.assign(cells, -1);
     grp.cell_seq.assign(cells, -1);
     grp.n_free = cells;

@@ -76,6 +76,8 @@ struct KvGroup {
 class KvCache {
 public:
     KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
+    // Bytes layer il's store will take with this configuration (checked against free memory first).
+    static uint64_t planned_bytes(const HParams & hp, const KvConfig & cfg, uint32_t il);
 
     // Largest ubatch every policy accepts.
     uint32_t max_ubatch() const;

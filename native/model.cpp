@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <sstream>
 
@@ -77,6 +78,12 @@ void Model::load_hparams(const GgufFile & f) {
         throw BadInput("GGUF hyperparameters must be positive (block_count, embedding_length, head counts, feed_forward_length)");
     }
     if (hp_.n_head % hp_.n_head_kv != 0) throw BadInput("head_count must be a multiple of head_count_kv");
+    // Far beyond any real model, and what keeps every size computed from these in range.
+    if (hp_.n_layer > 4096 || hp_.n_embd > (1u << 20) || hp_.n_ff > (1u << 22) || hp_.n_head > 4096) {
+        throw BadInput("GGUF hyperparameters out of range (block_count " + std::to_string(hp_.n_layer) + ", embedding_length " +
+                       std::to_string(hp_.n_embd) + ", feed_forward_length " + std::to_string(hp_.n_ff) + ", head_count " +
+                       std::to_string(hp_.n_head) + ")");
+    }
     hp_.head_dim = f.get_u32(p + "attention.key_length", hp_.n_embd / hp_.n_head);
     if (f.get_u32(p + "attention.value_length", hp_.head_dim) != hp_.head_dim) {
         throw BadInput("models whose V head size differs from K head size are not supported");
@@ -84,6 +91,15 @@ void Model::load_hparams(const GgufFile & f) {
     hp_.n_rot = f.get_u32(p + "rope.dimension_count", hp_.head_dim);
     hp_.rms_eps = f.get_f32(p + "attention.layer_norm_rms_epsilon", 1e-5f);
     hp_.rope_freq_base = f.get_f32(p + "rope.freq_base", 10000.0f);
+    // ggml asserts on a norm epsilon that is not positive, and a rotation over no dimensions never ends:
+    // refuse such files here, with the key that is wrong.
+    if (!(hp_.rms_eps > 0.0f) || !std::isfinite(hp_.rms_eps)) {
+        throw BadInput(p + "attention.layer_norm_rms_epsilon must be a positive number, got " + std::to_string(hp_.rms_eps));
+    }
+    if (!(hp_.rope_freq_base > 0.0f) || !std::isfinite(hp_.rope_freq_base)) {
+        throw BadInput(p + "rope.freq_base must be a positive number, got " + std::to_string(hp_.rope_freq_base));
+    }
+    if (hp_.n_rot == 0) throw BadInput(p + "rope.dimension_count must be > 0");
     if (f.has(p + "rope.scaling.type")) {
         const std::string st = f.get_str(p + "rope.scaling.type");
         if (st == "linear") {
@@ -103,6 +119,9 @@ void Model::load_hparams(const GgufFile & f) {
                 hp_.swa_layers[il] = pattern == 0 || il % pattern < pattern - 1;
             }
             hp_.rope_freq_base_swa = f.get_f32(p + "rope.freq_base_swa", 10000.0f);
+            if (!(hp_.rope_freq_base_swa > 0.0f) || !std::isfinite(hp_.rope_freq_base_swa)) {
+                throw BadInput(p + "rope.freq_base_swa must be a positive number");
+            }
         }
     }
     if (f.has("tokenizer.ggml.tokens")) {
@@ -159,6 +178,24 @@ void Model::bind_tensors(const GgufFile & f) {
         L.ffn_gate = get(b + "ffn_gate.weight", {E, (int64_t) h.n_ff}, true);
         L.ffn_up = get(b + "ffn_up.weight", {E, (int64_t) h.n_ff}, true);
         L.ffn_down = get(b + "ffn_down.weight", {(int64_t) h.n_ff, E}, true);
+    }
+    // As llama.cpp's "wrong number of tensors" check: a tensor the architecture does not use means the file
+    // and its metadata disagree (e.g. a block_count smaller than the file's blocks), and would compute wrong.
+    {
+        size_t n_used = 0;
+        auto count = [&](ggml_tensor * t) { n_used += t != nullptr; };
+        count(tok_embd); count(output_norm); count(output != tok_embd ? output : nullptr); count(rope_freqs);
+        for (const LayerWeights & L : layers) {
+            for (ggml_tensor * t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.bq, L.bk, L.bv, L.q_norm, L.k_norm,
+                                    L.attn_post_norm, L.ffn_post_norm, L.ffn_norm, L.ffn_gate, L.ffn_up, L.ffn_down}) {
+                count(t);
+            }
+        }
+        const int64_t n_file = gguf_get_n_tensors(f.gguf());
+        if (problems.empty() && (int64_t) n_used != n_file) {
+            problems.push_back("the file has " + std::to_string(n_file) + " tensors, the architecture uses " +
+                               std::to_string(n_used) + " (does block_count match the file's blocks?)");
+        }
     }
     if (!problems.empty()) {
         std::string msg = "model '" + h.arch_name + "' in " + f.path() + " does not match the expected layout:";

@@ -26,6 +26,7 @@ public:
     const llama_vocab * get() const { return vocab_; }
 
 private:
+    std::vector<int32_t> tokenize_unchecked(const std::string & text, bool add_special, bool parse_special) const;
     llama_model * model_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
 };

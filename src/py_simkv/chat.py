@@ -24,8 +24,11 @@ class ChatTemplate:
         self.llm = llm
         self.eos_token = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", errors="ignore")
         self.bos_token = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", errors="ignore")
-        self.formatter = Jinja2ChatFormatter(template=template, eos_token=self.eos_token, bos_token=self.bos_token,
-                                             stop_token_ids=[llm.token_eos()])
+        try:
+            self.formatter = Jinja2ChatFormatter(template=template, eos_token=self.eos_token, bos_token=self.bos_token,
+                                                 stop_token_ids=[llm.token_eos()])
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{llm.model_path} has a chat template Jinja2 cannot read: {e}") from None
 
     def render(self, messages: List[dict]):
         """(prompt tokens, stop strings) for `messages`, ready for an assistant reply."""

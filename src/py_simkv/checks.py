@@ -6,6 +6,7 @@ used.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional
 
@@ -23,6 +24,16 @@ def check_int(name: str, value, minimum: Optional[int] = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_float(name: str, value) -> float:
+    """A finite real number (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
 
 
 def check_str(name: str, value, example: str) -> str:

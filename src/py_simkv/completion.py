@@ -113,6 +113,8 @@ def completion_stream(
     if echo and logprobs is not None and not llm.logits_all:
         raise ValueError("echo with logprobs needs the prompt's logits: create the Llama with logits_all=True")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stops):
+        raise TypeError("stop must be a string or a list of strings")
     stop_bytes = [s.encode("utf-8") for s in stops if s]
     room = llm.n_ctx() - len(prompt_tokens)
     limit = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)

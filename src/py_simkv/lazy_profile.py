@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from typing import List, Optional, Tuple
 
@@ -125,6 +126,8 @@ class LazyProfile:
                 raise ValueError(f"the '{criterion}' criterion has no default threshold: give a threshold or a ratio")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number, got {threshold!r}")
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         lazy = mean > threshold if criterion == "mass" else mean < threshold
         return [int(i) for i in np.flatnonzero(lazy)]
 
@@ -157,12 +160,10 @@ class LazyProfile:
             raise ValueError(f"not a simkv lazy profile: {path}")
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"lazy profile {path} has version {data.get('version')}, this simkv reads {FORMAT_VERSION}")
-        prof = cls(model=data["model"], params=data["params"], samples=data["samples"])
-        for s in prof.samples:
-            for c in CRITERIA:
-                if c in s and len(s[c]) != prof.n_layer:
-                    raise ValueError(f"lazy profile {path}: a sample has {len(s[c])} '{c}' scores for {prof.n_layer} layers")
-        return prof
+        bad = _problem(data)
+        if bad:
+            raise ValueError(f"lazy profile {path} is damaged: {bad}")
+        return cls(model=data["model"], params=data["params"], samples=data["samples"])
 
     def check_model(self, model_path: str, model) -> None:
         """Refuse a profile made for another model (`model`: the file's loaded native model)."""
@@ -202,6 +203,38 @@ class LazyProfile:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _problem(data: dict) -> Optional[str]:
+    """What is wrong with a loaded profile's structure and scores, or None. Scores are numbers; NaN marks a
+    layer that cannot be lazy (a model's own sliding-window layers) and must be NaN in every sample."""
+    model, params, samples = data.get("model"), data.get("params"), data.get("samples")
+    if not isinstance(model, dict) or not isinstance(params, dict) or not isinstance(samples, list) or not samples:
+        return "it needs 'model', 'params' and a non-empty list of 'samples'"
+    n_layer = model.get("n_layer")
+    if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+        return "model.n_layer must be a positive int"
+    for c in CRITERIA:
+        pattern = None
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, dict):
+                return f"sample {i} is not an object"
+            if c not in sample:
+                continue
+            scores = sample[c]
+            if not isinstance(scores, list) or len(scores) != n_layer:
+                return f"sample {i} has no list of {n_layer} '{c}' scores"
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+                return f"sample {i} has a '{c}' score that is not a number"
+            if any(math.isinf(x) for x in scores):
+                return f"sample {i} has an infinite '{c}' score"
+            nans = [math.isnan(x) for x in scores]
+            if all(nans) or (pattern is not None and nans != pattern):
+                return f"the '{c}' scores are NaN for other layers than those that cannot be lazy"
+            pattern = nans
+    if "mass" not in samples[0]:
+        return "samples have no 'mass' scores"
+    return None
 
 
 def _check_criterion(criterion: str) -> None:

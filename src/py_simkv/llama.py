@@ -6,6 +6,9 @@ logits of the current context.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -13,7 +16,7 @@ import numpy as np
 
 from . import _native
 from .chat import ChatTemplate, create_chat_completion
-from .checks import check_int, check_layer_list, check_model_file, check_str
+from .checks import check_float, check_int, check_layer_list, check_model_file, check_str
 from .completion import create_completion
 from .engine_config import DEFAULTS, engine_config
 from .lazy_profile import family_threshold, model_identity, resolve_lazy_layers
@@ -29,6 +32,24 @@ def gpu_devices() -> List[str]:
 
 
 _warned_no_gpu = False
+# ggml's CPU threads come from OpenMP (libgomp), whose thread pool does not survive fork(): a multi-threaded
+# call in a forked child would hang. Llama objects used in such a child compute with one thread, and say so.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _warn_forked() -> None:
+    warnings.warn("simkv in a fork()ed child process computes with one thread (ggml's OpenMP threads do not "
+                  "survive fork()); use multiprocessing's 'spawn' start method for full speed",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _warn_no_gpu() -> None:
@@ -110,6 +131,9 @@ class Llama:
                         lazy_mode=check_str("lazy_mode", lazy_mode, "dynamic"))
         if n_threads is not None:
             settings["n_threads"] = check_int("n_threads", n_threads)
+        if _forked_child:
+            _warn_forked()
+            settings["n_threads"] = 1
         settings["n_seq_max"] = check_int("n_seq_max", n_seq_max)
         config = engine_config(**settings)
 
@@ -120,7 +144,7 @@ class Llama:
             if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None:
                 raise ValueError("lazy_mode='dynamic' chooses lazy layers per prompt: give only lazy_threshold")
             config.dynamic_threshold = (family_threshold({"name": self._model.metadata.get("general.name", "")})
-                                        if lazy_threshold is None else float(lazy_threshold))
+                                        if lazy_threshold is None else check_float("lazy_threshold", lazy_threshold))
             self.lazy_profile_path = None
         else:
             lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
@@ -144,10 +168,34 @@ class Llama:
         self._sequences = None
         self._chat_template: Optional[ChatTemplate] = None
         self._eog: Optional[List[int]] = None
+        # One call at a time: a second thread waits its turn. Every call that changes the context starts a
+        # new epoch; a generator from an older epoch (stale, or another thread's) stops with an error.
+        self._lock = threading.RLock()
+        self._epoch = 0
+        self._single_threaded = _forked_child
         self.n_evaluated = 0  # tokens evaluated since construction (prefix reuse skips some)
         self._input_ids: List[int] = []
         self._last_logits: Optional[np.ndarray] = None
         self._scores_all = np.empty((self._n_ctx, self.n_vocab()), dtype=np.float32) if self.logits_all else None
+
+    @contextlib.contextmanager
+    def _use(self, new_epoch: bool = True):
+        """Hold this Llama for one call (threads take turns). new_epoch: the call changes the context."""
+        if self._engine is None:
+            raise ValueError("this Llama is closed")
+        with self._lock:
+            if _forked_child and not self._single_threaded:
+                _warn_forked()
+                self._engine.set_n_threads(1)
+                self._single_threaded = True
+            if new_epoch:
+                self._epoch += 1
+            yield
+
+    def _stale(self, epoch: int) -> None:
+        if self._epoch != epoch:
+            raise RuntimeError("this generation was superseded: the same Llama was used by another call since "
+                               "(a newer generator, or another thread); start a new one")
 
     # --- model facts -------------------------------------------------------------------------------
     @property
@@ -182,10 +230,14 @@ class Llama:
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
         if not isinstance(text, (bytes, bytearray)):
             raise TypeError("tokenize() takes bytes; use text.encode('utf-8')")
+        if self._vocab is None:
+            raise ValueError("this Llama is closed")
         return self._vocab.tokenize(bytes(text), add_bos, special)
 
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None, special: bool = False) -> bytes:
-        return b"".join(self._vocab.token_to_piece(int(t), special) for t in tokens)
+        if self._vocab is None:
+            raise ValueError("this Llama is closed")
+        return b"".join(self._vocab.token_to_piece(check_int("token", t), special) for t in tokens)
 
     # --- context -----------------------------------------------------------------------------------
     @property
@@ -231,7 +283,13 @@ class Llama:
     def _checked_tokens(self, tokens: Sequence[int]) -> np.ndarray:
         """Token ids as a flat int64 array, in the vocabulary and fitting the remaining context."""
         self._single()
-        arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        raw = np.asarray(tokens)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be ints, got {raw.dtype} values")
+        try:
+            arr = np.ascontiguousarray(raw.astype(np.int64).reshape(-1))
+        except OverflowError:
+            raise ValueError("token ids must be in the vocabulary") from None
         if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab()):
             raise ValueError(f"token ids must be in 0..{self.n_vocab() - 1}")
         if self.n_tokens + arr.size > self._n_ctx:
@@ -245,6 +303,10 @@ class Llama:
         tokens: returns {"mass": [n_layer], "change": [n_layer]} (NaN for lazy layers): the attention
         weight on the sinks + window (SimLayerKV's lazy score) and the relative change of the attention
         output if the layer kept only those keys."""
+        with self._use():
+            return self._eval(tokens, probe)
+
+    def _eval(self, tokens: Sequence[int], probe: Optional[dict] = None) -> Optional[dict]:
         arr = self._checked_tokens(tokens)
         if arr.size == 0:
             return None
@@ -272,12 +334,16 @@ class Llama:
         """Re-align the engine with our token list after an interrupted eval (Ctrl-C lands in Python right
         after a native call returns, possibly before the bookkeeping that follows it)."""
         if self._engine.n_past != len(self._input_ids) and not self._engine.truncate(len(self._input_ids)):
-            self.reset()
+            self._reset()
 
     def nll(self, tokens: Sequence[int], keep: bool = True) -> np.ndarray:
         """Append `tokens` and return the negative log-likelihood of each of them given what precedes it
         (the context must not be empty: the first token is scored from the current last logits).
         keep=False scores them as a what-if: the context is left as it was afterwards."""
+        with self._use():
+            return self._nll(tokens, keep)
+
+    def _nll(self, tokens: Sequence[int], keep: bool) -> np.ndarray:
         if self._last_logits is None:
             raise ValueError("nll() needs a context: eval() a prompt first")
         arr = self._checked_tokens(tokens)
@@ -301,8 +367,8 @@ class Llama:
         if not keep:
             if not self._engine.truncate(self.n_tokens):  # a lazy ring overwrote the context: rebuild it
                 prefix = list(self._input_ids)
-                self.reset()
-                self.eval(prefix)
+                self._reset()
+                self._eval(prefix)
             self._last_logits = first
             return out
         self._last_logits = prev
@@ -313,11 +379,16 @@ class Llama:
         """Trimming as a what-if (the profiler's "loss" criterion): from now on these layers attend only to
         the first n_sink and the n_window most recent keys, as lazy layers would, but keep their full store,
         so `set_masked_layers([])` undoes it. Full layers only; not with exact prefill or dynamic mode."""
-        self._engine.set_masked_layers(check_layer_list("layers", layers), check_int("n_sink", n_sink, 0),
-                                       check_int("n_window", self.n_window if n_window is None else n_window, 1))
+        with self._use():
+            self._engine.set_masked_layers(check_layer_list("layers", layers), check_int("n_sink", n_sink, 0),
+                                           check_int("n_window", self.n_window if n_window is None else n_window, 1))
 
     def reset(self) -> None:
         """Forget the context (the KV cache is cleared)."""
+        with self._use():
+            self._reset()
+
+    def _reset(self) -> None:
         self._single()
         self._engine.reset()
         self._input_ids = []
@@ -336,8 +407,9 @@ class Llama:
     def kv_cache_stats(self) -> dict:
         """total_bytes now, peak_bytes since construction (exact prefill peaks at a full cache), the lazy
         layers now (with exact prefill: those compacted after the prompt), and each layer's store."""
-        return {"total_bytes": int(self._engine.kv_total_bytes), "peak_bytes": int(self._engine.peak_kv_bytes),
-                "lazy_layers": list(self._engine.lazy_layers), "layers": self._engine.kv_layers()}
+        with self._use(new_epoch=False):
+            return {"total_bytes": int(self._engine.kv_total_bytes), "peak_bytes": int(self._engine.peak_kv_bytes),
+                    "lazy_layers": list(self._engine.lazy_layers), "layers": self._engine.kv_layers()}
 
     # --- generation --------------------------------------------------------------------------------
     def generate(
@@ -360,24 +432,30 @@ class Llama:
         current context where every store still holds it. logit_bias {token id: bias} is added to the
         logits before sampling (-inf bans a token), as in llama-cpp-python.
         """
-        self._single()
-        tokens = [int(t) for t in tokens]
-        bias = self.logit_bias_vector(logit_bias)
-        if reset:
-            tokens = self._reuse_prefix(tokens)
-        sampler = self.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                    presence_penalty, seed)
-        if tokens:
-            self.eval(tokens)
-        if self._last_logits is None:
-            raise ValueError("generate() needs at least one token in the context")
-        for t in self._input_ids[-64:]:
-            sampler.accept(t)  # repetition penalties look at the prompt too
+        with self._use():
+            self._single()
+            tokens = [check_int("token", t) for t in tokens]
+            bias = self.logit_bias_vector(logit_bias)
+            sampler = self.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
+                                        presence_penalty, seed)
+            if reset:
+                tokens = self._reuse_prefix(tokens)
+            if tokens:
+                self._eval(tokens)
+            if self._last_logits is None:
+                raise ValueError("generate() needs at least one token in the context")
+            for t in self._input_ids[-64:]:
+                sampler.accept(t)  # repetition penalties look at the prompt too
+            epoch = self._epoch
         while True:
-            token = sampler.sample(self._last_logits if bias is None else self._last_logits + bias)
-            sampler.accept(token)
+            with self._lock:
+                self._stale(epoch)
+                token = sampler.sample(self._last_logits if bias is None else self._last_logits + bias)
+                sampler.accept(token)
             yield token
-            self.eval([token])
+            with self._lock:
+                self._stale(epoch)
+                self._eval([token])
 
     def logit_bias_vector(self, logit_bias) -> Optional[np.ndarray]:
         if logit_bias is None:
@@ -389,10 +467,10 @@ class Llama:
             token = int(token)  # the OpenAI API sends ids as strings
             if not 0 <= token < self.n_vocab():
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{self.n_vocab() - 1})")
-            value = float(value)
-            if value != value:
-                raise ValueError(f"logit_bias for token {token} is NaN")
-            bias[token] += value
+            if isinstance(value, (int, float)) and value == float("-inf"):
+                bias[token] = -np.inf  # bans the token
+                continue
+            bias[token] += check_float(f"logit_bias for token {token}", value)
         return bias
 
     def eog_tokens(self) -> List[int]:
@@ -407,7 +485,7 @@ class Llama:
         if self._engine.compacted:
             # The context was compacted after its prompt; a fresh exact evaluation of a new prompt keeps
             # every layer full throughout, so reuse would not give the same result: start over.
-            self.reset()
+            self._reset()
             return tokens
         common = 0
         for a, b in zip(self._input_ids, tokens):
@@ -417,7 +495,7 @@ class Llama:
         if common == len(tokens) and common > 0:
             common -= 1  # re-evaluate the last prompt token to get fresh logits
         if common == 0 or not self._rewind(common):
-            self.reset()
+            self._reset()
             return tokens
         return tokens[common:]
 
@@ -425,8 +503,13 @@ class Llama:
                      presence_penalty=0.0, seed=None):
         """libllama's sampler chain for these settings (temp <= 0: greedy); seed None = this Llama's seed."""
         seed = self._seed if seed is None else (check_int("seed", seed, 0) & 0xFFFFFFFF)
+        temp, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty = (
+            check_float(name, v) for name, v in (("temperature", temp), ("top_p", top_p), ("min_p", min_p),
+                                                 ("repeat_penalty", repeat_penalty),
+                                                 ("frequency_penalty", frequency_penalty),
+                                                 ("presence_penalty", presence_penalty)))
         return _native.Sampler(
-            n_vocab=self.n_vocab(), temperature=float(temp), top_k=int(top_k), top_p=float(top_p),
+            n_vocab=self.n_vocab(), temperature=temp, top_k=check_int("top_k", top_k), top_p=top_p,
             min_p=float(min_p), repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
             presence_penalty=float(presence_penalty), penalty_last_n=64, seed=seed,
         )
@@ -451,12 +534,14 @@ class Llama:
         logit_bias: Optional[Dict[int, float]] = None,
     ):
         """Complete `prompt`; a `text_completion` dict, or an iterator of chunks with stream=True."""
-        return create_completion(
-            self, prompt, stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, stop=stop, seed=seed, logprobs=logprobs, echo=echo,
-            logit_bias=logit_bias,
-        )
+        kw = dict(stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                  presence_penalty=presence_penalty, stop=stop, seed=seed, logprobs=logprobs, echo=echo,
+                  logit_bias=logit_bias)
+        if stream:  # each step of the stream holds this Llama in turn
+            return create_completion(self, prompt, **kw)
+        with self._use(new_epoch=False):  # the whole call: another thread's call waits for it
+            return create_completion(self, prompt, **kw)
 
     __call__ = create_completion
 
@@ -464,7 +549,10 @@ class Llama:
         """Reply to `messages` with the model's chat template; a `chat.completion` dict or chunk iterator.
         Keyword arguments: temperature=0.2, top_p, top_k, min_p, stream, stop, seed, max_tokens,
         presence_penalty, frequency_penalty, repeat_penalty, logprobs, top_logprobs, logit_bias."""
-        return create_chat_completion(self, messages, **kwargs)
+        if kwargs.get("stream"):
+            return create_chat_completion(self, messages, **kwargs)
+        with self._use(new_epoch=False):
+            return create_chat_completion(self, messages, **kwargs)
 
     def chat_template(self) -> ChatTemplate:
         if self._chat_template is None:
@@ -472,6 +560,8 @@ class Llama:
         return self._chat_template
 
     def close(self) -> None:
-        self._engine = None
-        self._model = None
-        self._vocab = None
+        """Free the model and its cache; any later call raises ValueError."""
+        with self._lock:
+            self._engine = None
+            self._model = None
+            self._vocab = None

@@ -59,6 +59,9 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     check_int("loss_samples", loss_samples, 0)
     if w_last > n_ctx:
         raise ValueError(f"w_last ({w_last}) must not exceed n_ctx ({n_ctx})")
+    if check_int("n_window", n_window, 1) >= n_ctx:
+        raise ValueError(f"n_window ({n_window}) must be smaller than n_ctx ({n_ctx}): a window covering the whole "
+                         "sample trims nothing, and every layer would look lazy")
     pairs = default_calibration_texts() if texts is None else [
         t if isinstance(t, tuple) else (f"text{i}", t) for i, t in enumerate(texts)]
     if not pairs or not all(isinstance(t, str) and t for _, t in pairs):
