@@ -23,9 +23,17 @@ from typing import Callable, Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+# Generated tokens a request reserves room for in the pool when admitted (a longer reply goes on while the
+# pool has room, and ends where it has none).
+RESERVED_GEN = 256
+
 
 class QueueFull(Exception):
     """Every slot is busy and the waiting queue is full (the server answers 503)."""
+
+
+class CacheFull(Exception):
+    """The KV pool has no room for the request now (the server answers 503: retry later)."""
 
 
 class SchedulerStopped(Exception):
@@ -197,16 +205,37 @@ class Scheduler:
         slot.next_token = None
         slot.last_used = time.monotonic()
 
+    def _reserved(self, slot: Slot) -> int:
+        """Pool cells an active slot may still take: the rest of its prompt and (up to RESERVED_GEN) of its
+        generation."""
+        r = slot.request
+        return len(slot.pending) + min(r.max_new - r.n_generated, RESERVED_GEN)
+
     def _admit(self) -> None:
+        """Waiting requests take free slots in order while the pool can hold them: a request whose prompt
+        does not fit beside the active ones waits (idle slots' cached KV counts as free: it is dropped, least
+        recently used first, when needed)."""
         while self._waiting:
             free = [s for s in self.slots if s.request is None]
             if not free:
                 return
-            request = self._waiting.popleft()
+            request = self._waiting[0]
             # As llama-server: the slot that already holds the longest prefix of the prompt, else the one
             # idle the longest.
-            best = max(free, key=lambda s: (self.seqs.common_prefix(s.seq, request.prompt), -s.last_used))
-            slot = best
+            slot = max(free, key=lambda s: (self.seqs.common_prefix(s.seq, request.prompt), -s.last_used))
+            kept = self.seqs.common_prefix(slot.seq, request.prompt)
+            need = len(request.prompt) - kept + min(request.max_new, RESERVED_GEN)
+            if need > self.llm.n_ctx():
+                self._waiting.popleft()
+                request.put(("error", ValueError(f"the prompt ({len(request.prompt)} tokens) and its reply do not fit "
+                                                 f"the KV cache ({self.llm.n_ctx()} cells)"), None))
+                continue
+            room = (self.seqs.free_cells + sum(self.seqs.n_tokens(s.seq) for s in free if s is not slot)
+                    + self.seqs.n_tokens(slot.seq) - kept
+                    - sum(self._reserved(s) for s in self.slots if s.request is not None))
+            if need > room:
+                return  # it waits until active requests finish and give their cells back
+            self._waiting.popleft()
             slot.request = request
             slot.pending = self.seqs.prepare(slot.seq, request.prompt)
             request.n_cached = len(request.prompt) - len(slot.pending)
@@ -233,7 +262,7 @@ class Scheduler:
             # the newest gives up its cells so the others can go on.
             slot = max((s for s in active if s.request is not None), key=lambda s: s.last_used, default=None)
             if slot is not None:
-                slot.request.put(("error", ValueError("the KV cache is full: too many long prompts at once"), None))
+                slot.request.put(("error", CacheFull("the KV cache is full: too many long prompts at once"), None))
                 self.seqs.clear(slot.seq)
                 self._release(slot)
             return

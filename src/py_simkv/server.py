@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from .chat import create_chat_completion
 from .completion import create_completion
-from .scheduler import QueueFull, Scheduler, SchedulerStopped
+from .scheduler import CacheFull, QueueFull, Scheduler, SchedulerStopped
 
 
 class ApiError(Exception):
@@ -152,7 +152,7 @@ def create_app(llm, scheduler: Scheduler, model_name: str, api_key: Optional[str
                 return await anyio.to_thread.run_sync(make)
             chunks = iter(await anyio.to_thread.run_sync(make))
             first = await anyio.to_thread.run_sync(next, chunks)  # the prompt is read: errors surface here
-        except QueueFull as e:
+        except (QueueFull, CacheFull) as e:
             raise ApiError(503, f"the server is busy: {e}; retry later", "server_error", code="server_busy") from None
         except SchedulerStopped as e:
             raise ApiError(503, str(e), "server_error") from None
