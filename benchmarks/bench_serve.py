@@ -14,7 +14,8 @@ Every system gets the same KV budget: simkv's caches are sized to it (--kv-budge
 RAM cache gets it as its size (its live context of n_ctx cells comes on top). The budget holds every
 conversation with half the layers lazy and not with full f16 caches.
 Workload B (decoding together): C clients at depth ~4K each (prompts prefilled first), then all decode
-128 tokens at once; aggregate tok/s against one client alone.
+128 tokens at once; aggregate tok/s against one client alone, and against Llama decoding in process. Here
+the budget holds every sequence with full caches too.
 
     python benchmarks/bench_serve.py --workload A --clients 4 --turns 3
     python benchmarks/bench_serve.py --workload B --clients 4
@@ -223,6 +224,8 @@ def main():
     need = sum(len(llm.tokenize(h.encode(), add_bos=False)) + args.turns * (N_NEW + N_GEN) + 64 for h, _ in convs)
     lazy_bytes = kv_bytes(hp, need, lazy_layers=LAZY, n_seq_max=args.clients)
     budget_mib = round(lazy_bytes * 1.05 / 2**20, 1)
+    if args.workload == "B":  # decoding together: every system holds every sequence
+        budget_mib = round(kv_bytes(hp, need, n_seq_max=args.clients) * 1.05 / 2**20, 1)
     full_holds = budget_mib * 2**20 / kv_bytes(hp, 1024) * 1024
     print(f"# workload {args.workload}: {args.clients} clients, {need} tokens in all conversations at the end; "
           f"KV budget {budget_mib} MiB (full f16 holds {full_holds:.0f} tokens of them); lcp n_ctx {n_ctx_lcp}",

@@ -415,7 +415,10 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
 
 Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe) {
     std::vector<uint32_t> shape = {n_tokens, n_rows, n_probe};
-    for (const KvGroup & grp : kv_->groups()) shape.push_back(grp.n_kv);
+    for (const KvGroup & grp : kv_->groups()) {
+        shape.push_back(grp.n_kv);
+        shape.push_back(grp.kv_lo);  // the views' offsets are part of the graph
+    }
     if (graph_.ctx && graph_.shape == shape) return graph_;
 
     drop_graph(false);

@@ -1,6 +1,6 @@
 // Attention over one layer's KV store: the only place a store is written and read in the graph.
 // Which cells are written and which are visible was decided by KvCache::plan_ubatch (the policy);
-// here that becomes a set_rows into the store and a flash-attention over its first n_kv cells.
+// here that becomes a set_rows into the store and a flash-attention over its n_kv cells from kv_lo.
 #include "graph.h"
 
 #include "kv_cache.h"
@@ -34,11 +34,10 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.k, ggml_reshape_2d(ctx, k_cur, n_embd_gqa, b.n_tokens), idx));
     ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.v, ggml_reshape_2d(ctx, v_cur, n_embd_gqa, b.n_tokens), idx));
 
-    // Read: the first n_kv cells as [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does.
-    ggml_tensor * k = ggml_view_3d(ctx, s.k, d, n_kv, hp.n_head_kv, ggml_row_size(s.k->type, n_embd_gqa),
-                                   ggml_row_size(s.k->type, d), 0);
-    ggml_tensor * v = ggml_view_3d(ctx, s.v, d, n_kv, hp.n_head_kv, ggml_row_size(s.v->type, n_embd_gqa),
-                                   ggml_row_size(s.v->type, d), 0);
+    // Read: n_kv cells from kv_lo as [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does.
+    const size_t k_row = ggml_row_size(s.k->type, n_embd_gqa), v_row = ggml_row_size(s.v->type, n_embd_gqa);
+    ggml_tensor * k = ggml_view_3d(ctx, s.k, d, n_kv, hp.n_head_kv, k_row, ggml_row_size(s.k->type, d), g.kv_lo * k_row);
+    ggml_tensor * v = ggml_view_3d(ctx, s.v, d, n_kv, hp.n_head_kv, v_row, ggml_row_size(s.v->type, d), g.kv_lo * v_row);
     if (b.probe) build_probe(b, il, q_cur, k, v);
     ggml_tensor * q = ggml_permute(ctx, q_cur, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
 

@@ -143,6 +143,8 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         throw BadInput("the KV cache is full: " + std::to_string(n_tokens) + " new tokens, " +
                        std::to_string(free_cells()) + " free cells (clear or truncate a sequence, or raise n_ctx)");
     }
+    std::vector<bool> in_ubatch(n_seq_, false);
+    for (uint32_t i = 0; i < n_tokens; ++i) in_ubatch[seq[i]] = true;
     for (auto & g : groups_) {
         if (g.layers.empty()) continue;  // e.g. the full group once exact prefill made every layer lazy
         const KvPolicy & p = *g.policy;
@@ -163,9 +165,19 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             g.cell_seq[c] = seq[i];
             g.n_used = std::max(g.n_used, c + 1);
         }
-        g.n_kv = std::min((uint32_t) g.cell_pos.size(), pad_cells(g.n_used));
+        // The span of cells held by the ubatch's sequences (they were just written, so it is not empty).
+        uint32_t lo = g.n_used, hi = 0;
+        for (uint32_t c = 0; c < g.n_used; ++c) {
+            if (g.cell_pos[c] >= 0 && in_ubatch[g.cell_seq[c]]) {
+                lo = std::min(lo, c);
+                hi = c + 1;
+            }
+        }
+        const uint32_t cells = (uint32_t) g.cell_pos.size();
+        g.n_kv = std::min(cells, pad_cells(hi - lo));
+        g.kv_lo = std::min(lo, cells - g.n_kv);
         g.mask.resize((size_t) n_tokens * g.n_kv);
-        fill_mask_rows(g.cell_pos, g.cell_seq, g.n_used, pos, seq, n_tokens, g.n_kv,
+        fill_mask_rows(g.cell_pos, g.cell_seq, g.kv_lo, g.n_used, pos, seq, n_tokens, g.n_kv,
                        [&p](int32_t q, int32_t k) { return p.visible(q, k); }, g.mask.data());
     }
 }

@@ -10,7 +10,7 @@
 // Where a lazy layer's cache is handled:
 //   written  - plan_ubatch() picks the cells (KvPolicy::cell_of), graph_attention.cpp writes them (set_rows)
 //   masked   - plan_ubatch() builds the group's mask (kv_mask.h: causal + KvPolicy::visible)
-//   read     - graph_attention.cpp views the first n_kv cells of the store for flash attention
+//   read     - graph_attention.cpp views n_kv cells of the store from kv_lo for flash attention
 //   encoded  - a quantized store (a q4_0 ring by default) holds K and V Hadamard-rotated (kv_rotation.h)
 //   compacted - exact prefill turns full stores into lazy ones after the prompt (kv_compaction.cpp)
 #pragma once
@@ -69,6 +69,9 @@ struct KvGroup {
     uint32_t region() const { return policy->capacity(); }
     // Plan of the current ubatch (filled by plan_ubatch).
     std::vector<int64_t> write_cells;  // cell for each token of the ubatch
+    // Attention views cells [kv_lo, kv_lo + n_kv): the span that holds the ubatch's sequences, so a query
+    // does not scan other sequences' cells outside it (one sequence alone: from cell 0, as always).
+    uint32_t kv_lo = 0;
     uint32_t n_kv = 0;                 // cells viewed by attention (multiple of kCellPad)
     std::vector<ggml_fp16_t> mask;     // [n_tokens][n_kv]: 0 = visible, -inf = hidden
 };

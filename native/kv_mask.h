@@ -21,18 +21,20 @@ inline ggml_fp16_t mask_hidden() {
     return v;
 }
 
-// Fills rows [n_q][n_kv] of `out` (cells >= n_used are empty and stay hidden).
+// Fills rows [n_q][n_kv] of `out` for the viewed cells lo .. lo + n_kv (cells >= n_used are empty and stay
+// hidden).
 template <class Rule>
-void fill_mask_rows(const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq, uint32_t n_used,
-                    const int32_t * q_pos, const int32_t * q_seq, size_t n_q, uint32_t n_kv, Rule visible,
-                    ggml_fp16_t * out) {
+void fill_mask_rows(const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq, uint32_t lo,
+                    uint32_t n_used, const int32_t * q_pos, const int32_t * q_seq, size_t n_q, uint32_t n_kv,
+                    Rule visible, ggml_fp16_t * out) {
     const ggml_fp16_t shown = mask_visible(), hidden = mask_hidden();
     for (size_t i = 0; i < n_q; ++i) {
         ggml_fp16_t * row = out + i * n_kv;
         const int32_t q = q_pos[i], s = q_seq[i];
-        for (uint32_t c = 0; c < n_kv; ++c) {
+        for (uint32_t j = 0; j < n_kv; ++j) {
+            const uint32_t c = lo + j;
             const int32_t k = c < n_used ? cell_pos[c] : -1;
-            row[c] = k >= 0 && k <= q && cell_seq[c] == s && visible(q, k) ? shown : hidden;
+            row[j] = k >= 0 && k <= q && cell_seq[c] == s && visible(q, k) ? shown : hidden;
         }
     }
 }

@@ -85,9 +85,9 @@ void ProbeAccumulator::set_inputs(const ProbeGraph & pg, const KvCache & kv, con
         const size_t n_sel = q_pos.size(), n_kv = g.n_kv;
         // What the full layer's query sees, and the same trimmed to sinks + window (kv_mask.h's rule).
         std::vector<ggml_fp16_t> all(n_sel * n_kv), win(n_sel * n_kv);
-        fill_mask_rows(g.cell_pos, g.cell_seq, g.n_used, q_pos.data(), q_seq.data(), n_sel, g.n_kv,
+        fill_mask_rows(g.cell_pos, g.cell_seq, g.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, g.n_kv,
                        [](int32_t, int32_t) { return true; }, all.data());
-        fill_mask_rows(g.cell_pos, g.cell_seq, g.n_used, q_pos.data(), q_seq.data(), n_sel, g.n_kv,
+        fill_mask_rows(g.cell_pos, g.cell_seq, g.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, g.n_kv,
                        [&spec](int32_t q, int32_t k) { return in_sink_or_window(spec.n_sink, spec.n_window, q, k); },
                        win.data());
         std::vector<float> in(n_sel * n_kv);
