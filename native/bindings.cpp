@@ -28,11 +28,20 @@ using FloatArray2 = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
 using TokenArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // Between ubatches of a long call (GIL released): take the GIL for a moment and let a pending signal
-// (Ctrl-C) raise here, so a long prefill stops within a ubatch instead of after the whole call.
+// (Ctrl-C) raise here, so a long prefill stops within a ubatch instead of after the whole call. Python
+// handles signals on its main thread only: a call from another thread (a server's scheduler) does not
+// check, and so never waits for the GIL between ubatches.
 const BetweenUbatches check_signals = [] {
     nb::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) throw nb::python_error();
 };
+
+// Called with the GIL held, before it is released for the call.
+BetweenUbatches signal_check_for_this_thread() {
+    nb::module_ threading = nb::module_::import_("threading");
+    const bool on_main = threading.attr("main_thread")().attr("ident").equal(threading.attr("get_ident")());
+    return on_main ? check_signals : BetweenUbatches();
+}
 
 // Metadata strings as Python str; bytes that are not UTF-8 (a corrupted file) become U+FFFD.
 nb::dict metadata_dict(const std::map<std::string, std::string> & md) {
@@ -174,10 +183,11 @@ NB_MODULE(_native, m) {
              [](Engine & e, TokenArray tokens, bool all_logits) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
                  std::vector<float> logits;
+                 const BetweenUbatches between = signal_check_for_this_thread();
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
-                     logits = e.eval(tokens.data(), n, all_logits, nullptr, 0, check_signals);
+                     logits = e.eval(tokens.data(), n, all_logits, nullptr, 0, between);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
                  return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
@@ -187,11 +197,12 @@ NB_MODULE(_native, m) {
              [](Engine & e, TokenArray tokens, bool all_logits, uint32_t n_sink, uint32_t n_window, uint32_t n_probe) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
                  std::vector<float> logits;
+                 const BetweenUbatches between = signal_check_for_this_thread();
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
                      const ProbeSpec spec{n_sink, n_window};
-                     logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe, check_signals);
+                     logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe, between);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
                  return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
@@ -208,10 +219,11 @@ NB_MODULE(_native, m) {
                      batch[i] = SeqTokens{seqs[i], tokens[i].data(), (uint32_t) tokens[i].shape(0), all_logits[i]};
                  }
                  std::vector<std::vector<float>> logits;
+                 const BetweenUbatches between = signal_check_for_this_thread();
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
-                     logits = e.decode(batch, check_signals);
+                     logits = e.decode(batch, between);
                  }
                  const size_t n_vocab = e.model().hp().n_vocab;
                  nb::list out;
