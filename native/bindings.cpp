@@ -14,6 +14,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -36,11 +37,12 @@ const BetweenUbatches check_signals = [] {
     if (PyErr_CheckSignals() != 0) throw nb::python_error();
 };
 
+// The interpreter's main thread, read once when the module is imported.
+unsigned long g_main_thread = 0;
+
 // Called with the GIL held, before it is released for the call.
 BetweenUbatches signal_check_for_this_thread() {
-    nb::module_ threading = nb::module_::import_("threading");
-    const bool on_main = threading.attr("main_thread")().attr("ident").equal(threading.attr("get_ident")());
-    return on_main ? check_signals : BetweenUbatches();
+    return PyThread_get_thread_ident() == g_main_thread ? check_signals : BetweenUbatches();
 }
 
 // Metadata strings as Python str; bytes that are not UTF-8 (a corrupted file) become U+FFFD.
@@ -107,6 +109,7 @@ nb::list kv_stats(const Engine & e) {
 }  // namespace
 
 NB_MODULE(_native, m) {
+    g_main_thread = nb::cast<unsigned long>(nb::module_::import_("threading").attr("main_thread")().attr("ident"));
     llama_backend_init();
     set_native_logging(false);
     m.def("set_logging", &set_native_logging, "verbose"_a);
@@ -291,15 +294,17 @@ NB_MODULE(_native, m) {
         .def("__init__",
              [](Sampler * self, int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p,
                 float repeat_penalty, float frequency_penalty, float presence_penalty, int32_t penalty_last_n,
-                uint32_t seed) {
+                uint32_t seed, std::vector<std::pair<int32_t, float>> logit_bias) {
                  SamplerParams p;
                  p.temperature = temperature; p.top_k = top_k; p.top_p = top_p; p.min_p = min_p;
                  p.repeat_penalty = repeat_penalty; p.frequency_penalty = frequency_penalty;
                  p.presence_penalty = presence_penalty; p.penalty_last_n = penalty_last_n; p.seed = seed;
+                 p.logit_bias = std::move(logit_bias);
                  new (self) Sampler(n_vocab, p);
              },
              "n_vocab"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
-             "frequency_penalty"_a, "presence_penalty"_a, "penalty_last_n"_a, "seed"_a)
+             "frequency_penalty"_a, "presence_penalty"_a, "penalty_last_n"_a, "seed"_a,
+             "logit_bias"_a = std::vector<std::pair<int32_t, float>>())
         .def("sample",
              [](Sampler & s, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
                  return s.sample(logits.data());

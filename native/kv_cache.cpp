@@ -139,10 +139,8 @@ uint32_t KvCache::free_cells() const {
 }
 
 void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens) {
-    if (free_cells() < n_tokens) {
-        throw BadInput("the KV cache is full: " + std::to_string(n_tokens) + " new tokens, " +
-                       std::to_string(free_cells()) + " free cells (clear or truncate a sequence, or raise n_ctx)");
-    }
+    // The caller (Engine::decode) refuses a call the pool cannot take before evaluating any of it.
+    if (free_cells() < n_tokens) throw std::runtime_error("plan_ubatch: more tokens than free cells");
     std::vector<bool> in_ubatch(n_seq_, false);
     for (uint32_t i = 0; i < n_tokens; ++i) in_ubatch[seq[i]] = true;
     for (auto & g : groups_) {
@@ -226,10 +224,12 @@ uint32_t KvCache::seq_cells(int seq, int il) const {
 }
 
 size_t KvCache::seq_bytes(int seq) const {
+    std::vector<int64_t> held(groups_.size(), -1);  // cells of seq per group, counted once per group
     size_t total = 0;
     for (const KvStore & s : stores_) {
         const KvGroup & g = groups_[s.group];
-        const uint32_t cells = g.policy->pooled() ? seq_cells(seq, s.layer) : g.region();
+        if (g.policy->pooled() && held[s.group] < 0) held[s.group] = seq_cells(seq, s.layer);
+        const uint32_t cells = g.policy->pooled() ? (uint32_t) held[s.group] : g.region();
         total += (ggml_row_size(s.k->type, s.k->ne[0]) + ggml_row_size(s.v->type, s.v->ne[0])) * cells;
     }
     return total;

@@ -11,7 +11,15 @@ Sampler::Sampler(int32_t n_vocab, const SamplerParams & p) : n_vocab_(n_vocab) {
     if (p.top_p < 0.0f || p.top_p > 1.0f) throw BadInput("top_p must be in [0, 1]");
     if (p.min_p < 0.0f || p.min_p > 1.0f) throw BadInput("min_p must be in [0, 1]");
     chain_ = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    // The same order llama-cpp-python uses: penalties, top-k, top-p, min-p, temperature, draw.
+    if (!p.logit_bias.empty()) {
+        std::vector<llama_logit_bias> bias;
+        for (const auto & [token, value] : p.logit_bias) {
+            if (token < 0 || token >= n_vocab) throw BadInput("logit_bias token id " + std::to_string(token) + " is outside the vocabulary");
+            bias.push_back({token, value});
+        }
+        llama_sampler_chain_add(chain_, llama_sampler_init_logit_bias(n_vocab, (int32_t) bias.size(), bias.data()));
+    }
+    // The same order llama-cpp-python uses: logit bias, penalties, top-k, top-p, min-p, temperature, draw.
     if (p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) {
         llama_sampler_chain_add(chain_, llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
                                                                       p.frequency_penalty, p.presence_penalty));

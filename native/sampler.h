@@ -2,6 +2,7 @@
 // token that enters the context (penalties depend on it).
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 struct llama_sampler;
@@ -19,6 +20,7 @@ struct SamplerParams {
     float presence_penalty = 0.0f;
     int32_t penalty_last_n = 64;
     uint32_t seed = 0xFFFFFFFF;  // LLAMA_DEFAULT_SEED: random
+    std::vector<std::pair<int32_t, float>> logit_bias;  // added to the logits first (-inf bans a token)
 };
 
 class Sampler {

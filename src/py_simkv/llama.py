@@ -435,9 +435,8 @@ class Llama:
         with self._use():
             self._single()
             tokens = [check_int("token", t) for t in tokens]
-            bias = self.logit_bias_vector(logit_bias)
             sampler = self.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                        presence_penalty, seed)
+                                        presence_penalty, seed, logit_bias)
             if reset:
                 tokens = self._reuse_prefix(tokens)
             if tokens:
@@ -450,28 +449,29 @@ class Llama:
         while True:
             with self._lock:
                 self._stale(epoch)
-                token = sampler.sample(self._last_logits if bias is None else self._last_logits + bias)
+                token = sampler.sample(self._last_logits)
                 sampler.accept(token)
             yield token
             with self._lock:
                 self._stale(epoch)
                 self._eval([token])
 
-    def logit_bias_vector(self, logit_bias) -> Optional[np.ndarray]:
+    def _logit_bias_pairs(self, logit_bias) -> List[tuple]:
+        """(token, bias) pairs for libllama's logit-bias sampler; -inf bans a token."""
         if logit_bias is None:
-            return None
+            return []
         if not isinstance(logit_bias, dict):
             raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}")
-        bias = np.zeros(self.n_vocab(), dtype=np.float32)
+        pairs = []
         for token, value in logit_bias.items():
             token = int(token)  # the OpenAI API sends ids as strings
             if not 0 <= token < self.n_vocab():
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{self.n_vocab() - 1})")
             if isinstance(value, (int, float)) and value == float("-inf"):
-                bias[token] = -np.inf  # bans the token
+                pairs.append((token, float("-inf")))
                 continue
-            bias[token] += check_float(f"logit_bias for token {token}", value)
-        return bias
+            pairs.append((token, check_float(f"logit_bias for token {token}", value)))
+        return pairs
 
     def eog_tokens(self) -> List[int]:
         """Every token that ends a generation (EOS, EOT, ...): what `ignore_eos` bans."""
@@ -500,8 +500,9 @@ class Llama:
         return tokens[common:]
 
     def make_sampler(self, temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
-                     presence_penalty=0.0, seed=None):
-        """libllama's sampler chain for these settings (temp <= 0: greedy); seed None = this Llama's seed."""
+                     presence_penalty=0.0, seed=None, logit_bias=None):
+        """libllama's sampler chain for these settings (temp <= 0: greedy); seed None = this Llama's seed;
+        logit_bias {token id: bias} is added to the logits first (-inf bans a token)."""
         seed = self._seed if seed is None else (check_int("seed", seed, 0) & 0xFFFFFFFF)
         temp, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty = (
             check_float(name, v) for name, v in (("temperature", temp), ("top_p", top_p), ("min_p", min_p),
@@ -512,6 +513,7 @@ class Llama:
             n_vocab=self.n_vocab(), temperature=temp, top_k=check_int("top_k", top_k), top_p=top_p,
             min_p=float(min_p), repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
             presence_penalty=float(presence_penalty), penalty_last_n=64, seed=seed,
+            logit_bias=self._logit_bias_pairs(logit_bias),
         )
 
     # --- completions and chat (llama-cpp-python's dict shapes) ---------------------------------------

@@ -41,12 +41,11 @@ class SchedulerStopped(Exception):
 
 
 class Request:
-    def __init__(self, prompt: List[int], max_new: int, sampler, bias: Optional[np.ndarray], want_logits: bool):
+    def __init__(self, prompt: List[int], max_new: int, sampler, want_logits: bool):
         self.prompt = prompt
         self.max_new = max_new
         self.n_generated = 0
         self.sampler = sampler
-        self.bias = bias
         self.want_logits = want_logits
         self.events: "collections.deque" = collections.deque()
         self.ready = threading.Condition()
@@ -94,9 +93,8 @@ class Scheduler:
         """A token source for completion.py: queues a request (refused with QueueFull when the queue is
         full) and yields (token, logits or None) as the loop samples them, at most max_new."""
         sampler = self.llm.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                        presence_penalty, seed)
-        bias = self.llm.logit_bias_vector(logit_bias)
-        request = Request([int(t) for t in prompt_tokens], max_new, sampler, bias, want_logits)
+                                        presence_penalty, seed, logit_bias)
+        request = Request([int(t) for t in prompt_tokens], max_new, sampler, want_logits)
         with self._cv:
             if self._stopping:
                 raise SchedulerStopped("the server is shutting down")
@@ -222,8 +220,8 @@ class Scheduler:
             request = self._waiting[0]
             # As llama-server: the slot that already holds the longest prefix of the prompt, else the one
             # idle the longest.
-            slot = max(free, key=lambda s: (self.seqs.common_prefix(s.seq, request.prompt), -s.last_used))
-            kept = self.seqs.common_prefix(slot.seq, request.prompt)
+            kept, _, slot = max(((self.seqs.common_prefix(s.seq, request.prompt), -s.last_used, s) for s in free),
+                                key=lambda c: c[:2])
             need = len(request.prompt) - kept + min(request.max_new, RESERVED_GEN)
             if need > self.llm.n_ctx():
                 self._waiting.popleft()
@@ -314,7 +312,7 @@ class Scheduler:
 
     def _sample(self, slot: Slot, logits: np.ndarray) -> None:
         request = slot.request
-        token = request.sampler.sample(logits if request.bias is None else logits + request.bias)
+        token = request.sampler.sample(logits)
         request.sampler.accept(token)
         request.put(("token", token, logits if request.want_logits else None))
         request.n_generated += 1
