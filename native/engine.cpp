@@ -110,7 +110,9 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
 
 Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
     : model_(std::move(model)), cfg_(validated(cfg, model_->hp())),
-      arena_(std::max<size_t>(2048, (size_t) model_->hp().n_layer * 64)) {
+      // Nodes: ~64 per layer, plus ~12 per attention span (one per sequence in a ubatch, at most).
+      arena_(std::max<size_t>(2048, (size_t) model_->hp().n_layer *
+                                        (64 + 12 * (size_t) std::min(cfg_.n_seq_max, cfg_.n_ubatch)))) {
     const HParams & hp = model_->hp();
     cpu_.reset(ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr));
     if (!cpu_) throw std::runtime_error("ggml CPU backend unavailable");
@@ -371,8 +373,12 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
     }
     const auto & groups = kv_->groups();
     for (size_t gi = 0; gi < groups.size(); ++gi) {
-        if (!in.kq_mask[gi]) continue;
-        ggml_backend_tensor_set(in.kq_mask[gi], groups[gi].mask.data(), 0, ggml_nbytes(in.kq_mask[gi]));
+        if (!in.write_idx[gi]) continue;
+        const KvGroup & grp = groups[gi];
+        for (size_t r = 0; r < grp.spans.size(); ++r) {
+            ggml_backend_tensor_set(in.kq_mask[gi][r], grp.mask.data() + grp.spans[r].mask_offset, 0,
+                                    ggml_nbytes(in.kq_mask[gi][r]));
+        }
         ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
     }
     in.rotations.set();
@@ -416,8 +422,10 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
 Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe) {
     std::vector<uint32_t> shape = {n_tokens, n_rows, n_probe};
     for (const KvGroup & grp : kv_->groups()) {
-        shape.push_back(grp.n_kv);
-        shape.push_back(grp.kv_lo);  // the views' offsets are part of the graph
+        shape.push_back((uint32_t) grp.spans.size());
+        for (const AttnSpan & sp : grp.spans) {  // the views' sizes and offsets are part of the graph
+            shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.kv_lo});
+        }
     }
     if (graph_.ctx && graph_.shape == shape) return graph_;
 

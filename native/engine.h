@@ -146,7 +146,7 @@ private:
         ggml_tensor * logits = nullptr;
         UbatchInputs in;
         ProbeGraph probe;
-        std::vector<uint32_t> shape;  // n_tokens, n_rows, n_probe, n_kv and kv_lo of each group
+        std::vector<uint32_t> shape;  // n_tokens, n_rows, n_probe, each group's spans
     };
     BuiltGraph & graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe);
     // Forget the cached graph (layers changed groups, or the scheduler is about to run another graph).

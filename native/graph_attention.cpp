@@ -1,6 +1,7 @@
 // Attention over one layer's KV store: the only place a store is written and read in the graph.
 // Which cells are written and which are visible was decided by KvCache::plan_ubatch (the policy);
-// here that becomes a set_rows into the store and a flash-attention over its n_kv cells from kv_lo.
+// here that becomes a set_rows into the store and one flash attention per span (a sequence's run of
+// tokens over the cells that sequence holds).
 #include "graph.h"
 
 #include "kv_cache.h"
@@ -17,7 +18,6 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     const HParams & hp = b.model.hp();
     const KvStore & s = b.kv.store(il);
     const KvGroup & g = b.kv.groups()[s.group];
-    const uint32_t n_kv = g.n_kv;
     const int64_t d = hp.head_dim, n_embd_gqa = hp.n_embd_k_gqa();
 
     // A quantized store holds K and V rotated (kv_rotation.h): Q turns with K, the output turns back below.
@@ -34,17 +34,26 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.k, ggml_reshape_2d(ctx, k_cur, n_embd_gqa, b.n_tokens), idx));
     ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.v, ggml_reshape_2d(ctx, v_cur, n_embd_gqa, b.n_tokens), idx));
 
-    // Read: n_kv cells from kv_lo as [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does.
+    // Read: per span (a run of one sequence's tokens), the cells from kv_lo that hold that sequence, as
+    // [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does. The mask is the group's,
+    // shared by all its layers (causal for FULL, sink + window for LAZY, window for SWA).
     const size_t k_row = ggml_row_size(s.k->type, n_embd_gqa), v_row = ggml_row_size(s.v->type, n_embd_gqa);
-    ggml_tensor * k = ggml_view_3d(ctx, s.k, d, n_kv, hp.n_head_kv, k_row, ggml_row_size(s.k->type, d), g.kv_lo * k_row);
-    ggml_tensor * v = ggml_view_3d(ctx, s.v, d, n_kv, hp.n_head_kv, v_row, ggml_row_size(s.v->type, d), g.kv_lo * v_row);
-    if (b.probe) build_probe(b, il, q_cur, k, v);
-    ggml_tensor * q = ggml_permute(ctx, q_cur, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
-
-    // Mask: the group's, shared by all its layers (causal for FULL, sink + window for LAZY, window for SWA).
-    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, b.in.kq_mask[s.group], kq_scale, 0.0f, 0.0f);
-    ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
-    out = ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);  // out is [head_dim, n_head, n_tokens]
+    ggml_tensor * out = nullptr;  // [head_dim, n_head, n_tokens]
+    for (size_t r = 0; r < g.spans.size(); ++r) {
+        const AttnSpan & sp = g.spans[r];
+        ggml_tensor * k = ggml_view_3d(ctx, s.k, d, sp.n_kv, hp.n_head_kv, k_row, ggml_row_size(s.k->type, d), sp.kv_lo * k_row);
+        ggml_tensor * v = ggml_view_3d(ctx, s.v, d, sp.n_kv, hp.n_head_kv, v_row, ggml_row_size(s.v->type, d), sp.kv_lo * v_row);
+        if (b.probe) build_probe(b, il, q_cur, k, v);  // one sequence: one span
+        ggml_tensor * q = q_cur;
+        if (g.spans.size() > 1) {
+            q = ggml_view_3d(ctx, q_cur, d, hp.n_head, sp.n_tokens, q_cur->nb[1], q_cur->nb[2], sp.t0 * q_cur->nb[2]);
+        }
+        q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
+        ggml_tensor * o = ggml_flash_attn_ext(ctx, q, k, v, b.in.kq_mask[s.group][r], kq_scale, 0.0f, 0.0f);
+        ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
+        out = out ? ggml_concat(ctx, out, o, 2) : o;
+    }
+    out = ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);
     return rot_v ? rotate(ctx, out, rot_v) : out;
 }
 

@@ -20,15 +20,18 @@ void create_ubatch_inputs(GraphBuild & b) {
     }
     for (const KvGroup & g : b.kv.groups()) {
         if (g.layers.empty()) {  // a group left without layers (exact prefill moved them all)
-            b.in.kq_mask.push_back(nullptr);
+            b.in.kq_mask.emplace_back();
             b.in.write_idx.push_back(nullptr);
             continue;
         }
-        ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, g.n_kv, n);
+        std::vector<ggml_tensor *> masks;
+        for (const AttnSpan & sp : g.spans) {
+            masks.push_back(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, sp.n_kv, sp.n_tokens));
+            ggml_set_input(masks.back());
+        }
         ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
-        ggml_set_input(mask);
         ggml_set_input(idx);
-        b.in.kq_mask.push_back(mask);
+        b.in.kq_mask.push_back(std::move(masks));
         b.in.write_idx.push_back(idx);
     }
     if (b.probe) create_probe_inputs(b);

@@ -138,22 +138,32 @@ uint32_t KvCache::free_cells() const {
     return m;
 }
 
+uint32_t KvCache::home_cell(const KvGroup & g, int seq) const {
+    return (uint32_t) ((uint64_t) g.cell_pos.size() * (uint64_t) seq / n_seq_);
+}
+
 void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens) {
     // The caller (Engine::decode) refuses a call the pool cannot take before evaluating any of it.
     if (free_cells() < n_tokens) throw std::runtime_error("plan_ubatch: more tokens than free cells");
-    std::vector<bool> in_ubatch(n_seq_, false);
-    for (uint32_t i = 0; i < n_tokens; ++i) in_ubatch[seq[i]] = true;
     for (auto & g : groups_) {
         if (g.layers.empty()) continue;  // e.g. the full group once exact prefill made every layer lazy
         const KvPolicy & p = *g.policy;
+        const uint32_t cells = (uint32_t) g.cell_pos.size();
         // Write first: the ubatch's own keys must be visible to its queries.
         g.write_cells.resize(n_tokens);
-        uint32_t next_free = 0;  // pooled: the lowest free cells, in order (one sequence: cell = position)
+        uint32_t cursor = 0;
+        int32_t cursor_seq = -1;
         for (uint32_t i = 0; i < n_tokens; ++i) {
             uint32_t c;
             if (p.pooled()) {
-                while (g.cell_pos[next_free] >= 0) ++next_free;
-                c = next_free;
+                // The first free cell from the sequence's home on, wrapping around: one sequence alone takes
+                // the lowest free cell, so cell = position as in llama.cpp.
+                if (seq[i] != cursor_seq) {
+                    cursor = home_cell(g, seq[i]);
+                    cursor_seq = seq[i];
+                }
+                while (g.cell_pos[cursor] >= 0) cursor = cursor + 1 == cells ? 0 : cursor + 1;
+                c = cursor;
             } else {
                 c = (uint32_t) seq[i] * g.region() + p.cell_of(pos[i]);
             }
@@ -163,20 +173,36 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             g.cell_seq[c] = seq[i];
             g.n_used = std::max(g.n_used, c + 1);
         }
-        // The span of cells held by the ubatch's sequences (they were just written, so it is not empty).
-        uint32_t lo = g.n_used, hi = 0;
+        // Each sequence's span of cells (it holds at least the cells just written).
+        std::vector<uint32_t> lo(n_seq_, UINT32_MAX), hi(n_seq_, 0);
         for (uint32_t c = 0; c < g.n_used; ++c) {
-            if (g.cell_pos[c] >= 0 && in_ubatch[g.cell_seq[c]]) {
-                lo = std::min(lo, c);
-                hi = c + 1;
-            }
+            if (g.cell_pos[c] < 0) continue;
+            const int32_t s = g.cell_seq[c];
+            lo[s] = std::min(lo[s], c);
+            hi[s] = c + 1;
         }
-        const uint32_t cells = (uint32_t) g.cell_pos.size();
-        g.n_kv = std::min(cells, pad_cells(hi - lo));
-        g.kv_lo = std::min(lo, cells - g.n_kv);
-        g.mask.resize((size_t) n_tokens * g.n_kv);
-        fill_mask_rows(g.cell_pos, g.cell_seq, g.kv_lo, g.n_used, pos, seq, n_tokens, g.n_kv,
-                       [&p](int32_t q, int32_t k) { return p.visible(q, k); }, g.mask.data());
+        // One attention per run of consecutive tokens of one sequence, over that sequence's span only.
+        g.spans.clear();
+        size_t mask_size = 0;
+        for (uint32_t t0 = 0; t0 < n_tokens;) {
+            uint32_t t1 = t0 + 1;
+            while (t1 < n_tokens && seq[t1] == seq[t0]) ++t1;
+            const int32_t s = seq[t0];
+            AttnSpan sp;
+            sp.t0 = t0;
+            sp.n_tokens = t1 - t0;
+            sp.n_kv = std::min(cells, pad_cells(hi[s] - lo[s]));
+            sp.kv_lo = std::min(lo[s], cells - sp.n_kv);
+            sp.mask_offset = mask_size;
+            mask_size += (size_t) sp.n_tokens * sp.n_kv;
+            g.spans.push_back(sp);
+            t0 = t1;
+        }
+        g.mask.resize(mask_size);
+        for (const AttnSpan & sp : g.spans) {
+            fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, pos + sp.t0, seq + sp.t0, sp.n_tokens, sp.n_kv,
+                           [&p](int32_t q, int32_t k) { return p.visible(q, k); }, g.mask.data() + sp.mask_offset);
+        }
     }
 }
 

@@ -10,7 +10,8 @@
 // Where a lazy layer's cache is handled:
 //   written  - plan_ubatch() picks the cells (KvPolicy::cell_of), graph_attention.cpp writes them (set_rows)
 //   masked   - plan_ubatch() builds the group's mask (kv_mask.h: causal + KvPolicy::visible)
-//   read     - graph_attention.cpp views n_kv cells of the store from kv_lo for flash attention
+//   read     - graph_attention.cpp: one flash attention per run of a sequence's tokens, over the span of
+//              cells that sequence holds (AttnSpan), so a query never scans another conversation's cells
 //   encoded  - a quantized store (a q4_0 ring by default) holds K and V Hadamard-rotated (kv_rotation.h)
 //   compacted - exact prefill turns full stores into lazy ones after the prompt (kv_compaction.cpp)
 #pragma once
@@ -58,6 +59,17 @@ struct KvStore {
     uint32_t capacity() const { return k ? (uint32_t) k->ne[1] : 0; }
 };
 
+// One flash attention of a ubatch in a group: a run of consecutive tokens of one sequence, and the span
+// of cells [kv_lo, kv_lo + n_kv) that holds that sequence (n_kv a multiple of kCellPad). Its mask rows
+// are [n_tokens][n_kv] at mask_offset in the group's mask. One sequence alone: one span from cell 0, as
+// llama.cpp's single stream; several: one each, as llama.cpp's per-sequence streams, without reserving a
+// stream's cells for a sequence that does not hold them.
+struct AttnSpan {
+    uint32_t t0 = 0, n_tokens = 0;
+    uint32_t kv_lo = 0, n_kv = 0;
+    size_t mask_offset = 0;
+};
+
 struct KvGroup {
     std::unique_ptr<KvPolicy> policy;
     std::vector<int> layers;
@@ -69,11 +81,8 @@ struct KvGroup {
     uint32_t region() const { return policy->capacity(); }
     // Plan of the current ubatch (filled by plan_ubatch).
     std::vector<int64_t> write_cells;  // cell for each token of the ubatch
-    // Attention views cells [kv_lo, kv_lo + n_kv): the span that holds the ubatch's sequences, so a query
-    // does not scan other sequences' cells outside it (one sequence alone: from cell 0, as always).
-    uint32_t kv_lo = 0;
-    uint32_t n_kv = 0;                 // cells viewed by attention (multiple of kCellPad)
-    std::vector<ggml_fp16_t> mask;     // [n_tokens][n_kv]: 0 = visible, -inf = hidden
+    std::vector<AttnSpan> spans;       // the ubatch's attentions, in token order
+    std::vector<ggml_fp16_t> mask;     // every span's rows, one after another: 0 = visible, -inf = hidden
 };
 
 class KvCache {
@@ -140,6 +149,11 @@ private:
     int group_for(std::unique_ptr<KvPolicy> policy);
     static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
                                ggml_backend_buffer_type_t buft);
+
+    // Pooled groups: where sequence seq starts looking for free cells. Each sequence has a home share of
+    // the pool (1/n_seq of it), so conversations that fit their share stay contiguous and their spans do
+    // not overlap; one that outgrows it takes free cells beyond, wherever they are (nothing is reserved).
+    uint32_t home_cell(const KvGroup & g, int seq) const;
 
     uint32_t n_seq_ = 1;
     std::vector<KvGroup> groups_;

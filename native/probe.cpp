@@ -19,10 +19,12 @@ void create_probe_inputs(GraphBuild & b) {
     pg.ids = ggml_new_tensor_1d(b.ctx, GGML_TYPE_I32, b.n_probe);
     ggml_set_input(pg.ids);
     for (const KvGroup & g : b.kv.groups()) {
+        // The probe runs on one sequence (Engine::decode checks), so a group has one span.
         const bool full = g.policy->kind() == KvKind::Full && !g.layers.empty();
-        ggml_tensor * all = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, g.n_kv, b.n_probe) : nullptr;
-        ggml_tensor * win = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, g.n_kv, b.n_probe) : nullptr;
-        ggml_tensor * in = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F32, g.n_kv, b.n_probe) : nullptr;
+        const uint32_t n_kv = full ? g.spans.at(0).n_kv : 0;
+        ggml_tensor * all = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, n_kv, b.n_probe) : nullptr;
+        ggml_tensor * win = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, n_kv, b.n_probe) : nullptr;
+        ggml_tensor * in = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F32, n_kv, b.n_probe) : nullptr;
         for (ggml_tensor * t : {all, win, in}) if (t) ggml_set_input(t);
         pg.mask_all.push_back(all);
         pg.mask_window.push_back(win);
@@ -82,12 +84,13 @@ void ProbeAccumulator::set_inputs(const ProbeGraph & pg, const KvCache & kv, con
     for (size_t gi = 0; gi < groups.size(); ++gi) {
         if (!pg.mask_all[gi]) continue;
         const KvGroup & g = groups[gi];
-        const size_t n_sel = q_pos.size(), n_kv = g.n_kv;
+        const AttnSpan & sp = g.spans.at(0);
+        const size_t n_sel = q_pos.size(), n_kv = sp.n_kv;
         // What the full layer's query sees, and the same trimmed to sinks + window (kv_mask.h's rule).
         std::vector<ggml_fp16_t> all(n_sel * n_kv), win(n_sel * n_kv);
-        fill_mask_rows(g.cell_pos, g.cell_seq, g.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, g.n_kv,
+        fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
                        [](int32_t, int32_t) { return true; }, all.data());
-        fill_mask_rows(g.cell_pos, g.cell_seq, g.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, g.n_kv,
+        fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
                        [&spec](int32_t q, int32_t k) { return in_sink_or_window(spec.n_sink, spec.n_window, q, k); },
                        win.data());
         std::vector<float> in(n_sel * n_kv);

@@ -113,6 +113,38 @@ def test_a_wrapping_ring_does_not_disturb_another_sequence(tiny_model):
     np.testing.assert_array_equal(last0, alone.last_logits)
 
 
+def test_a_sequence_outgrowing_its_share_of_the_pool(tiny_model):
+    """Each sequence first takes cells in its own share of the pool (n_ctx / n_seq_max), so its attention
+    scans only its own span. One that outgrows the share continues in free cells past another sequence's,
+    and their spans then overlap: the mask alone keeps them apart, to the bit."""
+    path = tiny_model("llama")
+    # One thread and ubatches under 64 tokens: ggml's one-query-at-a-time kernel, which skips hidden cells
+    # and sums the visible ones in cell order (= position order here), so the result cannot depend on
+    # which other cells lie in between.
+    kw = dict(n_threads=1, n_ubatch=32, lazy_layers=[1], lazy_type="f16", n_sink=4, n_window=64)
+    llm = Llama(path, n_ctx=1024, n_seq_max=4, **kw)  # shares of 256 cells
+    seqs = llm.sequences
+    a, b = _tokens(400, seed=8), _tokens(100, seed=9)
+    seqs.decode({1: b})  # cells 256..355
+    first = seqs.decode({0: a})[0]  # cells 0..255, then 356..499 past sequence 1's
+    steps = {0: _tokens(20, seed=10), 1: _tokens(20, seed=11)}
+    got = {0: [], 1: []}
+    for i in range(20):  # then their new cells interleave: 500, 501, ...
+        for s in (0, 1):
+            got[s].append(seqs.decode({s: [steps[s][i]]})[s])
+    assert llm.kv_cache_stats()["layers"][0]["capacity"] == 1024
+
+    alone = Llama(path, n_ctx=1024, **kw)
+    for s, prompt in ((0, a), (1, b)):
+        alone.reset()
+        alone.eval(prompt)
+        if s == 0:
+            np.testing.assert_array_equal(first, alone.last_logits)
+        for t, row in zip(steps[s], got[s]):
+            alone.eval([t])
+            np.testing.assert_array_equal(row, alone.last_logits)
+
+
 def test_kv_stats_per_sequence_and_in_total(tiny_model):
     path = tiny_model("llama")
     llm = Llama(path, n_ctx=1024, n_seq_max=3, n_threads=1, lazy_layers=[1], n_window=32, n_ubatch=64)
