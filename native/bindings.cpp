@@ -2,6 +2,7 @@
 // (BadInput -> ValueError) and the Python layer; nothing here decides policy.
 #include "engine.h"
 #include "errors.h"
+#include "kv_gather.h"
 #include "kv_policy.h"
 #include "logging.h"
 #include "model.h"
@@ -176,6 +177,17 @@ NB_MODULE(_native, m) {
               throw BadInput("unknown store kind '" + kind + "'");
           },
           "kind"_a, "n_ctx"_a, "n_sink"_a, "n_window"_a, "n_ubatch"_a, "Cells a store of this kind allocates");
+    // The ring gather's q4_0 kernel (kv_gather.h), for a test against gguf's own dequantizer.
+    m.def("dequantize_q4_0",
+          [](nb::bytes blocks) {
+              if (blocks.size() % 18 != 0) throw BadInput("q4_0 data is a whole number of 18-byte blocks");
+              const size_t nb = blocks.size() / 18;
+              float * out = new float[nb * 32];
+              dequantize_q4_0((const uint8_t *) blocks.c_str(), out, nb);
+              nb::capsule owner(out, [](void * p) noexcept { delete[] (float *) p; });
+              return nb::ndarray<nb::numpy, float, nb::ndim<1>>(out, {nb * 32}, owner);
+          },
+          "blocks"_a, "q4_0 blocks -> float32 values");
     m.def("row_bytes", [](const std::string & type, int64_t n) { return ggml_row_size(parse_cache_type(type, "type"), n); },
           "type"_a, "n"_a, "Bytes of one row of n values of a cache type");
 

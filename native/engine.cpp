@@ -378,6 +378,10 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
         for (size_t r = 0; r < grp.spans.size(); ++r) {
             ggml_backend_tensor_set(in.kq_mask[gi][r], grp.mask.data() + grp.spans[r].mask_offset, 0,
                                     ggml_nbytes(in.kq_mask[gi][r]));
+            if (in.gather[gi][r]) {
+                ggml_backend_tensor_set(in.gather[gi][r], grp.gather.data() + grp.spans[r].gather_offset, 0,
+                                        ggml_nbytes(in.gather[gi][r]));
+            }
         }
         ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
     }
@@ -424,7 +428,7 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     for (const KvGroup & grp : kv_->groups()) {
         shape.push_back((uint32_t) grp.spans.size());
         for (const AttnSpan & sp : grp.spans) {  // the views' sizes and offsets are part of the graph
-            shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.kv_lo});
+            shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.gather_offset >= 0 ? UINT32_MAX : sp.kv_lo});
         }
     }
     if (graph_.ctx && graph_.shape == shape) return graph_;

@@ -46,6 +46,7 @@ struct UbatchInputs {
     ggml_tensor * pos = nullptr;      // I32 [n_tokens]
     ggml_tensor * out_ids = nullptr;  // I32 [n_outputs], null when every token is output
     std::vector<std::vector<ggml_tensor *>> kq_mask;  // per KV group, per span: F16 [n_kv, n_tokens]
+    std::vector<std::vector<ggml_tensor *>> gather;   // per KV group, per span: I32 [n_kv] cells, or null
     std::vector<ggml_tensor *> write_idx;             // per KV group: I64 [n_tokens]
     RotationInputs rotations;                         // H of each size the quantized stores rotate by
 };

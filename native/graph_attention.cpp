@@ -5,12 +5,31 @@
 #include "graph.h"
 
 #include "kv_cache.h"
+#include "kv_gather.h"
 #include "model.h"
 #include "probe.h"
 
 #include <cmath>
 
 namespace simkv {
+
+namespace {
+
+// What a span reads of a store, as [head_dim, n_kv, n_head_kv] (kv_cache.h, AttnSpan): a view of its cells in
+// place, or its gathered cells copied out as f32 rows (f16 on a GPU, whose flash attention takes f16 K/V).
+ggml_tensor * read_cells(ggml_context * ctx, const KvStore & s, ggml_tensor * store, const AttnSpan & sp,
+                         ggml_tensor * gather, int64_t d, int64_t n_head_kv) {
+    if (!gather) {
+        const size_t row = ggml_row_size(store->type, store->ne[0]);
+        return ggml_view_3d(ctx, store, d, sp.n_kv, n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
+    }
+    const bool on_cpu = ggml_backend_buffer_is_host(s.buffer.get());
+    ggml_tensor * rows = gather_rows_f32(ctx, store, gather, on_cpu);  // F32 [n_embd_gqa, n_kv], dequantized
+    if (!on_cpu) rows = ggml_cast(ctx, rows, GGML_TYPE_F16);
+    return ggml_view_3d(ctx, rows, d, sp.n_kv, n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
+}
+
+}  // namespace
 
 ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
                               float kq_scale) {
@@ -34,15 +53,15 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.k, ggml_reshape_2d(ctx, k_cur, n_embd_gqa, b.n_tokens), idx));
     ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.v, ggml_reshape_2d(ctx, v_cur, n_embd_gqa, b.n_tokens), idx));
 
-    // Read: per span (a run of one sequence's tokens), the cells from kv_lo that hold that sequence, as
+    // Read: per span (a run of one sequence's tokens), the cells of that sequence it reads (kv_cache.h), as
     // [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does. The mask is the group's,
     // shared by all its layers (causal for FULL, sink + window for LAZY, window for SWA).
-    const size_t k_row = ggml_row_size(s.k->type, n_embd_gqa), v_row = ggml_row_size(s.v->type, n_embd_gqa);
     ggml_tensor * out = nullptr;  // [head_dim, n_head, n_tokens]
     for (size_t r = 0; r < g.spans.size(); ++r) {
         const AttnSpan & sp = g.spans[r];
-        ggml_tensor * k = ggml_view_3d(ctx, s.k, d, sp.n_kv, hp.n_head_kv, k_row, ggml_row_size(s.k->type, d), sp.kv_lo * k_row);
-        ggml_tensor * v = ggml_view_3d(ctx, s.v, d, sp.n_kv, hp.n_head_kv, v_row, ggml_row_size(s.v->type, d), sp.kv_lo * v_row);
+        ggml_tensor * gather = b.in.gather[s.group][r];
+        ggml_tensor * k = read_cells(ctx, s, s.k, sp, gather, d, hp.n_head_kv);
+        ggml_tensor * v = read_cells(ctx, s, s.v, sp, gather, d, hp.n_head_kv);
         if (b.probe) build_probe(b, il, q_cur, k, v);  // one sequence: one span
         ggml_tensor * q = q_cur;
         if (g.spans.size() > 1) {

@@ -21,14 +21,18 @@ void create_ubatch_inputs(GraphBuild & b) {
     for (const KvGroup & g : b.kv.groups()) {
         if (g.layers.empty()) {  // a group left without layers (exact prefill moved them all)
             b.in.kq_mask.emplace_back();
+            b.in.gather.emplace_back();
             b.in.write_idx.push_back(nullptr);
             continue;
         }
-        std::vector<ggml_tensor *> masks;
+        std::vector<ggml_tensor *> masks, gather;
         for (const AttnSpan & sp : g.spans) {
             masks.push_back(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, sp.n_kv, sp.n_tokens));
             ggml_set_input(masks.back());
+            gather.push_back(sp.gather_offset >= 0 ? ggml_new_tensor_1d(ctx, GGML_TYPE_I32, sp.n_kv) : nullptr);
+            if (gather.back()) ggml_set_input(gather.back());
         }
+        b.in.gather.push_back(std::move(gather));
         ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
         ggml_set_input(idx);
         b.in.kq_mask.push_back(std::move(masks));

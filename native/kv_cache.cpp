@@ -181,9 +181,11 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             lo[s] = std::min(lo[s], c);
             hi[s] = c + 1;
         }
-        // One attention per run of consecutive tokens of one sequence, over that sequence's span only.
+        // One attention per run of consecutive tokens of one sequence, over that sequence's cells only.
         g.spans.clear();
-        size_t mask_size = 0;
+        g.gather.clear();
+        g.mask.clear();
+        auto visible = [&p](int32_t q, int32_t k) { return p.visible(q, k); };
         for (uint32_t t0 = 0; t0 < n_tokens;) {
             uint32_t t1 = t0 + 1;
             while (t1 < n_tokens && seq[t1] == seq[t0]) ++t1;
@@ -191,17 +193,40 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             AttnSpan sp;
             sp.t0 = t0;
             sp.n_tokens = t1 - t0;
-            sp.n_kv = std::min(cells, pad_cells(hi[s] - lo[s]));
-            sp.kv_lo = std::min(lo[s], cells - sp.n_kv);
-            sp.mask_offset = mask_size;
-            mask_size += (size_t) sp.n_tokens * sp.n_kv;
+            sp.mask_offset = g.mask.size();
+            if (p.kind() == KvKind::Lazy) {
+                // The sequence's ring region, masked, then only the columns some query sees.
+                const uint32_t r0 = (uint32_t) s * g.region(), n_r = g.region();
+                std::vector<ggml_fp16_t> rows((size_t) sp.n_tokens * n_r);
+                fill_mask_rows(g.cell_pos, g.cell_seq, r0, g.n_used, pos + t0, seq + t0, sp.n_tokens, n_r, visible,
+                               rows.data());
+                std::vector<uint32_t> cols;
+                for (uint32_t j = 0; j < n_r; ++j) {
+                    for (uint32_t i = 0; i < sp.n_tokens; ++i) {
+                        if (rows[(size_t) i * n_r + j] == mask_visible()) {
+                            cols.push_back(j);
+                            break;
+                        }
+                    }
+                }
+                sp.n_kv = pad_cells((uint32_t) cols.size());  // each query sees itself: cols is not empty
+                sp.kv_lo = r0;
+                sp.gather_offset = (int64_t) g.gather.size();
+                for (uint32_t k = 0; k < sp.n_kv; ++k) g.gather.push_back((int32_t) (r0 + cols[k < cols.size() ? k : 0]));
+                for (uint32_t i = 0; i < sp.n_tokens; ++i) {
+                    for (uint32_t k = 0; k < sp.n_kv; ++k) {
+                        g.mask.push_back(k < cols.size() ? rows[(size_t) i * n_r + cols[k]] : mask_hidden());
+                    }
+                }
+            } else {
+                sp.n_kv = std::min(cells, pad_cells(hi[s] - lo[s]));
+                sp.kv_lo = std::min(lo[s], cells - sp.n_kv);
+                g.mask.resize(g.mask.size() + (size_t) sp.n_tokens * sp.n_kv);
+                fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, pos + t0, seq + t0, sp.n_tokens, sp.n_kv,
+                               visible, g.mask.data() + sp.mask_offset);
+            }
             g.spans.push_back(sp);
             t0 = t1;
-        }
-        g.mask.resize(mask_size);
-        for (const AttnSpan & sp : g.spans) {
-            fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, pos + sp.t0, seq + sp.t0, sp.n_tokens, sp.n_kv,
-                           [&p](int32_t q, int32_t k) { return p.visible(q, k); }, g.mask.data() + sp.mask_offset);
         }
     }
 }

@@ -10,8 +10,8 @@
 // Where a lazy layer's cache is handled:
 //   written  - plan_ubatch() picks the cells (KvPolicy::cell_of), graph_attention.cpp writes them (set_rows)
 //   masked   - plan_ubatch() builds the group's mask (kv_mask.h: causal + KvPolicy::visible)
-//   read     - graph_attention.cpp: one flash attention per run of a sequence's tokens, over the span of
-//              cells that sequence holds (AttnSpan), so a query never scans another conversation's cells
+//   read     - graph_attention.cpp: one flash attention per run of a sequence's tokens (AttnSpan), over
+//              only the cells of that sequence it can see (a lazy ring's visible cells are gathered)
 //   encoded  - a quantized store (a q4_0 ring by default) holds K and V Hadamard-rotated (kv_rotation.h)
 //   compacted - exact prefill turns full stores into lazy ones after the prompt (kv_compaction.cpp)
 #pragma once
@@ -59,15 +59,21 @@ struct KvStore {
     uint32_t capacity() const { return k ? (uint32_t) k->ne[1] : 0; }
 };
 
-// One flash attention of a ubatch in a group: a run of consecutive tokens of one sequence, and the span
-// of cells [kv_lo, kv_lo + n_kv) that holds that sequence (n_kv a multiple of kCellPad). Its mask rows
-// are [n_tokens][n_kv] at mask_offset in the group's mask. One sequence alone: one span from cell 0, as
-// llama.cpp's single stream; several: one each, as llama.cpp's per-sequence streams, without reserving a
-// stream's cells for a sequence that does not hold them.
+// One flash attention of a ubatch in a group: a run of consecutive tokens of one sequence, and the cells
+// it reads. Its mask rows are [n_tokens][n_kv] at mask_offset in the group's mask.
+//   contiguous (pooled groups): the span of cells [kv_lo, kv_lo + n_kv) that holds the sequence. One
+//     sequence alone: one span from cell 0, as llama.cpp's single stream; several: one each, as llama.cpp's
+//     per-sequence streams, without reserving a stream's cells for a sequence that does not hold them.
+//   gathered (lazy rings): only the cells some query of the run can see (sinks + window, not the ring's
+//     ubatch headroom), listed at gather_offset in the group's gather list and copied out as f32 rows.
+//     ggml's CPU flash attention has its fast paths (split-KV for a lone query, tiles for a chunk) only for
+//     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed (#16).
+// n_kv is a multiple of kCellPad (stable shapes for CUDA's kernels); gather padding repeats a hidden cell.
 struct AttnSpan {
     uint32_t t0 = 0, n_tokens = 0;
     uint32_t kv_lo = 0, n_kv = 0;
     size_t mask_offset = 0;
+    int64_t gather_offset = -1;  // >= 0: gathered
 };
 
 struct KvGroup {
@@ -83,6 +89,7 @@ struct KvGroup {
     std::vector<int64_t> write_cells;  // cell for each token of the ubatch
     std::vector<AttnSpan> spans;       // the ubatch's attentions, in token order
     std::vector<ggml_fp16_t> mask;     // every span's rows, one after another: 0 = visible, -inf = hidden
+    std::vector<int32_t> gather;       // the cells gathered spans read, one span after another
 };
 
 class KvCache {

@@ -32,9 +32,9 @@ def test_rotated_q4_0_ring_matches_rotated_reference(tiny_model):
     got = torch.from_numpy(llm.scores.copy())
     n, w = len(tokens), Weights(path)
     masks = [sink_window_mask(n, N_SINK, N_WINDOW)] * N_LAYER
-    want = forward(w, tokens, masks, ["q4_0"] * N_LAYER)
-    unrotated = forward(w, tokens, masks, ["q4_0"] * N_LAYER, rotate=False)
-    unquantized = forward(w, tokens, masks, ["f16"] * N_LAYER)
+    want = forward(w, tokens, masks, ["q4_0"] * N_LAYER, gathered=lazy)
+    unrotated = forward(w, tokens, masks, ["q4_0"] * N_LAYER, rotate=False, gathered=lazy)
+    unquantized = forward(w, tokens, masks, ["f16"] * N_LAYER, gathered=lazy)
     quant_effect = (want - unquantized).abs()
     err = (got - want).abs()
     assert quant_effect.mean().item() > 0.1

@@ -129,9 +129,10 @@ def sink_window_mask(n, n_sink, n_window):
 
 
 @torch.no_grad()
-def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True):
+def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gathered=()):
     """Logits [n, n_vocab] for `tokens` at positions 0..n-1. masks[il]: bool [n, n] (query, key);
-    kv_types[il]: how layer il stores K and V ("f16", "q8_0", "q4_0").
+    kv_types[il]: how layer il stores K and V ("f16", "q8_0", "q4_0"); layers in `gathered` are read through
+    an f32 copy of their cells (simkv's lazy rings on the CPU), so their Q is not rounded to K's dot type.
 
     probe=(rows, n_sink, n_window): also return per-layer (mass, change) for those query rows: the attention
     weight on the first n_sink keys + the n_window most recent, and ||o - o_trimmed|| / ||o||, averaged
@@ -165,7 +166,7 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True):
             q, k, v = _rotate(q, rot[0]), _rotate(k, rot[0]), _rotate(v, rot[1])
         k = _round_rows(k.reshape(n, Hkv * D), kind).view(n, Hkv, D)
         v = _round_rows(v.reshape(n, Hkv * D), kind).view(n, Hkv, D)
-        q = _round_rows(q, _Q_TYPE_FOR_K[kind])
+        q = _round_rows(q, "f32" if il in gathered else _Q_TYPE_FOR_K[kind])
         rep = H // Hkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) / np.sqrt(D)

@@ -1,0 +1,19 @@
+// Reading a lazy ring's visible cells as f32 rows for attention (AttnSpan's gathered read, kv_cache.h).
+// ggml's get_rows does it for every store type, but dequantizes q4_0 with ggml-base's scalar loop, which
+// made a q4_0 ring's decode ~12% slower than an f16 ring's. On the CPU a q4_0 store is gathered here instead,
+// with AVX2 where the CPU has it; the values are the same to the bit (d * (q - 8), as ggml computes them).
+#pragma once
+#include <ggml.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace simkv {
+
+// F32 [store->ne[0], n_rows]: rows idx[0..n_rows) of a 2-D store.
+ggml_tensor * gather_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
+
+// n q4_0 blocks (18 bytes each: f16 scale, 16 bytes of nibbles) -> 32 * n floats.
+void dequantize_q4_0(const uint8_t * blocks, float * out, size_t n_blocks);
+
+}  // namespace simkv
