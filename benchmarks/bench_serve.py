@@ -7,6 +7,9 @@ completions API (streaming, so the time to first token is seen):
   simkv-lazy   simkv serve --parallel C, layers 15..29 lazy (q4_0 rings, window 1024)
   lcp          python -m llama_cpp.server (f16 KV, flash attention): one context, requests one at a time
   lcp-cache    the same with its RAM cache on (it saves and restores whole contexts between requests)
+  llama-server llama.cpp's own server from the pinned llama-cpp-python's source (benchmarks/build_llama_cpp.sh),
+               --parallel C slots, f16 KV, flash attention, one unified cache of the budget's cells, and its
+               host-memory prompt cache off (--cache-ram 0) so that it has the same KV memory as the others
 
 Workload A (conversations): C clients, each with a 2K..6K-token history of real text, T turns each of
 ~100 new tokens and 64 generated (end-of-generation banned, greedy), turns interleaved across clients.
@@ -116,9 +119,21 @@ class Server:
             self.proc.kill()
 
 
-def start(system, path, clients, budget_mib, n_ctx_lcp, threads):
+def llama_server_path():
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "llamacpp-build", "bin", "llama-server")
+    return os.environ.get("LLAMA_SERVER") or (here if os.path.exists(here) else shutil.which("llama-server"))
+
+
+def start(system, path, clients, budget_mib, n_ctx_lcp, threads, hp=None):
     port = free_port()
-    if system.startswith("simkv"):
+    if system == "llama-server":
+        exe = llama_server_path()
+        if not exe:
+            raise RuntimeError("llama-server not found: run benchmarks/build_llama_cpp.sh or set LLAMA_SERVER")
+        cells = int(budget_mib * 2**20 / (kv_bytes(hp, 1024) / 1024)) // 256 * 256
+        argv = [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-np", str(clients), "-c", str(cells),
+                "-kvu", "-t", str(threads), "-tb", str(threads), "-fa", "on", "--cache-ram", "0", "--no-webui"]
+    elif system.startswith("simkv"):
         argv = [shutil.which("simkv"), "serve", path, "--port", str(port), "--parallel", str(clients), "--threads",
                 str(threads), "--kv-budget", str(budget_mib)]
         if system == "simkv-lazy":
@@ -236,7 +251,7 @@ def main():
         rows.append(("Llama in process", {"one client": rate, f"{args.clients} clients": float("nan")}))
         print("Llama in process", rows[-1][1], flush=True)
     for system in args.systems:
-        server = start(system, path, args.clients, budget_mib, n_ctx_lcp, args.threads)
+        server = start(system, path, args.clients, budget_mib, n_ctx_lcp, args.threads, hp)
         try:
             if args.workload == "A":
                 r = workload_a(server, convs, args.turns, ban)
@@ -244,6 +259,9 @@ def main():
                     slots = server.get("/slots")
                     r["KV MiB"] = slots["total_bytes"] / 2**20
                     r["held"] = sum(1 for s in slots["slots"] if s["n_tokens"] > 1500)
+                elif system == "llama-server":
+                    r["KV MiB"] = budget_mib
+                    r["held"] = sum(1 for s in server.get("/slots") if s.get("n_ctx", 0) and s.get("id_task", -1) >= 0)
                 else:
                     r["KV MiB"] = kv_bytes(hp, n_ctx_lcp) / 2**20 + (budget_mib if system == "lcp-cache" else 0)
                     r["held"] = "1" + (" + RAM cache" if system == "lcp-cache" else "")

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-server and llama-batched-bench from the source of the pinned llama-cpp-python
+# (its sdist vendors llama.cpp), for bench_serve.py's llama-server baseline and the batched-decode anchor.
+# Output: ../llamacpp-build/bin (outside the repository). On this project's 2-core machine: ~10 minutes.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-$here/../../llamacpp-build}"
+src="$out/src"
+mkdir -p "$src"
+if [ ! -d "$src/llama_cpp_python-0.3.36" ]; then
+  pip download --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "$src"
+  tar -xzf "$src"/llama_cpp_python-0.3.36.tar.gz -C "$src"
+fi
+cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$out" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
+ninja -C "$out" -j"$(nproc)" llama-server llama-batched-bench
+echo "built: $out/bin/llama-server $out/bin/llama-batched-bench"
