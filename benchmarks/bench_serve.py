@@ -104,7 +104,10 @@ class Server:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            piece = json.loads(line[6:])["choices"][0]["text"]
+            event = json.loads(line[6:])
+            if "error" in event:  # an error inside the stream (llama-server: e.g. no room in its KV cache)
+                raise RuntimeError(f"{self.label}: {event['error']}")
+            piece = event["choices"][0]["text"]
             if piece and first is None:
                 first = time.perf_counter() - t0
             text.append(piece)
@@ -166,13 +169,18 @@ def histories(llm, clients, depth=None):
 
 
 def workload_a(server, convs, turns, ban):
-    records, lock = [], threading.Lock()
+    records, failures, lock = [], [], threading.Lock()
 
     def client(i):
         prompt, news = convs[i]
         for t in range(turns):
             prompt += "\n\n" + news[t]
-            text, ttft, total = server.complete(prompt, N_GEN, ban)
+            try:
+                text, ttft, total = server.complete(prompt, N_GEN, ban)
+            except RuntimeError as e:  # a failed turn is counted, not timed; the conversation goes on
+                with lock:
+                    failures.append(str(e)[:300])
+                continue
             prompt += text
             with lock:
                 records.append((i, t, ttft, total))
@@ -185,8 +193,9 @@ def workload_a(server, convs, turns, ban):
         th.join()
     wall = time.perf_counter() - t0
     later = [r for r in records if r[1] > 0]
-    ttfts = sorted(r[2] for r in later)
-    return {"turns/min": 60 * len(records) / wall, "wall s": wall,
+    ttfts = sorted(r[2] for r in later) or [float("nan")]
+    return {"turns/min": 60 * len(records) / wall, "wall s": wall, "failed turns": len(failures),
+            "first failure": failures[0] if failures else "",
             "later ttft p50": statistics.median(ttfts), "later ttft p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
 
 
@@ -261,7 +270,7 @@ def main():
                     r["held"] = sum(1 for s in slots["slots"] if s["n_tokens"] > 1500)
                 elif system == "llama-server":
                     r["KV MiB"] = budget_mib
-                    r["held"] = sum(1 for s in server.get("/slots") if s.get("n_ctx", 0) and s.get("id_task", -1) >= 0)
+                    r["held"] = "?"  # llama-server's /slots does not say how many tokens a slot's cache holds
                 else:
                     r["KV MiB"] = kv_bytes(hp, n_ctx_lcp) / 2**20 + (budget_mib if system == "lcp-cache" else 0)
                     r["held"] = "1" + (" + RAM cache" if system == "lcp-cache" else "")
