@@ -428,7 +428,7 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     for (const KvGroup & grp : kv_->groups()) {
         shape.push_back((uint32_t) grp.spans.size());
         for (const AttnSpan & sp : grp.spans) {  // the views' sizes and offsets are part of the graph
-            shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.gather_offset >= 0 ? UINT32_MAX : sp.kv_lo});
+            shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.kv_lo, sp.gather_offset >= 0});
         }
     }
     if (graph_.ctx && graph_.shape == shape) return graph_;

@@ -173,9 +173,11 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             g.cell_seq[c] = seq[i];
             g.n_used = std::max(g.n_used, c + 1);
         }
-        // Each sequence's span of cells (it holds at least the cells just written).
+        // Lazy rings are read through a gather of their visible cells (AttnSpan); the others in place, over
+        // each sequence's span of cells (it holds at least the cells just written).
+        const bool gathered = p.kind() == KvKind::Lazy;
         std::vector<uint32_t> lo(n_seq_, UINT32_MAX), hi(n_seq_, 0);
-        for (uint32_t c = 0; c < g.n_used; ++c) {
+        for (uint32_t c = 0; !gathered && c < g.n_used; ++c) {
             if (g.cell_pos[c] < 0) continue;
             const int32_t s = g.cell_seq[c];
             lo[s] = std::min(lo[s], c);
@@ -194,7 +196,7 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             sp.t0 = t0;
             sp.n_tokens = t1 - t0;
             sp.mask_offset = g.mask.size();
-            if (p.kind() == KvKind::Lazy) {
+            if (gathered) {
                 // The sequence's ring region, masked, then only the columns some query sees.
                 const uint32_t r0 = (uint32_t) s * g.region(), n_r = g.region();
                 std::vector<ggml_fp16_t> rows((size_t) sp.n_tokens * n_r);
@@ -210,7 +212,6 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
                     }
                 }
                 sp.n_kv = pad_cells((uint32_t) cols.size());  // each query sees itself: cols is not empty
-                sp.kv_lo = r0;
                 sp.gather_offset = (int64_t) g.gather.size();
                 for (uint32_t k = 0; k < sp.n_kv; ++k) g.gather.push_back((int32_t) (r0 + cols[k < cols.size() ? k : 0]));
                 for (uint32_t i = 0; i < sp.n_tokens; ++i) {

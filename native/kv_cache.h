@@ -71,7 +71,7 @@ struct KvStore {
 // n_kv is a multiple of kCellPad (stable shapes for CUDA's kernels); gather padding repeats a hidden cell.
 struct AttnSpan {
     uint32_t t0 = 0, n_tokens = 0;
-    uint32_t kv_lo = 0, n_kv = 0;
+    uint32_t kv_lo = 0, n_kv = 0;  // kv_lo: contiguous spans only
     size_t mask_offset = 0;
     int64_t gather_offset = -1;  // >= 0: gathered
 };

@@ -14,18 +14,6 @@ namespace {
 
 constexpr size_t kQ4Block = 18;  // ggml's block_q4_0: ggml_half d; uint8_t qs[16] (32 values)
 
-void dequantize_q4_0_scalar(const uint8_t * x, float * y, size_t nb) {
-    for (size_t i = 0; i < nb; ++i, x += kQ4Block, y += 32) {
-        uint16_t h;
-        std::memcpy(&h, x, 2);
-        const float d = ggml_fp16_to_fp32(h);
-        for (int j = 0; j < 16; ++j) {
-            y[j] = (float) ((x[2 + j] & 0x0F) - 8) * d;
-            y[j + 16] = (float) ((x[2 + j] >> 4) - 8) * d;
-        }
-    }
-}
-
 #ifdef SIMKV_X86
 __attribute__((target("avx2,f16c"))) void dequantize_q4_0_avx2(const uint8_t * x, float * y, size_t nb) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
@@ -72,7 +60,7 @@ void dequantize_q4_0(const uint8_t * blocks, float * out, size_t n_blocks) {
 #ifdef SIMKV_X86
     if (has_avx2()) return dequantize_q4_0_avx2(blocks, out, n_blocks);
 #endif
-    dequantize_q4_0_scalar(blocks, out, n_blocks);
+    ggml_get_type_traits(GGML_TYPE_Q4_0)->to_float(blocks, out, (int64_t) n_blocks * 32);  // ggml's scalar loop
 }
 
 ggml_tensor * gather_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu) {
