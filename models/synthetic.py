@@ -92,9 +92,11 @@ def write_model(
     tied_embeddings: bool = True,
     seed: int = 0,
     tokenizer_gguf: Optional[str] = None,
+    tokenizer_ids: Optional[dict] = None,
     **overrides,
 ) -> str:
-    """Write a model of the given preset shape (overrides change single hyperparameters)."""
+    """Write a model of the given preset shape (overrides change single hyperparameters). tokenizer_ids:
+    extra special-token ids, e.g. {"fim_pre": 3} writes tokenizer.ggml.fim_pre_token_id = 3."""
     import gguf
 
     if arch not in ("llama", "qwen2", "qwen3"):
@@ -115,6 +117,8 @@ def write_model(
     writer.add_rope_freq_base(rope_freq_base)
     writer.add_layer_norm_rms_eps(1e-5)
     n_vocab = _copy_tokenizer(writer, tokenizer_gguf or _default_tokenizer_gguf())
+    for name, token in (tokenizer_ids or {}).items():
+        writer.add_uint32(f"tokenizer.ggml.{name}_token_id", int(token))
 
     E, F, D = hp["n_embd"], hp["n_ff"], hp["head_dim"]
     Dq, Dkv = D * hp["n_head"], D * hp["n_head_kv"]

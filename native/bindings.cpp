@@ -188,6 +188,14 @@ NB_MODULE(_native, m) {
               return nb::ndarray<nb::numpy, float, nb::ndim<1>>(out, {nb * 32}, owner);
           },
           "blocks"_a, "q4_0 blocks -> float32 values");
+    m.def("ggml_type_name",
+          [](int64_t type) {
+              if (type < 0 || type >= GGML_TYPE_COUNT || ggml_type_size((ggml_type) type) == 0) {
+                  throw BadInput("unknown ggml type id " + std::to_string(type));
+              }
+              return std::string(ggml_type_name((ggml_type) type));
+          },
+          "type"_a, "ggml's name of an integer type id (llama-cpp-python passes cache types as ids)");
     m.def("row_bytes", [](const std::string & type, int64_t n) { return ggml_row_size(parse_cache_type(type, "type"), n); },
           "type"_a, "n"_a, "Bytes of one row of n values of a cache type");
 
@@ -204,8 +212,7 @@ NB_MODULE(_native, m) {
                      auto busy = e.claim();
                      logits = e.eval(tokens.data(), n, all_logits, nullptr, 0, between);
                  }
-                 const size_t n_vocab = e.model().hp().n_vocab;
-                 return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
+                 return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a)
         .def("eval_probed",
@@ -219,8 +226,7 @@ NB_MODULE(_native, m) {
                      const ProbeSpec spec{n_sink, n_window};
                      logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe, between);
                  }
-                 const size_t n_vocab = e.model().hp().n_vocab;
-                 return to_numpy(std::move(logits), all_logits ? n : 1, n_vocab);
+                 return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
         .def("decode",
@@ -240,7 +246,7 @@ NB_MODULE(_native, m) {
                      auto busy = e.claim();
                      logits = e.decode(batch, between);
                  }
-                 const size_t n_vocab = e.model().hp().n_vocab;
+                 const size_t n_vocab = e.out_width();
                  nb::list out;
                  for (size_t i = 0; i < logits.size(); ++i) {
                      out.append(to_numpy(std::move(logits[i]), all_logits[i] ? batch[i].n : 1, n_vocab));
@@ -256,6 +262,21 @@ NB_MODULE(_native, m) {
         .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); e.clear(seq); }, "seq"_a)
         .def("set_n_threads", [](Engine & e, int n) { auto busy = e.claim(); e.set_n_threads(n); }, "n"_a)
         .def("reset", [](Engine & e) { auto busy = e.claim(); e.reset(); })
+        .def("set_embeddings", [](Engine & e, bool on) { auto busy = e.claim(); e.set_embeddings(on); }, "on"_a,
+             "Rows of the final norm's output instead of logits")
+        .def("save_state",
+             [](const Engine & e) {
+                 auto busy = e.claim();
+                 std::string s = e.save_state();
+                 return nb::bytes(s.data(), s.size());
+             },
+             "The context (positions, cell maps, every store's used rows) as bytes")
+        .def("load_state",
+             [](Engine & e, nb::bytes blob) {
+                 auto busy = e.claim();
+                 e.load_state(std::string(blob.c_str(), blob.size()));
+             },
+             "blob"_a, "Restore a save_state(); on a mismatch the engine is left empty")
         .def("set_masked_layers",
              [](Engine & e, const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window) {
                  auto busy = e.claim();
@@ -300,28 +321,44 @@ NB_MODULE(_native, m) {
         .def_prop_ro("bos", &Vocab::bos)
         .def_prop_ro("eos", &Vocab::eos)
         .def_prop_ro("add_bos", &Vocab::add_bos)
+        .def_prop_ro("nl", &Vocab::nl)
+        .def_prop_ro("fim_pre", &Vocab::fim_pre)
+        .def_prop_ro("fim_suf", &Vocab::fim_suf)
+        .def_prop_ro("fim_mid", &Vocab::fim_mid)
         .def("is_eog", &Vocab::is_eog, "token"_a);
 
     nb::class_<Sampler>(m, "Sampler")
         .def("__init__",
-             [](Sampler * self, int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p,
-                float repeat_penalty, float frequency_penalty, float presence_penalty, int32_t penalty_last_n,
-                uint32_t seed, std::vector<std::pair<int32_t, float>> logit_bias) {
+             [](Sampler * self, const Vocab & vocab, float temperature, int32_t top_k, float top_p, float min_p,
+                float typical_p, float repeat_penalty, float frequency_penalty, float presence_penalty,
+                int32_t penalty_last_n, int32_t mirostat, float mirostat_tau, float mirostat_eta, uint32_t seed,
+                std::vector<std::pair<int32_t, float>> logit_bias, const std::string & grammar,
+                const std::string & grammar_root) {
                  SamplerParams p;
                  p.temperature = temperature; p.top_k = top_k; p.top_p = top_p; p.min_p = min_p;
-                 p.repeat_penalty = repeat_penalty; p.frequency_penalty = frequency_penalty;
-                 p.presence_penalty = presence_penalty; p.penalty_last_n = penalty_last_n; p.seed = seed;
-                 p.logit_bias = std::move(logit_bias);
-                 new (self) Sampler(n_vocab, p);
+                 p.typical_p = typical_p; p.repeat_penalty = repeat_penalty; p.frequency_penalty = frequency_penalty;
+                 p.presence_penalty = presence_penalty; p.penalty_last_n = penalty_last_n; p.mirostat = mirostat;
+                 p.mirostat_tau = mirostat_tau; p.mirostat_eta = mirostat_eta; p.seed = seed;
+                 p.logit_bias = std::move(logit_bias); p.grammar = grammar; p.grammar_root = grammar_root;
+                 new (self) Sampler(vocab.get(), vocab.n_vocab(), p);
              },
-             "n_vocab"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
-             "frequency_penalty"_a, "presence_penalty"_a, "penalty_last_n"_a, "seed"_a,
-             "logit_bias"_a = std::vector<std::pair<int32_t, float>>())
+             // A grammar sampler points into the vocabulary: keep it alive as long as this sampler.
+             nb::keep_alive<1, 2>(),
+             "vocab"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "typical_p"_a = 1.0f, "repeat_penalty"_a,
+             "frequency_penalty"_a, "presence_penalty"_a, "penalty_last_n"_a, "mirostat"_a = 0,
+             "mirostat_tau"_a = 5.0f, "mirostat_eta"_a = 0.1f, "seed"_a,
+             "logit_bias"_a = std::vector<std::pair<int32_t, float>>(), "grammar"_a = std::string(),
+             "grammar_root"_a = std::string("root"))
         .def("sample",
              [](Sampler & s, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
+                 if ((int64_t) logits.shape(0) != s.n_vocab()) {
+                     throw BadInput("logits must have n_vocab (" + std::to_string(s.n_vocab()) + ") values, got " +
+                                    std::to_string(logits.shape(0)));
+                 }
                  return s.sample(logits.data());
              },
              "logits"_a)
-        .def("accept", &Sampler::accept, "token"_a)
+        .def("accept", &Sampler::accept, "token"_a, "A generated token (penalties, grammar, mirostat)")
+        .def("accept_context", &Sampler::accept_context, "token"_a, "A token already in the context (penalties)")
         .def("reset", &Sampler::reset);
 }

@@ -260,12 +260,12 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
     uint32_t k = 0;
     for (size_t bi = 0; bi < batch.size(); ++bi) {
         const SeqTokens & b = batch[bi];
-        logits[bi].resize((size_t) (b.all_logits ? b.n : 1) * hp.n_vocab);
+        logits[bi].resize((size_t) (b.all_logits ? b.n : 1) * out_width());
         for (uint32_t i = 0; i < b.n; ++i, ++k) {
             tok[k] = b.tokens[i];
             pos[k] = (int32_t) (n_past_[b.seq] + i);
             seq[k] = b.seq;
-            if (b.all_logits) dest[k] = logits[bi].data() + (size_t) i * hp.n_vocab;
+            if (b.all_logits) dest[k] = logits[bi].data() + (size_t) i * out_width();
             else if (i + 1 == b.n) dest[k] = logits[bi].data();
         }
     }
@@ -400,10 +400,11 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
     }
     if (n_probe) probe_acc_.collect(g.probe, hp.n_head, n_probe);
     // The logits of consecutive rows to consecutive destinations come in one read.
-    const size_t row_bytes = sizeof(float) * hp.n_vocab;
+    const uint32_t width = out_width();
+    const size_t row_bytes = sizeof(float) * width;
     for (size_t j = 0; j < out.size();) {
         size_t run = 1;
-        while (j + run < out.size() && out[j + run] == out[j] + (size_t) run * hp.n_vocab) ++run;
+        while (j + run < out.size() && out[j + run] == out[j] + (size_t) run * width) ++run;
         ggml_backend_tensor_get(g.logits, out[j], j * row_bytes, run * row_bytes);
         j += run;
     }
@@ -414,7 +415,7 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
     // A file with broken weights or hyperparameters computes NaN or inf: say so instead of sampling from it.
     // (The tokens stay in the context, as evaluated; the caller decides whether to go on.)
     for (float * row : out) {
-        for (uint32_t v = 0; v < hp.n_vocab; ++v) {
+        for (uint32_t v = 0; v < width; ++v) {
             if (!std::isfinite(row[v])) {
                 throw BadInput("the model computed non-finite logits (NaN or inf): its weights or hyperparameters "
                                "are broken");
@@ -431,13 +432,14 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
             shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.kv_lo, sp.gather_offset >= 0});
         }
     }
+    shape.push_back(embeddings_);
     if (graph_.ctx && graph_.shape == shape) return graph_;
 
     drop_graph(false);
     graph_.ctx = arena_.context();
     graph_.gf = ggml_new_graph_custom(graph_.ctx.get(), arena_.n_nodes(), false);
     GraphBuild b{graph_.ctx.get(), graph_.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &graph_.probe : nullptr,
-                 n_probe};
+                 n_probe, embeddings_};
     graph_.logits = build_graph(b);
     ggml_build_forward_expand(graph_.gf, graph_.logits);
     graph_.in = b.in;
@@ -469,6 +471,12 @@ void Engine::clear(int32_t seq) {
     kv_->clear(seq);
     n_past_[s] = 0;
     n_written_[s] = 0;
+}
+
+void Engine::set_embeddings(bool on) {
+    if (on == embeddings_) return;
+    embeddings_ = on;
+    drop_graph(true);  // another topology (no vocabulary projection): plan its memory afresh
 }
 
 void Engine::reset() {

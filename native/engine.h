@@ -103,6 +103,14 @@ public:
     // and the n_window most recent keys from now on (kv_policy_masked.cpp); the layers masked before are
     // unmasked. Together with truncate() this scores trimming each layer over one shared full prefix.
     void set_masked_layers(const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window);
+    // One conversation's context as bytes, and back (kv_state.cpp). load_state checks everything before it
+    // changes anything; on a mismatch the engine is left empty (reset), never half-loaded.
+    std::string save_state() const;
+    // Embeddings mode (Llama(embedding=True).embed): each output row is the model's last hidden state after
+    // its final norm ([n_embd]) instead of the logits ([n_vocab]).
+    void set_embeddings(bool on);
+    uint32_t out_width() const { return embeddings_ ? model_->hp().n_embd : model_->hp().n_vocab; }
+    void load_state(const std::string & blob);
 
     uint32_t n_past(int32_t seq = 0) const { return n_past_.at(checked_seq(seq)); }
     uint32_t free_cells() const { return kv_->free_cells(); }
@@ -169,7 +177,8 @@ private:
     std::vector<uint32_t> n_past_;     // per sequence
     std::vector<uint32_t> n_written_;  // per sequence: positions ever written since its last clear (ring rewinds)
     bool compacted_ = false;  // the lazy layers of this context were compacted already
-    bool groups_changed_ = false;  // layers moved between KV groups since the last graph: replan memory
+    bool groups_changed_ = false;
+    bool embeddings_ = false;  // layers moved between KV groups since the last graph: replan memory
     size_t peak_kv_bytes_ = 0;
     ProbeAccumulator probe_acc_;
     mutable std::mutex busy_;

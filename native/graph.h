@@ -61,6 +61,7 @@ struct GraphBuild {
     UbatchInputs in;
     ProbeGraph * probe = nullptr;  // lazy-layer probe of some rows (probe.h), or none
     uint32_t n_probe = 0;
+    bool embeddings = false;       // output the final norm's rows ("result_norm"), not the logits
 };
 
 // rms_norm(x) * w
@@ -76,7 +77,8 @@ ggml_tensor * build_ffn_geglu(GraphBuild & b, ggml_tensor * x, ggml_tensor * gat
 ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
                               float kq_scale);
 
-// Creates b.in (and the probe's inputs when b.probe is set) and returns the logits [n_vocab, n_outputs].
+// Creates b.in (and the probe's inputs when b.probe is set) and returns the logits [n_vocab, n_outputs]
+// (with b.embeddings: the final norm's output [n_embd, n_outputs]).
 ggml_tensor * build_graph_llama(GraphBuild & b);   // llama, qwen2, qwen3
 ggml_tensor * build_graph_gemma3(GraphBuild & b);  // gemma3
 ggml_tensor * build_graph(GraphBuild & b);         // the one for b.model's architecture

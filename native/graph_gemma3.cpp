@@ -54,6 +54,7 @@ ggml_tensor * build_graph_gemma3(GraphBuild & b) {
         x = cb(ggml_add(ctx, build_rms_norm(b, cur, L.ffn_post_norm, hp.rms_eps), attn_out), "l_out", il);
     }
     x = cb(build_rms_norm(b, x, m.output_norm, hp.rms_eps), "result_norm", -1);
+    if (b.embeddings) return x;
     return cb(ggml_mul_mat(ctx, m.output, x), "result_output", -1);
 }
 

@@ -55,6 +55,7 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
         x = cb(ggml_add(ctx, cur, ffn_in), "l_out", il);
     }
     x = cb(build_rms_norm(b, x, m.output_norm, hp.rms_eps), "result_norm", -1);
+    if (b.embeddings) return x;
     return cb(ggml_mul_mat(ctx, m.output, x), "result_output", -1);
 }
 

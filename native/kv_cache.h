@@ -120,6 +120,9 @@ public:
     // Forget every position >= n_keep of sequence seq. Returns false (and changes nothing) if some store no
     // longer holds what a query at n_keep would need; the caller then clears and re-evaluates.
     bool truncate(int seq, int32_t n_keep, int32_t n_written);
+    // A loaded state's cell map for one group (kv_state.cpp checked it against the group's stores).
+    void restore_cells(int group, const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq,
+                       uint32_t n_used, uint32_t n_free);
     void clear(int seq);  // one sequence
     void clear();         // every sequence
 

@@ -109,5 +109,9 @@ int32_t Vocab::bos() const { return llama_vocab_bos(vocab_); }
 int32_t Vocab::eos() const { return llama_vocab_eos(vocab_); }
 bool Vocab::add_bos() const { return llama_vocab_get_add_bos(vocab_); }
 bool Vocab::is_eog(int32_t token) const { return llama_vocab_is_eog(vocab_, token); }
+int32_t Vocab::nl() const { return llama_vocab_nl(vocab_); }
+int32_t Vocab::fim_pre() const { return llama_vocab_fim_pre(vocab_); }
+int32_t Vocab::fim_suf() const { return llama_vocab_fim_suf(vocab_); }
+int32_t Vocab::fim_mid() const { return llama_vocab_fim_mid(vocab_); }
 
 }  // namespace simkv

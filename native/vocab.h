@@ -23,6 +23,11 @@ public:
     int32_t eos() const;
     bool add_bos() const;
     bool is_eog(int32_t token) const;
+    int32_t nl() const;
+    // Fill-in-the-middle markers; -1 where the model has none.
+    int32_t fim_pre() const;
+    int32_t fim_suf() const;
+    int32_t fim_mid() const;
     const llama_vocab * get() const { return vocab_; }
 
 private:

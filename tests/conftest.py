@@ -37,7 +37,7 @@ def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
 
     def make(arch="llama", weight_type="f32", **kw):
-        key = (arch, weight_type, tuple(sorted(kw.items())))
+        key = (arch, weight_type, repr(sorted(kw.items())))
         if key not in cache:
             path = str(folder / f"tiny-{arch}-{weight_type}-{len(cache)}.gguf")
             cache[key] = write_model(path, "tiny", arch=arch, weight_type=weight_type, **kw)

@@ -71,8 +71,7 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(n_ctx=0), ValueError, "n_ctx must be >= 1"),
-    (dict(n_ctx=-5), ValueError, "n_ctx must be >= 1"),
+    (dict(n_ctx=-5), ValueError, "n_ctx must be >= 1, or 0 for the model's trained context"),
     (dict(n_ctx="4096"), TypeError, "n_ctx must be an int"),
     (dict(n_batch=0), ValueError, "n_batch"),
     (dict(n_threads=0), ValueError, "n_threads"),
@@ -109,14 +108,18 @@ def test_native_engine_validates_without_python(tiny_model):
 
 
 def test_engine_config_defaults_are_the_llama_defaults():
-    """One home per default: Llama's signature and the CLI read the native config's."""
+    """One home per default: Llama's signature and the CLI read the native config's; Llama's n_ctx default is
+    llama-cpp-python's (a user changes only the import), and type_k/type_v None stand for the native ones."""
     import inspect
+
+    import llama_cpp
 
     from py_simkv.engine_config import DEFAULTS
     sig = inspect.signature(Llama.__init__).parameters
-    for name in ("n_ctx", "n_batch", "n_ubatch", "n_sink", "n_window", "type_k", "type_v", "lazy_type",
-                 "lazy_prefill", "lazy_mode"):
+    for name in ("n_batch", "n_ubatch", "n_sink", "n_window", "lazy_type", "lazy_prefill", "lazy_mode"):
         assert sig[name].default == getattr(DEFAULTS, name)
+    assert sig["n_ctx"].default == inspect.signature(llama_cpp.Llama.__init__).parameters["n_ctx"].default == 512
+    assert sig["type_k"].default is None and sig["type_v"].default is None
     assert (DEFAULTS.n_window, DEFAULTS.n_sink, DEFAULTS.lazy_type) == (1024, 4, "q4_0")
 
 

@@ -20,7 +20,7 @@ def test_copied_weights_compute_what_mapped_weights_do(tiny_model):
     b = Llama(path, n_ctx=256, n_threads=2, logits_all=True, lazy_layers=[1, 2], n_window=32, use_mmap=False)
     a.eval(toks)
     b.eval(toks)
-    assert np.array_equal(a.scores, b.scores)
+    assert np.array_equal(a.scores[: a.n_tokens], b.scores[: b.n_tokens])
     assert b._model.layer_devices == ["CPU"] * 5  # 4 layers + the output layer
 
 

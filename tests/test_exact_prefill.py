@@ -15,12 +15,12 @@ def _tokens(n, seed=5):
 
 def _decode(llm, first, n):
     """Greedy decode n tokens after the prompt; returns the whole sequence."""
-    seq = list(llm.input_ids)
+    seq = list(llm.input_ids[: llm.n_tokens])
     t = first
     for _ in range(n):
         llm.eval([t])
         seq.append(t)
-        t = int(np.argmax(llm.scores[-1]))
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     return seq
 
 
@@ -35,19 +35,19 @@ def test_exact_prefill_matches_reference(tiny_model):
     stats = llm.kv_cache_stats()
     assert stats["lazy_layers"] == lazy
     assert stats["peak_bytes"] > full_kv > stats["total_bytes"]  # full during the prompt, trimmed after
-    seq = _decode(llm, int(np.argmax(llm.scores[-1])), N_DECODE)
+    seq = _decode(llm, int(np.argmax(llm.scores[llm.n_tokens - 1])), N_DECODE)
     n = len(seq)
     # Reference: lazy layers see everything while the prompt is evaluated, sinks + window afterwards.
     exact = causal_mask(n).clone()
     exact[N_PROMPT:] = sink_window_mask(n, N_SINK, N_WINDOW)[N_PROMPT:]
     want = forward(Weights(path), seq, [exact if il in lazy else causal_mask(n) for il in range(4)], ["f16"] * 4)
-    err = (torch.from_numpy(llm.scores.copy()) - want).abs()
+    err = (torch.from_numpy(llm.scores[: llm.n_tokens].copy()) - want).abs()
     assert err.max().item() < 0.1 and err.mean().item() < 5e-3  # the f16 bound of test_lazy_reference
     # ... and that is not what streaming prefill computes.
     streaming = Llama(path, n_ctx=512, n_threads=2, logits_all=True, lazy_layers=lazy, lazy_type="f16",
                       n_sink=N_SINK, n_window=N_WINDOW, n_ubatch=64)
     streaming.eval(prompt)
-    assert np.abs(streaming.scores - llm.scores[:N_PROMPT]).mean() > 0.05
+    assert np.abs(streaming.scores[: streaming.n_tokens] - llm.scores[:N_PROMPT]).mean() > 0.05
 
 
 def test_exact_prompt_logits_are_the_full_model_s(tiny_model):
@@ -58,7 +58,7 @@ def test_exact_prompt_logits_are_the_full_model_s(tiny_model):
     exact = Llama(path, n_ctx=512, n_threads=2, logits_all=True, lazy_layers=[0, 2], lazy_prefill="exact",
                   n_window=N_WINDOW)
     exact.eval(prompt)
-    np.testing.assert_array_equal(exact.scores, full.scores)
+    np.testing.assert_array_equal(exact.scores[: exact.n_tokens], full.scores[: full.n_tokens])
 
 
 @pytest.mark.parametrize("lazy_type", ["f16", "q4_0"])
@@ -78,10 +78,10 @@ def test_dynamic_compacts_the_layers_over_threshold_and_equals_static_exact(tiny
     assert dyn.kv_cache_stats()["lazy_layers"] == want
     static = Llama(path, lazy_layers=want, lazy_prefill="exact", **kw)
     static.eval(prompt)
-    first = int(np.argmax(dyn.scores[-1]))
+    first = int(np.argmax(dyn.scores[dyn.n_tokens - 1]))
     _decode(dyn, first, 40)
     _decode(static, first, 40)
-    np.testing.assert_array_equal(dyn.scores, static.scores)
+    np.testing.assert_array_equal(dyn.scores[: dyn.n_tokens], static.scores[: static.n_tokens])
     assert dyn.kv_cache_stats()["layers"] == static.kv_cache_stats()["layers"]
 
 

@@ -29,7 +29,7 @@ def test_rotated_q4_0_ring_matches_rotated_reference(tiny_model):
     llm = Llama(path, n_ctx=1024, n_threads=2, n_ubatch=128, logits_all=True, lazy_layers=lazy, lazy_type="q4_0",
                 n_sink=N_SINK, n_window=N_WINDOW)
     llm.eval(tokens)
-    got = torch.from_numpy(llm.scores.copy())
+    got = torch.from_numpy(llm.scores[: llm.n_tokens].copy())
     n, w = len(tokens), Weights(path)
     masks = [sink_window_mask(n, N_SINK, N_WINDOW)] * N_LAYER
     want = forward(w, tokens, masks, ["q4_0"] * N_LAYER, gathered=lazy)
@@ -59,7 +59,7 @@ def test_exact_prefill_rotates_what_it_moves_into_a_q4_0_ring(tiny_model):
         llm.eval(prompt)
         for t in cont:
             llm.eval([t])
-        return llm.scores[len(prompt):]
+        return llm.scores[len(prompt): llm.n_tokens]
 
     exact_gap = np.abs(decode_logits("q4_0", "exact") - decode_logits("f16", "exact")).mean()
     streaming_gap = np.abs(decode_logits("q4_0", "streaming") - decode_logits("f16", "streaming")).mean()
@@ -74,7 +74,7 @@ def test_q8_0_full_layers_match_rotated_reference(tiny_model):
     tokens = _tokens(300, seed=1)
     llm = Llama(path, n_ctx=512, n_threads=2, logits_all=True, type_k="q8_0", type_v="q8_0")
     llm.eval(tokens)
-    got = torch.from_numpy(llm.scores.copy())
+    got = torch.from_numpy(llm.scores[: llm.n_tokens].copy())
     n, w = len(tokens), Weights(path)
     want = forward(w, tokens, [causal_mask(n)] * N_LAYER, ["q8_0"] * N_LAYER)
     unrotated = forward(w, tokens, [causal_mask(n)] * N_LAYER, ["q8_0"] * N_LAYER, rotate=False)

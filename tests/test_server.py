@@ -25,6 +25,11 @@ CHAT = [[{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "user", "content": "What is 2 + 2?"}]]
 
 
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,6 +224,11 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, match):
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"model": MODEL, "messages": [{"content": "no role"}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "grammar": "not gbnf"}, "grammar is not valid GBNF"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": WEATHER,
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "Tool choice 'nope' not found"),
 ])
 def test_bad_chat_requests_get_400(server, body, match):
     status, got = server.request("POST", "/v1/chat/completions", body)
@@ -226,6 +236,27 @@ def test_bad_chat_requests_get_400(server, body, match):
     status, _ = server.request("POST", "/v1/chat/completions",
                                {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert status == 200
+
+
+def test_structured_output_and_tool_calls_through_the_openai_client(server):
+    """response_format (OpenAI's json_schema form) and a named tool_choice go through llama-cpp-python's
+    chat handler into a grammar that the server slot samples with."""
+    client = server.client()
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a cat as JSON."}], max_tokens=100, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}})
+    value = json.loads(out.choices[0].message.content, strict=False)
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    call = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=60,
+        tools=WEATHER, tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=1)
+    tool_call = call.choices[0].message.tool_calls[0]
+    assert tool_call.function.name == "get_weather" and isinstance(json.loads(tool_call.function.arguments)["city"], str)
+    status, got = server.request("POST", "/v1/completions", {"model": MODEL, "prompt": "Is the sky blue? Answer:",
+                                                             "max_tokens": 4, "grammar": 'root ::= " yes" | " no"'})
+    assert status == 200 and got["choices"][0]["text"] in (" yes", " no")
 
 
 def test_tokenize_routes(server, local):

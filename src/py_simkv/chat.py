@@ -1,17 +1,27 @@
-"""Chat completion with the model's own chat template (`tokenizer.chat_template`, Jinja2).
+"""Chat completion through llama-cpp-python's own chat handlers.
 
-Rendering and the chat-shaped result come from the pinned llama-cpp-python (its Jinja2ChatFormatter
-and completion-to-chat conversion), so prompts and dicts are the ones its users already get.
+The prompt, the grammar for `response_format` (JSON, JSON schema) and for `tools`/`functions`, and the
+conversion of a completion into a chat message or tool call all come from the pinned llama-cpp-python
+(`llama_chat_format`): its handler gets this Llama as `llama` and calls back its `create_completion`, so
+users get the prompts and dicts they already know. The handler is the Llama's `chat_handler`, else the one
+registered as its `chat_format` ("chatml", "chatml-function-calling", "functionary", ...), else one made
+from the model's own template (`tokenizer.chat_template`, Jinja2), as llama-cpp-python chooses.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import jinja2
 
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter, _convert_completion_to_chat
+from llama_cpp.llama_chat_format import (Jinja2ChatFormatter, LlamaChatCompletionHandlerNotFoundException,
+                                         get_chat_completion_handler)
 
 from .completion import create_completion
+
+
+def check_messages(messages) -> None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
 
 
 class ChatTemplate:
@@ -30,10 +40,11 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ValueError(f"{llm.model_path} has a chat template Jinja2 cannot read: {e}") from None
 
+        self.handler = self.formatter.to_chat_handler()
+
     def render(self, messages: List[dict]):
         """(prompt tokens, stop strings) for `messages`, ready for an assistant reply."""
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        check_messages(messages)
         try:
             result = self.formatter(messages=messages)
         except jinja2.TemplateError as e:  # a message the template cannot render (missing content, ...)
@@ -43,35 +54,64 @@ class ChatTemplate:
         return tokens, [s for s in stop if s]
 
 
-def create_chat_completion(
-    llm,
-    messages: List[dict],
-    temperature: float = 0.2,
-    top_p: float = 0.95,
-    top_k: int = 40,
-    min_p: float = 0.05,
-    stream: bool = False,
-    stop: Optional[Union[str, List[str]]] = None,
-    seed: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    repeat_penalty: float = 1.0,
-    logprobs: bool = False,
-    top_logprobs: Optional[int] = None,
-    logit_bias: Optional[dict] = None,
-    token_source=None,
-    model: Optional[str] = None,
-):
-    """token_source / model: where tokens come from and the model's name in the result (completion.py);
-    `simkv serve` passes its scheduler's slot and its model alias."""
-    tokens, template_stop = llm.chat_template().render(messages)
-    user_stop = [stop] if isinstance(stop, str) else list(stop or [])
-    completion = create_completion(
-        llm, tokens, stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty, stop=user_stop + template_stop, seed=seed,
-        logprobs=(top_logprobs or 0) if logprobs else None, logit_bias=logit_bias, token_source=token_source,
-        model=model,
-    )
-    return _convert_completion_to_chat(completion, stream=stream)
+def chat_handler(llm):
+    """The llama-cpp-python chat handler `llm` replies with (see the module docstring)."""
+    if llm.chat_handler is not None:
+        return llm.chat_handler
+    if llm.chat_format is not None:
+        try:
+            return get_chat_completion_handler(llm.chat_format)
+        except LlamaChatCompletionHandlerNotFoundException as e:
+            raise ValueError(str(e)) from None
+    return llm.chat_template().handler
+
+
+class _SlotLlama:
+    """The Llama as a chat handler sees it when a server slot generates: its completions draw their tokens
+    from `token_source` (scheduler.py); everything else is the Llama's."""
+
+    def __init__(self, llm, token_source):
+        self._llm, self._token_source = llm, token_source
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def create_completion(self, prompt, **kwargs):
+        return create_completion(self._llm, prompt, token_source=self._token_source, **kwargs)
+
+
+def llama_cpp_response_format(response_format: dict) -> Optional[dict]:
+    """OpenAI's structured-output form {"type": "json_schema", "json_schema": {"schema": ...}} as
+    llama-cpp-python's handlers take it ({"type": "json_object", "schema": ...}); "text" constrains nothing."""
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise TypeError("response_format must be a dict with a 'type'")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        return {"type": "json_object", "schema": spec["schema"]}
+    if kind != "json_object":
+        raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    return response_format
+
+
+def create_chat_completion(llm, messages: List[dict], token_source=None, **kwargs):
+    """A `chat.completion` dict, or an iterator of chunks with stream=True. kwargs: those of llama-cpp-python's
+    create_chat_completion (given in full: a handler's own defaults differ). token_source: where tokens come
+    from (completion.py; `simkv serve` passes its scheduler's slot)."""
+    check_messages(messages)
+    if kwargs.get("logprobs") and kwargs.get("top_logprobs") is None:
+        # OpenAI: logprobs=True alone gives the chosen tokens' logprobs (llama-cpp-python's handlers would
+        # give none without top_logprobs).
+        kwargs["top_logprobs"] = 0
+    if kwargs.get("response_format") is not None:
+        kwargs["response_format"] = llama_cpp_response_format(kwargs["response_format"])
+    handler = chat_handler(llm)
+    target = llm if token_source is None else _SlotLlama(llm, token_source)
+    try:
+        return handler(llama=target, messages=messages, **kwargs)
+    except jinja2.TemplateError as e:  # a message the template cannot render (missing content, ...)
+        raise ValueError(f"the chat template cannot render these messages: {e}") from None

@@ -66,44 +66,69 @@ TokenSource = Callable[..., Iterator[Tuple[int, Optional[np.ndarray]]]]
 
 def llama_tokens(llm, prompt_tokens: List[int], want_logits: bool, max_new: int,
                  **sampling) -> Iterator[Tuple[int, Optional[np.ndarray]]]:
-    """The in-process token source: Llama.generate (prefix reuse, libllama's sampler chain)."""
+    """The in-process token source: Llama.generate (prefix reuse, libllama's sampler chain), through the
+    Llama's prompt cache if it has one (set_cache)."""
+    llm._load_cached_prefix(prompt_tokens)
     gen = llm.generate(prompt_tokens, **sampling)
+    done = False
     try:
         for _, token in zip(range(max_new), gen):
             yield token, (llm.last_logits if want_logits else None)
+        done = True
+    except GeneratorExit:  # the completion stopped early (a stop string, the end of a turn): still cached
+        done = True
+        raise
     finally:
         gen.close()
+        if done:
+            llm._save_to_cache()
 
 
 def completion_stream(
     llm,
     prompt: Union[str, List[int]],
+    suffix: Optional[str] = None,
     max_tokens: Optional[int] = 16,
     temperature: float = 0.8,
     top_p: float = 0.95,
-    top_k: int = 40,
     min_p: float = 0.05,
-    repeat_penalty: float = 1.0,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
-    stop: Optional[Union[str, List[str]]] = None,
-    seed: Optional[int] = None,
+    typical_p: float = 1.0,
     logprobs: Optional[int] = None,
     echo: bool = False,
-    stop_token_ids: Sequence[int] = (),
-    logit_bias: Optional[Dict[int, float]] = None,
-    token_source: Optional[TokenSource] = None,
+    stop: Optional[Union[str, List[str]]] = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    repeat_penalty: float = 1.0,
+    top_k: int = 40,
+    seed: Optional[int] = None,
+    tfs_z: float = 1.0,
+    mirostat_mode: int = 0,
+    mirostat_tau: float = 5.0,
+    mirostat_eta: float = 0.1,
     model: Optional[str] = None,
+    stopping_criteria=None,
+    logits_processor=None,
+    grammar=None,
+    logit_bias: Optional[Dict[int, float]] = None,
+    stop_token_ids: Sequence[int] = (),
+    token_source: Optional[TokenSource] = None,
 ) -> Iterator[dict]:
     """Yields stream chunks (llama-cpp-python's `text_completion` chunk shape); the last one carries the
     finish_reason and, as an extra key consumed by create_completion, the usage. `model` names the model
-    in the chunks (default: the model path)."""
+    in the chunks (default: the model path). suffix: fill in the middle between prompt and suffix, with the
+    model's FIM tokens. stopping_criteria(input_ids, logits) -> True ends the completion before the token
+    just drawn (finish_reason "stop")."""
     if isinstance(prompt, str):
         prompt_text = prompt
+    else:
+        prompt = [int(t) for t in prompt]
+        prompt_text = llm.detokenize(prompt).decode("utf-8", errors="ignore")
+    if suffix is not None:
+        prompt_tokens = infill_tokens(llm, prompt, suffix)
+    elif isinstance(prompt, str):
         prompt_tokens = llm.tokenize(prompt.encode("utf-8"), special=True) if prompt else [llm.token_bos()]
     else:
-        prompt_tokens = [int(t) for t in prompt]
-        prompt_text = llm.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
+        prompt_tokens = prompt
     if not prompt_tokens:
         raise ValueError("the prompt is empty")
     if len(prompt_tokens) > llm.n_ctx():
@@ -136,10 +161,15 @@ def completion_stream(
         start, reported = reported, len(record.tokens)
         return record.since(start)
     source = token_source or (lambda *a, **kw: llama_tokens(llm, *a, **kw))
-    generator = None if limit <= 0 else source(
-        prompt_tokens, record is not None, limit, top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature,
-        repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-        seed=seed, logit_bias=logit_bias)
+    sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temperature,
+                    repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                    presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                    mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, seed=seed, logit_bias=logit_bias,
+                    grammar=grammar)
+    if logits_processor is not None:  # Python callables: only the in-process source runs them
+        sampling["logits_processor"] = logits_processor
+    want_logits = record is not None or stopping_criteria is not None
+    generator = None if limit <= 0 else source(prompt_tokens, want_logits, limit, **sampling)
     try:
         pulled: List[Tuple[int, Optional[np.ndarray]]] = []
         if echo:
@@ -159,6 +189,10 @@ def completion_stream(
         finish_reason = "length"
         for token, logits in itertools.chain(pulled, generator or ()):
             if llm.token_is_eog(token) or token in stop_token_ids:
+                finish_reason = "stop"
+                break
+            if stopping_criteria is not None and stopping_criteria(
+                    np.asarray(prompt_tokens + completion_tokens, dtype=np.intc), logits):
                 finish_reason = "stop"
                 break
             if record is not None:
@@ -187,6 +221,21 @@ def completion_stream(
     final["usage"] = {"prompt_tokens": len(prompt_tokens), "completion_tokens": len(completion_tokens),
                       "total_tokens": len(prompt_tokens) + len(completion_tokens)}
     yield final
+
+
+def infill_tokens(llm, prefix: Union[str, List[int]], suffix: str) -> List[int]:
+    """A fill-in-the-middle prompt: [BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID, as llama.cpp's infill builds
+    it (suffix first with spm_infill=True). Refused for a model without FIM tokens."""
+    if not isinstance(suffix, str):
+        raise TypeError(f"suffix must be a string or None, got {type(suffix).__name__}")
+    pre, suf, mid = llm.fim_tokens()
+    if min(pre, suf, mid) < 0:
+        raise ValueError(f"suffix needs a fill-in-the-middle model: {llm.model_path} has no FIM tokens")
+    if isinstance(prefix, str):
+        prefix = llm.tokenize(prefix.encode("utf-8"), add_bos=False, special=False) if prefix else []
+    tail = llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) if suffix else []
+    body = [suf] + tail + [pre] + list(prefix) if llm.spm_infill else [pre] + list(prefix) + [suf] + tail
+    return ([llm.token_bos()] if llm.add_bos_token() else []) + body + [mid]
 
 
 def create_completion(llm, prompt, stream: bool = False, **kw):

@@ -6,23 +6,46 @@ logits of the current context.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import random
 import threading
 import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
+from llama_cpp.llama import LlamaState
 
 from . import _native
-from .chat import ChatTemplate, create_chat_completion
+from .chat import ChatTemplate, chat_handler as chat_handler_for, create_chat_completion
 from .checks import check_float, check_int, check_layer_list, check_model_file, check_str
+from .compat import IGNORED_ARGS, cache_type_name, check_ignored, grammar_text, warn_ignored
 from .completion import create_completion
 from .engine_config import DEFAULTS, engine_config
 from .lazy_profile import family_threshold, model_identity, resolve_lazy_layers
 from .logprobs import log_softmax
+from .tokenizer import Tokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+# llama-cpp-python's default context (the CLI and the server default to the engine's own, DEFAULTS.n_ctx).
+LLAMA_CPP_DEFAULT_N_CTX = 512
+
+
+# llama.cpp's pooling types (llama.h): what embed() makes of the rows of one input.
+POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3
+POOLING_NAMES = {POOLING_NONE: "NONE", POOLING_MEAN: "MEAN", POOLING_CLS: "CLS", POOLING_LAST: "LAST"}
+
+
+def _pooled(rows: np.ndarray, pooling: int, normalize: bool):
+    """One input's embedding from its rows [n_tokens, n_embd]: every row (NONE) or one pooled vector."""
+    def unit(v):
+        norm = np.linalg.norm(v, axis=-1, keepdims=True)
+        return v / np.where(norm == 0, 1.0, norm) if normalize else v
+    if pooling == POOLING_NONE:
+        return unit(rows).tolist()
+    pooled = {POOLING_MEAN: lambda: rows.mean(axis=0), POOLING_CLS: lambda: rows[0], POOLING_LAST: lambda: rows[-1]}
+    return unit(pooled[pooling]()).tolist()
 
 
 def gpu_devices() -> List[str]:
@@ -88,15 +111,15 @@ class Llama:
     def __init__(
         self,
         model_path,
-        n_ctx: int = DEFAULTS.n_ctx,
+        n_ctx: int = LLAMA_CPP_DEFAULT_N_CTX,
         n_batch: int = DEFAULTS.n_batch,
         n_ubatch: int = DEFAULTS.n_ubatch,
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
         main_gpu: int = 0,
         use_mmap: bool = True,
-        type_k: str = DEFAULTS.type_k,
-        type_v: str = DEFAULTS.type_v,
+        type_k: Union[str, int, None] = None,
+        type_v: Union[str, int, None] = None,
         lazy_layers: Optional[Sequence[int]] = None,
         lazy_type: str = DEFAULTS.lazy_type,
         lazy_profile: Optional[str] = None,
@@ -111,21 +134,47 @@ class Llama:
         seed: int = LLAMA_DEFAULT_SEED,
         verbose: bool = False,
         n_seq_max: int = DEFAULTS.n_seq_max,
+        n_threads_batch: Optional[int] = None,
+        vocab_only: bool = False,
+        last_n_tokens_size: int = 64,
+        chat_format: Optional[str] = None,
+        chat_handler=None,
+        tokenizer=None,
+        spm_infill: bool = False,
+        embedding: bool = False,
+        pooling_type: int = -1,
+        **ignored,
     ):
+        """llama-cpp-python's other arguments (flash_attn, use_mlock, rope_freq_base, ...) are accepted; those
+        asking for something simkv does not do are ignored with one warning each (compat.py says why)."""
+        # A Llama pickles as the arguments that build it again, as llama-cpp-python's does (plus its seed).
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "ignored", "__class__")}
+        self._init_args.update(ignored)
         self.verbose = bool(verbose)
         _native.set_logging(self.verbose)
+        check_ignored(ignored)
         self.model_path = check_model_file(model_path)
-        self.n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, -1)
+        self.vocab_only = bool(vocab_only)
+        self.n_gpu_layers = 0 if self.vocab_only else check_int("n_gpu_layers", n_gpu_layers, -1)
         self.main_gpu = check_int("main_gpu", main_gpu, 0)
         if self.n_gpu_layers != 0 and not gpu_devices():
             _warn_no_gpu()
         self.logits_all = bool(logits_all)
-        self._seed = check_int("seed", seed, 0) & 0xFFFFFFFF
+        # llama-cpp-python's seed: 0 means the default; each completion without a seed draws the next one
+        # from it (set_seed, _call_seed), so a fresh Llama with the same seed repeats its outputs call by call.
+        self._seed = check_int("seed", seed) or LLAMA_DEFAULT_SEED
+        self.last_n_tokens_size = check_int("last_n_tokens_size", last_n_tokens_size, 0)
+        if n_threads_batch is not None and n_threads_batch != n_threads:
+            check_int("n_threads_batch", n_threads_batch, 1)
+            warn_ignored("n_threads_batch", "simkv evaluates prompts and decodes with the same n_threads")
+        n_ctx = check_int("n_ctx", n_ctx)
+        if n_ctx < 0:
+            raise ValueError(f"n_ctx must be >= 1, or 0 for the model's trained context; got {n_ctx}")
         # Types here; values are checked natively when the config is assigned or the engine is built.
-        settings = dict(n_ctx=check_int("n_ctx", n_ctx), n_batch=check_int("n_batch", n_batch),
-                        n_ubatch=check_int("n_ubatch", n_ubatch), n_sink=check_int("n_sink", n_sink),
-                        n_window=check_int("n_window", n_window),
-                        type_k=check_str("type_k", type_k, "f16"), type_v=check_str("type_v", type_v, "f16"),
+        settings = dict(n_batch=check_int("n_batch", n_batch), n_ubatch=check_int("n_ubatch", n_ubatch),
+                        n_sink=check_int("n_sink", n_sink), n_window=check_int("n_window", n_window),
+                        type_k=cache_type_name("type_k", type_k, DEFAULTS.type_k),
+                        type_v=cache_type_name("type_v", type_v, DEFAULTS.type_v),
                         lazy_type=check_str("lazy_type", lazy_type, "q4_0"),
                         lazy_prefill=check_str("lazy_prefill", lazy_prefill, "exact"),
                         lazy_mode=check_str("lazy_mode", lazy_mode, "dynamic"))
@@ -135,36 +184,54 @@ class Llama:
             _warn_forked()
             settings["n_threads"] = 1
         settings["n_seq_max"] = check_int("n_seq_max", n_seq_max)
-        config = engine_config(**settings)
 
         self._model = _native.load_model(self.model_path, n_gpu_layers=self.n_gpu_layers, main_gpu=self.main_gpu,
                                          use_mmap=bool(use_mmap))
         self._hparams = self._model.hparams
-        if config.lazy_mode == "dynamic":
+        # n_ctx=0: the model's trained context. As llama-cpp-python, a batch is never longer than the context
+        # and a ubatch never longer than a batch.
+        settings["n_ctx"] = n_ctx or int(self._hparams["n_ctx_train"])
+        settings["n_batch"] = min(settings["n_ctx"], settings["n_batch"])
+        settings["n_ubatch"] = min(settings["n_batch"], settings["n_ubatch"])
+        config = engine_config(**settings)
+        if self.vocab_only:
+            pass
+        elif config.lazy_mode == "dynamic":
             if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None:
                 raise ValueError("lazy_mode='dynamic' chooses lazy layers per prompt: give only lazy_threshold")
             config.dynamic_threshold = (family_threshold({"name": self._model.metadata.get("general.name", "")})
                                         if lazy_threshold is None else check_float("lazy_threshold", lazy_threshold))
-            self.lazy_profile_path = None
         else:
             lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
                 self.model_path, self._model, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion)
             if lazy_layers is not None:
                 config.lazy_layers = check_layer_list("lazy_layers", lazy_layers)
+        self.lazy_profile_path = getattr(self, "lazy_profile_path", None)
         self._vocab = _native.Vocab(self.model_path)
         if self._vocab.n_vocab != self._hparams["n_vocab"]:
             raise ValueError(
                 f"tokenizer has {self._vocab.n_vocab} tokens but the model's embedding has {self._hparams['n_vocab']}"
             )
-        self._engine = _native.Engine(self._model, config)
+        self.tokenizer_ = tokenizer if tokenizer is not None else Tokenizer(self._vocab)
+        self.spm_infill = bool(spm_infill)
+        self.embedding = bool(embedding)
+        self._pooling = self._pooling_type(check_int("pooling_type", pooling_type))
+        self.chat_format = check_str("chat_format", chat_format, "chatml") if chat_format is not None else None
+        self.chat_handler = chat_handler
+        if self.chat_format is not None:
+            chat_handler_for(self)  # an unknown format is refused here, with the known ones
+        # vocab_only: the tokenizer and the model's facts, no KV cache and no evaluation.
+        self._engine = None if self.vocab_only else _native.Engine(self._model, config)
         # What the engine runs with (validated: n_ubatch <= n_batch, windows no larger than the context).
-        config = self._engine.config
+        config = config if self.vocab_only else self._engine.config
         self._n_ctx, self.n_batch, self.n_ubatch, self.n_threads = config.n_ctx, config.n_batch, config.n_ubatch, config.n_threads
         self.type_k, self.type_v, self.lazy_type = config.type_k, config.type_v, config.lazy_type
         self.n_sink, self.n_window = config.n_sink, config.n_window
         self.lazy_prefill, self.lazy_mode = config.lazy_prefill, config.lazy_mode
         self.lazy_layers = sorted(config.lazy_layers)
         self.n_seq_max = config.n_seq_max
+        self._closed = False
+        self.cache = None  # set_cache
         self._sequences = None
         self._chat_template: Optional[ChatTemplate] = None
         self._eog: Optional[List[int]] = None
@@ -176,13 +243,14 @@ class Llama:
         self.n_evaluated = 0  # tokens evaluated since construction (prefix reuse skips some)
         self._input_ids: List[int] = []
         self._last_logits: Optional[np.ndarray] = None
-        self._scores_all = np.empty((self._n_ctx, self.n_vocab()), dtype=np.float32) if self.logits_all else None
+        self._scores_all = np.zeros((self._n_ctx, self.n_vocab()), dtype=np.float32) if self.logits_all else None
 
     @contextlib.contextmanager
     def _use(self, new_epoch: bool = True):
         """Hold this Llama for one call (threads take turns). new_epoch: the call changes the context."""
-        if self._engine is None:
-            raise ValueError("this Llama is closed")
+        self._check_open()
+        if self.vocab_only:
+            raise ValueError("this Llama was created with vocab_only=True: it tokenizes, it does not evaluate")
         with self._lock:
             if _forked_child and not self._single_threaded:
                 _warn_forked()
@@ -226,18 +294,57 @@ class Llama:
         """End of generation: EOS, EOT and the other tokens the GGUF marks as ending a turn."""
         return bool(self._vocab.is_eog(int(token)))
 
+    def add_bos_token(self) -> bool:
+        return bool(self._vocab.add_bos)
+
+    def fim_tokens(self) -> tuple:
+        """(prefix, suffix, middle) fill-in-the-middle token ids; -1 where the model has none."""
+        return self._vocab.fim_pre, self._vocab.fim_suf, self._vocab.fim_mid
+
+    def token_nl(self) -> int:
+        return self._vocab.nl
+
+    def n_embd(self) -> int:
+        return self._hparams["n_embd"]
+
+    @staticmethod
+    def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
+        """log softmax as float32 (llama-cpp-python's static helper)."""
+        return log_softmax(np.asarray(logits, dtype=np.float32), axis=axis).astype(np.float32)
+
+    @staticmethod
+    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    # --- pickling: the arguments that build this Llama again, with its current seed --------------------
+    def __getstate__(self) -> dict:
+        return dict(self._init_args, seed=self._seed)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
     # --- tokens ------------------------------------------------------------------------------------
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
-        if not isinstance(text, (bytes, bytearray)):
-            raise TypeError("tokenize() takes bytes; use text.encode('utf-8')")
-        if self._vocab is None:
-            raise ValueError("this Llama is closed")
-        return self._vocab.tokenize(bytes(text), add_bos, special)
+        self._check_open()
+        return self.tokenizer_.tokenize(text, add_bos, special)
 
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None, special: bool = False) -> bytes:
-        if self._vocab is None:
+        self._check_open()
+        return self.tokenizer_.detokenize(tokens, prev_tokens, special)
+
+    def tokenizer(self) -> Tokenizer:
+        """llama-cpp-python's tokenizer interface (encode/decode, tokenize/detokenize) on this model's vocabulary."""
+        self._check_open()
+        return Tokenizer(self._vocab)
+
+    def _check_open(self) -> None:
+        if self._closed:
             raise ValueError("this Llama is closed")
-        return b"".join(self._vocab.token_to_piece(check_int("token", t), special) for t in tokens)
 
     # --- context -----------------------------------------------------------------------------------
     @property
@@ -246,7 +353,24 @@ class Llama:
 
     @property
     def input_ids(self) -> np.ndarray:
-        return np.asarray(self._input_ids, dtype=np.int32)
+        """The context's token ids in an n_ctx-long buffer, as llama-cpp-python shapes it: the first n_tokens
+        are the context (a copy: writing to it changes nothing)."""
+        out = np.zeros(self._n_ctx, dtype=np.intc)
+        out[: self.n_tokens] = self._input_ids
+        return out
+
+    @property
+    def _scores(self) -> np.ndarray:
+        """The rows of `scores` that belong to the context (llama-cpp-python's name)."""
+        return self.scores[: self.n_tokens]
+
+    @property
+    def eval_tokens(self) -> collections.deque:
+        return collections.deque(self._input_ids, maxlen=self._n_ctx)
+
+    @property
+    def eval_logits(self) -> collections.deque:
+        return collections.deque(self._scores.tolist(), maxlen=self._n_ctx if self.logits_all else 1)
 
     @property
     def last_logits(self) -> Optional[np.ndarray]:
@@ -255,9 +379,11 @@ class Llama:
 
     @property
     def scores(self) -> np.ndarray:
-        """Logits [n_tokens, n_vocab]: every row when logits_all=True, otherwise only the last row is set."""
+        """Logits. With logits_all=True: llama-cpp-python's [n_ctx, n_vocab] buffer, whose first n_tokens rows
+        are the context's (row i: after token i). Otherwise [n_tokens, n_vocab] with only the last row set
+        (llama-cpp-python leaves its rows unset then)."""
         if self._scores_all is not None:
-            return self._scores_all[: self.n_tokens]
+            return self._scores_all
         out = np.zeros((self.n_tokens, self.n_vocab()), dtype=np.float32)
         if self._last_logits is not None and self.n_tokens:
             out[-1] = self._last_logits
@@ -404,6 +530,126 @@ class Llama:
         self._last_logits = self._scores_all[n_keep - 1].copy() if (self._scores_all is not None and n_keep) else None
         return True
 
+    # --- embeddings -----------------------------------------------------------------------------------
+    def _pooling_type(self, requested: int) -> int:
+        """llama.cpp's pooling type: -1 is the model's own (its GGUF's, else none for a causal LM)."""
+        if requested == -1:
+            arch = self._model.metadata.get("general.architecture", "")
+            requested = int(self._model.metadata.get(f"{arch}.pooling_type", POOLING_NONE))
+        if requested not in POOLING_NAMES:
+            raise ValueError(f"pooling_type must be -1 (the model's) or one of {POOLING_NAMES} (RANK needs a "
+                             f"classifier head, which simkv's architectures do not have); got {requested}")
+        return requested
+
+    def pooling_type(self) -> int:
+        return self._pooling
+
+    def embed(self, input: Union[str, List[str]], normalize: bool = False, truncate: bool = True,
+              return_count: bool = False):
+        """Embeddings of each input (llama-cpp-python's embed): the model's last hidden state after its final
+        norm, per token with pooling NONE (the default for a causal LM), else pooled (MEAN, CLS, LAST) as
+        llama.cpp pools. normalize: to unit length. truncate: to n_batch tokens (else longer is an error).
+        The context is empty afterwards."""
+        if not self.embedding:
+            raise RuntimeError("Llama model must be created with embedding=True to call this method")
+        texts = [input] if isinstance(input, str) else list(input)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("embed() takes a string or a list of strings")
+        data, total = [], 0
+        with self._use():
+            self._single()
+            try:
+                self._engine.set_embeddings(True)
+                for text in texts:
+                    tokens = self.tokenize(text.encode("utf-8"))
+                    if truncate:
+                        tokens = tokens[: self.n_batch]
+                    elif len(tokens) > self.n_batch:
+                        raise ValueError(f"Requested tokens ({len(tokens)}) exceed batch size of {self.n_batch}")
+                    if not tokens:
+                        raise ValueError("cannot embed an empty input")
+                    total += len(tokens)
+                    self._reset()
+                    rows = self._engine.eval(np.asarray(tokens, dtype=np.int32), True).astype(np.float64)
+                    self.n_evaluated += len(tokens)
+                    data.append(_pooled(rows, self._pooling, normalize))
+            finally:
+                self._engine.set_embeddings(False)
+                self._reset()
+        output = data[0] if isinstance(input, str) else data
+        return (output, total) if return_count else output
+
+    def create_embedding(self, input: Union[str, List[str]], model: Optional[str] = None) -> dict:
+        """llama-cpp-python's (OpenAI's) embedding response."""
+        embeds, total = self.embed(input if isinstance(input, list) else [input], return_count=True)
+        return {"object": "list", "model": model if model is not None else self.model_path,
+                "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(embeds)],
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
+
+    # --- state: save, load, and llama-cpp-python's prompt caches --------------------------------------
+    def save_state(self) -> LlamaState:
+        """The context as llama-cpp-python's LlamaState: every layer's store as it is now (full stores and
+        lazy rings, quantized or not, and which layers exact prefill made lazy), the tokens, the logits and
+        the seed. load_state() continues from it bit-identically, on this Llama or another with the same
+        model and cache settings."""
+        with self._use(new_epoch=False):
+            self._single()
+            self._sync()
+            blob = self._engine.save_state()
+            if self._scores_all is not None:
+                scores = self._scores_all[: self.n_tokens].copy()
+            elif self._last_logits is not None:
+                scores = self._last_logits[None].copy()  # only the last row is kept without logits_all
+            else:
+                scores = np.zeros((0, self.n_vocab()), dtype=np.float32)
+            return LlamaState(input_ids=self.input_ids, scores=scores, n_tokens=self.n_tokens, llama_state=blob,
+                              llama_state_size=len(blob), seed=self._seed)
+
+    def load_state(self, state: LlamaState) -> None:
+        """Continue from a save_state(). A state of another model or other cache settings is refused with
+        ValueError, and the context is then empty."""
+        with self._use():
+            self._single()
+            n = check_int("n_tokens", state.n_tokens, 0)
+            ids = np.asarray(state.input_ids)[:n]
+            if ids.size != n or (n and (ids.min() < 0 or ids.max() >= self.n_vocab())) or n > self._n_ctx:
+                raise ValueError("the state's tokens do not fit this Llama (vocabulary or n_ctx)")
+            scores = np.asarray(state.scores, dtype=np.float32)
+            if n and (scores.ndim != 2 or scores.shape[1] != self.n_vocab() or scores.shape[0] not in (1, n)):
+                raise ValueError("the state's logits do not have this model's shape")
+            self._input_ids, self._last_logits = [], None
+            self._engine.load_state(bytes(state.llama_state))
+            if self._engine.n_past != n:
+                self._reset()
+                raise ValueError(f"the state's KV cache holds {self._engine.n_past} tokens, its token list {n}")
+            self._input_ids = [int(t) for t in ids]
+            self._last_logits = scores[-1].copy() if n else None
+            if self._scores_all is not None:
+                self._scores_all[:] = 0
+                self._scores_all[n - scores.shape[0]: n] = scores if n else 0
+            self._seed = state.seed
+
+    def set_cache(self, cache) -> None:
+        """llama-cpp-python's prompt cache (llama_cpp.LlamaRAMCache, LlamaDiskCache or None): completions load
+        the cached state that shares the longest prefix with their prompt when it beats the current context,
+        and save their context afterwards."""
+        self.cache = cache
+
+    def _load_cached_prefix(self, tokens: Sequence[int]) -> None:
+        if self.cache is None:
+            return
+        try:
+            item = self.cache[tokens]
+        except KeyError:
+            return
+        cached = self.longest_token_prefix(np.asarray(item.input_ids)[: item.n_tokens].tolist(), tokens)
+        if cached > self.longest_token_prefix(self._input_ids, tokens):
+            self.load_state(item)
+
+    def _save_to_cache(self) -> None:
+        if self.cache is not None and self.n_tokens:
+            self.cache[list(self._input_ids)] = self.save_state()
+
     def kv_cache_stats(self) -> dict:
         """total_bytes now, peak_bytes since construction (exact prefill peaks at a full cache), the lazy
         layers now (with exact prefill: those compacted after the prompt), and each layer's store."""
@@ -418,43 +664,106 @@ class Llama:
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
+        typical_p: float = 1.0,
         temp: float = 0.80,
         repeat_penalty: float = 1.0,
         reset: bool = True,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        penalize_nl: bool = True,
+        logits_processor=None,
+        stopping_criteria=None,
+        grammar=None,
         seed: Optional[int] = None,
         logit_bias: Optional[Dict[int, float]] = None,
     ) -> Iterator[int]:
-        """Yield sampled tokens after `tokens`, forever (the caller stops). temp <= 0 is greedy.
+        """Yield sampled tokens after `tokens` until the caller stops or `stopping_criteria(input_ids, logits)`
+        says so. temp 0 is greedy, temp < 0 draws from the whole distribution (as llama-cpp-python).
 
         With reset=True the context restarts from `tokens`, reusing the longest common prefix with the
         current context where every store still holds it. logit_bias {token id: bias} is added to the
-        logits before sampling (-inf bans a token), as in llama-cpp-python.
+        logits before sampling (-inf bans a token); logits_processor(input_ids, logits) -> logits runs
+        first; grammar (a llama_cpp.LlamaGrammar or GBNF text) constrains what may be sampled.
         """
+        if penalize_nl is not True:
+            warn_ignored("penalize_nl", IGNORED_ARGS["penalize_nl"][1])
         with self._use():
             self._single()
             tokens = [check_int("token", t) for t in tokens]
             sampler = self.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                        presence_penalty, seed, logit_bias)
+                                        presence_penalty, seed, logit_bias, typical_p=typical_p, tfs_z=tfs_z,
+                                        mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
+                                        mirostat_eta=mirostat_eta, grammar=grammar)
             if reset:
                 tokens = self._reuse_prefix(tokens)
             if tokens:
                 self._eval(tokens)
             if self._last_logits is None:
                 raise ValueError("generate() needs at least one token in the context")
-            for t in self._input_ids[-64:]:
-                sampler.accept(t)  # repetition penalties look at the prompt too
+            for t in self._input_ids[-self.last_n_tokens_size:] if self.last_n_tokens_size else ():
+                sampler.accept_context(t)  # repetition penalties look at the prompt too
             epoch = self._epoch
         while True:
             with self._lock:
                 self._stale(epoch)
-                token = sampler.sample(self._last_logits)
+                logits = self._last_logits
+                token = sampler.sample(self._processed(logits_processor, logits))
+                if stopping_criteria is not None and stopping_criteria(self.input_ids[: self.n_tokens], logits):
+                    return
                 sampler.accept(token)
             yield token
             with self._lock:
                 self._stale(epoch)
                 self._eval([token])
+
+    def _processed(self, logits_processor, logits: np.ndarray) -> np.ndarray:
+        """logits after llama-cpp-python's logits processors (callables (input_ids, scores) -> scores)."""
+        if logits_processor is None:
+            return logits
+        out = logits_processor(self.input_ids[: self.n_tokens], logits.copy())
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+               temp: float = 0.80, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_eta: float = 0.1,
+               mirostat_tau: float = 5.0, penalize_nl: bool = True, logits_processor=None, grammar=None,
+               idx: Optional[int] = None) -> int:
+        """A token drawn from the logits after the context (or after token idx - 1, with logits_all), with
+        this Llama's seed; the context is not changed (as llama-cpp-python's sample)."""
+        with self._use(new_epoch=False):
+            self._single()
+            if self.n_tokens == 0:
+                raise ValueError("sample() needs a context: eval() a prompt first")
+            if idx is None or idx == self.n_tokens:
+                logits = self._last_logits
+            else:
+                idx = check_int("idx", idx, 1)
+                if self._scores_all is None or idx > self.n_tokens:
+                    raise ValueError("sample(idx=...) needs logits_all=True and 1 <= idx <= n_tokens")
+                logits = self._scores_all[idx - 1]
+            sampler = self.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
+                                        presence_penalty, None, None, typical_p=typical_p, tfs_z=tfs_z,
+                                        mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
+                                        mirostat_eta=mirostat_eta, grammar=grammar)
+            end = self.n_tokens if idx is None else idx
+            for t in self._input_ids[max(0, end - self.last_n_tokens_size):end] if self.last_n_tokens_size else ():
+                sampler.accept_context(t)
+            return int(sampler.sample(self._processed(logits_processor, logits)))
+
+    def set_seed(self, seed: int) -> None:
+        """The seed of the next sampling call (and, through _call_seed, of those after it)."""
+        self._seed = check_int("seed", seed)
+
+    def _call_seed(self, seed: Optional[int]) -> int:
+        """llama-cpp-python's seed for one completion: a given seed becomes this Llama's; without one, the
+        next seed is drawn from the current one. A fresh Llama with the same seed thus repeats its outputs
+        call by call, and two calls in a row differ."""
+        self._seed = check_int("seed", seed) if seed is not None else random.Random(self._seed).randint(0, 2**32)
+        return self._seed & 0xFFFFFFFF
 
     def _logit_bias_pairs(self, logit_bias) -> List[tuple]:
         """(token, bias) pairs for libllama's logit-bias sampler; -inf bans a token."""
@@ -500,61 +809,120 @@ class Llama:
         return tokens[common:]
 
     def make_sampler(self, temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
-                     presence_penalty=0.0, seed=None, logit_bias=None):
-        """libllama's sampler chain for these settings (temp <= 0: greedy); seed None = this Llama's seed;
-        logit_bias {token id: bias} is added to the logits first (-inf bans a token)."""
-        seed = self._seed if seed is None else (check_int("seed", seed, 0) & 0xFFFFFFFF)
-        temp, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty = (
+                     presence_penalty=0.0, seed=None, logit_bias=None, typical_p=1.0, tfs_z=1.0, mirostat_mode=0,
+                     mirostat_tau=5.0, mirostat_eta=0.1, grammar=None):
+        """libllama's samplers for these settings (native/sampler.h: their order and meaning); seed None = this
+        Llama's seed; logit_bias {token id: bias} is added to the logits first (-inf bans a token); grammar:
+        a llama_cpp.LlamaGrammar or GBNF text."""
+        seed = (self._seed if seed is None else check_int("seed", seed)) & 0xFFFFFFFF
+        if tfs_z != 1.0:
+            warn_ignored("tfs_z", IGNORED_ARGS["tfs_z"][1])
+        temp, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty, tau, eta = (
             check_float(name, v) for name, v in (("temperature", temp), ("top_p", top_p), ("min_p", min_p),
-                                                 ("repeat_penalty", repeat_penalty),
+                                                 ("typical_p", typical_p), ("repeat_penalty", repeat_penalty),
                                                  ("frequency_penalty", frequency_penalty),
-                                                 ("presence_penalty", presence_penalty)))
+                                                 ("presence_penalty", presence_penalty),
+                                                 ("mirostat_tau", mirostat_tau), ("mirostat_eta", mirostat_eta)))
+        text, root = grammar_text(grammar)
         return _native.Sampler(
-            n_vocab=self.n_vocab(), temperature=temp, top_k=check_int("top_k", top_k), top_p=top_p,
-            min_p=float(min_p), repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
-            presence_penalty=float(presence_penalty), penalty_last_n=64, seed=seed,
-            logit_bias=self._logit_bias_pairs(logit_bias),
+            self._vocab, temperature=temp, top_k=check_int("top_k", top_k), top_p=top_p, min_p=min_p,
+            typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, penalty_last_n=self.last_n_tokens_size,
+            mirostat=check_int("mirostat_mode", mirostat_mode), mirostat_tau=tau, mirostat_eta=eta, seed=seed,
+            logit_bias=self._logit_bias_pairs(logit_bias), grammar=text, grammar_root=root,
         )
 
     # --- completions and chat (llama-cpp-python's dict shapes) ---------------------------------------
     def create_completion(
         self,
         prompt: Union[str, List[int]],
+        suffix: Optional[str] = None,
         max_tokens: Optional[int] = 16,
         temperature: float = 0.8,
         top_p: float = 0.95,
-        top_k: int = 40,
         min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        stop: Optional[Union[str, List[str]]] = None,
-        stream: bool = False,
-        seed: Optional[int] = None,
+        typical_p: float = 1.0,
         logprobs: Optional[int] = None,
         echo: bool = False,
+        stop: Optional[Union[str, List[str]]] = None,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: Optional[int] = None,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: Optional[str] = None,
+        stopping_criteria=None,
+        logits_processor=None,
+        grammar=None,
         logit_bias: Optional[Dict[int, float]] = None,
     ):
-        """Complete `prompt`; a `text_completion` dict, or an iterator of chunks with stream=True."""
-        kw = dict(stream=stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                  min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                  presence_penalty=presence_penalty, stop=stop, seed=seed, logprobs=logprobs, echo=echo,
+        """Complete `prompt` (llama-cpp-python's arguments, in its order); a `text_completion` dict, or an
+        iterator of chunks with stream=True. Without a seed, each call draws the next seed from this Llama's
+        (as llama-cpp-python: the same fresh Llama gives the same outputs call by call)."""
+        kw = dict(suffix=suffix, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
+                  typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop, frequency_penalty=frequency_penalty,
+                  presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, top_k=top_k, tfs_z=tfs_z,
+                  mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
+                  stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
                   logit_bias=logit_bias)
         if stream:  # each step of the stream holds this Llama in turn
-            return create_completion(self, prompt, **kw)
+            return create_completion(self, prompt, stream=True, seed=self._call_seed(seed), **kw)
         with self._use(new_epoch=False):  # the whole call: another thread's call waits for it
-            return create_completion(self, prompt, **kw)
+            return create_completion(self, prompt, seed=self._call_seed(seed), **kw)
 
     __call__ = create_completion
 
-    def create_chat_completion(self, messages: List[dict], **kwargs):
-        """Reply to `messages` with the model's chat template; a `chat.completion` dict or chunk iterator.
-        Keyword arguments: temperature=0.2, top_p, top_k, min_p, stream, stop, seed, max_tokens,
-        presence_penalty, frequency_penalty, repeat_penalty, logprobs, top_logprobs, logit_bias."""
-        if kwargs.get("stream"):
-            return create_chat_completion(self, messages, **kwargs)
+    def create_chat_completion(
+        self,
+        messages: List[dict],
+        functions: Optional[List[dict]] = None,
+        function_call=None,
+        tools: Optional[List[dict]] = None,
+        tool_choice=None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        stream: bool = False,
+        stop: Optional[Union[str, List[str]]] = None,
+        seed: Optional[int] = None,
+        response_format: Optional[dict] = None,
+        max_tokens: Optional[int] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: Optional[str] = None,
+        logits_processor=None,
+        grammar=None,
+        logit_bias: Optional[Dict[int, float]] = None,
+        logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
+    ):
+        """Reply to `messages` (llama-cpp-python's arguments) through its chat handler for this model
+        (chat.py): the model's template, or chat_format / chat_handler; a `chat.completion` dict or chunk
+        iterator. response_format {"type": "json_object"[, "schema": ...]} and tools / tool_choice constrain
+        the reply with a grammar, as in llama-cpp-python."""
+        kw = dict(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
+                  temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p, stream=stream,
+                  stop=stop, seed=seed, response_format=response_format, max_tokens=max_tokens,
+                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                  repeat_penalty=repeat_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
+                  mirostat_eta=mirostat_eta, model=model, logits_processor=logits_processor, grammar=grammar,
+                  logit_bias=logit_bias, logprobs=logprobs, top_logprobs=top_logprobs)
+        if stream:
+            return create_chat_completion(self, messages, **kw)
         with self._use(new_epoch=False):
-            return create_chat_completion(self, messages, **kwargs)
+            return create_chat_completion(self, messages, **kw)
 
     def chat_template(self) -> ChatTemplate:
         if self._chat_template is None:
@@ -564,6 +932,7 @@ class Llama:
     def close(self) -> None:
         """Free the model and its cache; any later call raises ValueError."""
         with self._lock:
+            self._closed = True
             self._engine = None
             self._model = None
             self._vocab = None

@@ -87,13 +87,14 @@ class Scheduler:
         self._thread.start()
 
     # --- the consumer's side (any thread) ------------------------------------------------------------
-    def tokens(self, prompt_tokens: List[int], want_logits: bool, max_new: int, temp=0.8, top_k=40, top_p=0.95, min_p=0.05,
-               repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None,
-               logit_bias=None) -> Iterator[Tuple[int, Optional[np.ndarray]]]:
+    def tokens(self, prompt_tokens: List[int], want_logits: bool, max_new: int,
+               **sampling) -> Iterator[Tuple[int, Optional[np.ndarray]]]:
         """A token source for completion.py: queues a request (refused with QueueFull when the queue is
-        full) and yields (token, logits or None) as the loop samples them, at most max_new."""
-        sampler = self.llm.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                        presence_penalty, seed, logit_bias)
+        full) and yields (token, logits or None) as the loop samples them, at most max_new. sampling: the
+        settings of Llama.make_sampler (Python logits processors are not run here: in process only)."""
+        if "logits_processor" in sampling:
+            raise ValueError("logits_processor runs only in process (Llama.create_completion), not in a server slot")
+        sampler = self.llm.make_sampler(**sampling)
         request = Request([int(t) for t in prompt_tokens], max_new, sampler, want_logits)
         with self._cv:
             if self._stopping:
@@ -238,8 +239,9 @@ class Scheduler:
             slot.pending = self.seqs.prepare(slot.seq, request.prompt)
             request.n_cached = len(request.prompt) - len(slot.pending)
             slot.next_token = None
-            for t in request.prompt[-64:]:
-                request.sampler.accept(t)  # repetition penalties look at the prompt too (as Llama.generate)
+            n_last = self.llm.last_n_tokens_size
+            for t in request.prompt[len(request.prompt) - n_last:] if n_last else ():
+                request.sampler.accept_context(t)  # repetition penalties look at the prompt too (as Llama.generate)
 
     def _step(self, active: List[Slot]) -> None:
         budget = max(self.llm.n_batch, len(active))

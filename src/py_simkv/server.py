@@ -18,7 +18,7 @@ import json
 import secrets
 import signal
 import sys
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Literal, Optional, Union
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -60,6 +60,12 @@ class _Sampling(BaseModel):
     stream: bool = False
     seed: Optional[int] = Field(None, ge=0)
     logit_bias: Optional[Dict[str, float]] = None
+    # llama-cpp-python's server's extra sampling fields
+    typical_p: float = Field(1.0, ge=0.0, le=1.0)
+    mirostat_mode: int = Field(0, ge=0, le=2)
+    mirostat_tau: float = Field(5.0, gt=0.0)
+    mirostat_eta: float = Field(0.1, gt=0.0)
+    grammar: Optional[str] = Field(None, description="GBNF that the output must match")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     user: Optional[str] = None
 
@@ -71,6 +77,34 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class _Function(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: Optional[str] = None
+    parameters: Dict[str, object] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class _Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: _Function
+
+
+class _NamedFunction(BaseModel):
+    name: str
+
+
+class _ToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: _NamedFunction
+
+
+class _ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    schema_: Optional[Dict[str, object]] = Field(None, alias="schema")
+    json_schema: Optional[Dict[str, object]] = None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: List[Dict[str, object]] = Field(min_length=1)
     temperature: float = Field(0.2, ge=0.0, le=2.0)
@@ -78,9 +112,19 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    tools: Optional[list] = None
-    functions: Optional[list] = None
-    response_format: Optional[dict] = None
+    tools: Optional[List[_Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], _ToolChoice]] = None
+    functions: Optional[List[_Function]] = None
+    function_call: Optional[Union[Literal["none", "auto"], _NamedFunction]] = None
+    response_format: Optional[_ResponseFormat] = None
+
+    def constraints(self) -> dict:
+        """tools, functions and response_format as llama-cpp-python's chat handlers take them (plain dicts)."""
+        dump = lambda x: None if x is None else (x if isinstance(x, str) else x.model_dump(by_alias=True, exclude_none=True))  # noqa: E731
+        return dict(tools=None if self.tools is None else [dump(t) for t in self.tools],
+                    functions=None if self.functions is None else [dump(f) for f in self.functions],
+                    tool_choice=dump(self.tool_choice), function_call=dump(self.function_call),
+                    response_format=dump(self.response_format))
 
 
 class TokenizeRequest(BaseModel):
@@ -143,7 +187,9 @@ def create_app(llm, scheduler: Scheduler, model_name: str, api_key: Optional[str
         return dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                     repeat_penalty=body.repeat_penalty, frequency_penalty=body.frequency_penalty,
                     presence_penalty=body.presence_penalty, stop=body.stop, seed=body.seed, logit_bias=bias,
-                    token_source=scheduler.tokens, model=model_name)
+                    typical_p=body.typical_p, mirostat_mode=body.mirostat_mode, mirostat_tau=body.mirostat_tau,
+                    mirostat_eta=body.mirostat_eta, grammar=body.grammar, token_source=scheduler.tokens,
+                    model=model_name)
 
     async def run(make, stream: bool):
         """Start the completion on a worker thread; errors before its first chunk become HTTP errors."""
@@ -177,10 +223,7 @@ def create_app(llm, scheduler: Scheduler, model_name: str, api_key: Optional[str
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest):
         check_model(body.model)
-        for name in ("tools", "functions", "response_format"):
-            if getattr(body, name):
-                raise ApiError(400, f"'{name}' is not supported by this server yet", param=name)
-        kw = sampling(body)
+        kw = dict(sampling(body), **body.constraints())
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await run(lambda: create_chat_completion(llm, body.messages, stream=body.stream, max_tokens=max_tokens,
                                                         logprobs=body.logprobs, top_logprobs=body.top_logprobs, **kw),
