@@ -139,8 +139,7 @@ def start(system, path, clients, budget_mib, n_ctx_lcp, threads, hp=None):
     elif system.startswith("simkv"):
         argv = [shutil.which("simkv"), "serve", path, "--port", str(port), "--parallel", str(clients), "--threads",
                 str(threads), "--kv-budget", str(budget_mib)]
-        if system == "simkv-lazy":
-            argv += ["--lazy-layers", ",".join(map(str, LAZY))]
+        argv += ["--lazy-layers", ",".join(map(str, LAZY))] if system == "simkv-lazy" else ["--no-lazy"]
     else:
         argv = [sys.executable, "-c", LCP_LAUNCHER, "--model", path, "--n_ctx", str(n_ctx_lcp), "--n_threads",
                 str(threads), "--n_threads_batch", str(threads), "--flash_attn", "true", "--port", str(port),

@@ -96,6 +96,9 @@ def main():
     ap.add_argument("--skip-passkey", action="store_true")
     ap.add_argument("--passkey-only", nargs="+", default=None, metavar="TEXT",
                     help="run the passkey test only for configurations whose label contains one of these")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[], metavar="NATS",
+                    help="also the default selection rule at these loss budgets (laziest layers while their summed "
+                         "profile loss stays within the budget), with streaming prefill as the CLI ships it")
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                     help="run only configurations whose label contains one of these (full f16 always runs)")
     a = ap.parse_args()
@@ -104,7 +107,7 @@ def main():
     prof_path = a.profile or find_profile(path)
     if prof_path:
         prof = LazyProfile.load(prof_path)
-        prof.check_model(path)
+        prof.check_model(path, Llama(path, n_ctx=16, n_threads=1)._model)
     else:
         print("profiling the model on the shipped calibration set ...", file=sys.stderr)
         prof = profile_model(path, n_threads=a.threads)
@@ -129,6 +132,9 @@ def main():
                 for prefill in ("exact", "streaming"):
                     configs.append((f"{crit} {int(ratio * 100)}% {prefill}, {ring} ring",
                                     lazy(layers, lazy_prefill=prefill)))
+        for budget in a.budgets:
+            configs.append((f"loss budget {budget:g} streaming, {ring} ring",
+                            lazy(prof.select(budget=budget), lazy_prefill="streaming")))
         configs.append((f"dynamic (mass > family threshold), {ring} ring", dict(lazy_mode="dynamic", lazy_type=ring)))
         configs.append((f"all lazy (StreamingLLM), {ring} ring", lazy(candidates)))
         for ratio in RATIOS:

@@ -322,6 +322,7 @@ NB_MODULE(_native, m) {
         .def_prop_ro("eos", &Vocab::eos)
         .def_prop_ro("add_bos", &Vocab::add_bos)
         .def_prop_ro("nl", &Vocab::nl)
+        .def_prop_ro("metadata", [](const Vocab & v) { return metadata_dict(v.metadata()); })
         .def_prop_ro("fim_pre", &Vocab::fim_pre)
         .def_prop_ro("fim_suf", &Vocab::fim_suf)
         .def_prop_ro("fim_mid", &Vocab::fim_mid)

@@ -110,6 +110,23 @@ int32_t Vocab::eos() const { return llama_vocab_eos(vocab_); }
 bool Vocab::add_bos() const { return llama_vocab_get_add_bos(vocab_); }
 bool Vocab::is_eog(int32_t token) const { return llama_vocab_is_eog(vocab_, token); }
 int32_t Vocab::nl() const { return llama_vocab_nl(vocab_); }
+
+std::map<std::string, std::string> Vocab::metadata() const {
+    std::map<std::string, std::string> out;
+    std::vector<char> buf(256);
+    auto read = [&](auto fn, int32_t i) {
+        int32_t n = fn(model_, i, buf.data(), buf.size());
+        if (n >= (int32_t) buf.size()) {
+            buf.resize((size_t) n + 1);
+            n = fn(model_, i, buf.data(), buf.size());
+        }
+        return n < 0 ? std::string() : std::string(buf.data(), (size_t) n);
+    };
+    for (int32_t i = 0; i < llama_model_meta_count(model_); ++i) {
+        out[read(llama_model_meta_key_by_index, i)] = read(llama_model_meta_val_str_by_index, i);
+    }
+    return out;
+}
 int32_t Vocab::fim_pre() const { return llama_vocab_fim_pre(vocab_); }
 int32_t Vocab::fim_suf() const { return llama_vocab_fim_suf(vocab_); }
 int32_t Vocab::fim_mid() const { return llama_vocab_fim_mid(vocab_); }

@@ -1,6 +1,7 @@
 // Tokenizer and detokenizer: libllama's, loaded with vocab_only (no weights), from the same GGUF.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,8 @@ public:
     bool add_bos() const;
     bool is_eog(int32_t token) const;
     int32_t nl() const;
+    // The GGUF's metadata as strings (what a vocab-only Llama reports: no weights are loaded then).
+    std::map<std::string, std::string> metadata() const;
     // Fill-in-the-middle markers; -1 where the model has none.
     int32_t fim_pre() const;
     int32_t fim_suf() const;

@@ -14,12 +14,14 @@ def run(*args):
 
 
 def test_generate_greedy_matches_the_api(smollm_path):
+    """With no lazy flags the CLI uses the model's profile (lazy_profile="auto"): the same text as the API."""
     from py_simkv import Llama
 
     r = run("generate", smollm_path, "-p", "The capital of France is", "-n", "8", "--temp", "0", "--n-ctx", "256",
             "--threads", "2")
     assert r.returncode == 0, r.stderr
-    llm = Llama(smollm_path, n_ctx=256, n_threads=2)
+    llm = Llama(smollm_path, n_ctx=256, n_threads=2, lazy_profile="auto")
+    assert llm.lazy_layers and f"{len(llm.lazy_layers)} of 30 layers lazy" in r.stderr
     toks = [t for _, t in zip(range(8), llm.generate(llm.tokenize(b"The capital of France is", special=True), temp=0))]
     assert r.stdout == "The capital of France is" + llm.detokenize(toks).decode() + "\n"
     assert "8 tokens" in r.stderr and "KV cache" in r.stderr

@@ -23,7 +23,7 @@ def _spawn(*extra):
 
 @pytest.fixture
 def chat():
-    child = _spawn("-n", "300")
+    child = _spawn("-n", "300", "--no-lazy")  # the replies' content is checked: the model as trained
     yield child
     if child.isalive():
         child.terminate(force=True)
@@ -71,6 +71,36 @@ def test_chat_session(chat):
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 0
+
+
+def test_chat_uses_the_shipped_profile_by_default():
+    """No lazy flags: the chat uses the profile shipped for the embedded model, and says so in one line."""
+    child = _spawn("-n", "40")
+    child.expect(r"simkv: (\d+) of 30 layers lazy \(([\d,]+)\) from \S+profiles\S+; KV ([\d.]+) MiB vs ([\d.]+) MiB "
+                 r"full at n_ctx 2048; --no-lazy turns them off")
+    n_lazy = int(child.match.group(1))
+    assert 0 < n_lazy < 30 and float(child.match.group(3)) < float(child.match.group(4))
+    child.expect_exact(PROMPT)
+    child.sendline("What is the capital of France? Answer in one word.")
+    child.expect_exact(PROMPT)
+    assert "Paris" in child.before
+    child.sendline("/stats")
+    child.expect(rf"KV full :\s+{30 - n_lazy} layers,\s+([\d.]+) MiB")
+    child.expect(rf"KV lazy :\s+{n_lazy} layers,\s+([\d.]+) MiB")
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
+def test_chat_defaults_to_the_trained_context_and_no_lazy_turns_it_off():
+    exe = shutil.which("simkv")
+    child = pexpect.spawn(exe, ["chat", "--no-lazy", "--threads", "2"], cwd=tempfile.gettempdir(),
+                          env=dict(os.environ, TERM="dumb"), encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child.expect(r"simkv: every layer full \(--no-lazy\); KV ([\d.]+) MiB vs ([\d.]+) MiB full at n_ctx 8192")
+    assert child.match.group(1) == child.match.group(2)
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
 
 
 def test_chat_ctrl_c_stops_a_reply(endless_chat):

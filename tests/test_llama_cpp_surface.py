@@ -119,6 +119,9 @@ def test_sample_matches_llama_cpp(ours, ref):
     assert [ours.sample(temp=1.0, top_k=0, top_p=1.0, min_p=0.0) for _ in range(3)] == \
            [ref.sample(temp=1.0, top_k=0, top_p=1.0, min_p=0.0) for _ in range(3)]
     assert ours.sample(temp=0) == int(np.argmax(ours.scores[ours.n_tokens - 1]))
+    for idx in (1, ours.n_tokens - 1):  # a row of scores: the logits after token idx (logits_all for any)
+        # (llama-cpp-python's own sample() here would reuse a sampler an earlier test's generation left behind)
+        assert ours.sample(temp=0, idx=idx) == int(np.argmax(ref.scores[idx]))
 
 
 def test_grammar_matches_llama_cpp(ours, ref):

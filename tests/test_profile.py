@@ -1,5 +1,6 @@
 """Offline profiles: scores from the probe, selection, files, model identity, use at load time."""
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -58,7 +59,7 @@ def test_select_by_threshold_and_ratio():
     assert prof.select(ratio=0.0) == [] and prof.select(ratio=1.0) == list(range(6))
     assert prof.select(ratio=0.5, criterion="change") == [1, 3, 4]   # lowest change = laziest
     assert prof.select(threshold=0.25, criterion="change") == [1, 3, 4]
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="one of a threshold, a ratio or a budget"):
         prof.select(threshold=0.9, ratio=0.5)
     with pytest.raises(ValueError, match="ratio must be"):
         prof.select(ratio=1.5)
@@ -66,12 +67,21 @@ def test_select_by_threshold_and_ratio():
         prof.select(criterion="change")
     with pytest.raises(ValueError, match="unknown criterion"):
         prof.select(criterion="entropy")
-    # With loss scores, loss is the default criterion: lowest = laziest, default threshold 0.005 nats.
+    # With loss scores, loss is the default criterion: lowest = laziest; by default the laziest layers whose
+    # summed loss stays within DEFAULT_LOSS_BUDGET (0.002 nats); a negative loss counts as zero.
     with_loss = _fake([0.5, 0.95, 0.3, 0.92, 0.91, 0.85], loss=[0.001, 0.2, 0.004, 0.006, -0.001, 0.03])
     assert with_loss.default_criterion == "loss" and prof.default_criterion == "mass"
-    assert with_loss.select() == [0, 2, 4]
+    assert with_loss.select() == with_loss.select(budget=0.002) == [0, 4]    # 0 + 0.001; + 0.004 > 0.002
+    assert with_loss.select(budget=0.01) == [0, 2, 4]                        # 0.005; + 0.006 > 0.01
+    assert with_loss.select(budget=0.02) == [0, 2, 3, 4]
+    assert with_loss.select(budget=0.001) == [0, 4] and with_loss.select(budget=0.0) == [4]
+    assert with_loss.select(threshold=0.005) == [0, 2, 4]                     # each layer alone below 0.005
     assert with_loss.select(ratio=0.5) == [0, 2, 4]
     assert with_loss.select(criterion="mass") == [1, 3, 4]
+    with pytest.raises(ValueError, match="budget applies to the 'loss' criterion"):
+        with_loss.select(criterion="mass", budget=0.01)
+    with pytest.raises(ValueError, match="budget must be"):
+        with_loss.select(budget=-1)
 
 
 def test_round_trip_and_bad_files(tiny_profile, tmp_path):
@@ -205,3 +215,17 @@ def test_nll_in_n_batch_chunks_equals_one_call(tiny_model):
     np.testing.assert_array_equal(b.nll(toks[10:]), want)
     assert b.n_tokens == 300
     np.testing.assert_array_equal(b.scores[: b.n_tokens], a.scores[: a.n_tokens])
+
+
+def test_the_shipped_profile_belongs_to_the_shipped_model(smollm_path):
+    """The embedded SmolLM2 has a profile inside the package, found by its file's identity; Llama itself keeps
+    llama-cpp-python's defaults (no lazy layer unless asked)."""
+    from py_simkv import Llama
+    from py_simkv.lazy_profile import SHIPPED_PROFILES, find_profile, shipped_profile
+
+    path = shipped_profile(smollm_path)
+    assert path is not None and os.path.dirname(path) == SHIPPED_PROFILES and find_profile(smollm_path) == path
+    llm = Llama(smollm_path, n_ctx=256, n_threads=2, lazy_profile="auto")
+    LazyProfile.load(path).check_model(smollm_path, llm._model)
+    assert llm.lazy_profile_path == path and llm.lazy_layers == LazyProfile.load(path).select()
+    assert Llama(smollm_path, n_ctx=256, n_threads=2).lazy_layers == []

@@ -89,7 +89,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--parallel", "4", "--n-ctx", "4096")
+    s = Server("--parallel", "4", "--n-ctx", "4096", "--no-lazy")  # answers compared with a full Llama
     yield s
     assert s.stop() == 0
 
@@ -323,6 +323,8 @@ def test_api_key_and_full_queue(local):
     """--api-key guards every route; with one slot and a queue of one, a third request gets 503."""
     s = Server("--parallel", "1", "--queue-size", "1", "--n-ctx", "2048", "--api-key", "sesame")
     try:
+        # No lazy flags: the server uses the profile shipped for the embedded model.
+        assert s.request("GET", "/slots")[1]["lazy_layers"]
         assert s.request("GET", "/v1/models", headers={"Authorization": ""})[0] == 401
         status, got = s.request("GET", "/health", headers={"Authorization": "Bearer wrong"})
         assert status == 401 and got["error"]["code"] == "invalid_api_key"

@@ -18,9 +18,10 @@ def _layer_list(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,5,7, got {text!r}")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx, n_ctx_help: Optional[str] = None) -> None:
     p.add_argument("model", nargs="?", default=None, help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--n-ctx", type=int, default=DEFAULTS.n_ctx, help=f"context length in tokens (default {DEFAULTS.n_ctx})")
+    p.add_argument("--n-ctx", type=int, default=n_ctx_default,
+                   help=n_ctx_help or f"context length in tokens (default {n_ctx_default})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
                    help="offload the last N layers to the GPU (-1 = all, with the output layer); needs llama-cpp-python "
@@ -35,10 +36,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type-v", default=DEFAULTS.type_v, help="V cache type of full layers (must equal --type-k)")
     p.add_argument("--lazy-type", default=DEFAULTS.lazy_type, help=f"K/V type of lazy layers (default {DEFAULTS.lazy_type})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--lazy-profile", default=None, metavar="PATH|auto",
-                   help="choose lazy layers from a profile (auto: MODEL.gguf.simkv.json beside the model)")
+    p.add_argument("--lazy-profile", default="auto", metavar="PATH|auto",
+                   help="choose lazy layers from a profile (default auto: MODEL.gguf.simkv.json beside the model, "
+                        "else the one shipped with simkv for this model file)")
+    p.add_argument("--no-lazy", action="store_true", help="every layer keeps its full cache (no profile)")
     p.add_argument("--lazy-ratio", type=float, default=None, help="with a profile: the laziest fraction of layers")
     p.add_argument("--lazy-threshold", type=float, default=None, help="with a profile: score threshold")
+    p.add_argument("--lazy-budget", type=float, default=None, metavar="NATS",
+                   help="with a profile: the laziest layers whose summed loss stays within NATS (the default "
+                        "selection, budget 0.002)")
     p.add_argument("--lazy-criterion", default=None, choices=["mass", "change", "loss"],
                    help="profile score to use (default: loss where the profile has it, else mass)")
     p.add_argument("--lazy-prefill", default=DEFAULTS.lazy_prefill, choices=["streaming", "exact"],
@@ -71,14 +77,46 @@ def _open(args, **extra):
     if args.seed is not None:
         kw["seed"] = args.seed
     llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
-                lazy_layers=args.lazy_layers, n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k,
-                type_v=args.type_v, lazy_type=args.lazy_type, lazy_profile=args.lazy_profile,
-                lazy_ratio=args.lazy_ratio, lazy_threshold=args.lazy_threshold,
-                lazy_criterion=args.lazy_criterion, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode, **kw)
-    if llm.lazy_profile_path:
-        print(f"simkv: lazy layers {','.join(map(str, llm.lazy_layers)) or 'none'} from {llm.lazy_profile_path}",
-              file=sys.stderr)
+                n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k, type_v=args.type_v,
+                lazy_type=args.lazy_type, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode,
+                **_lazy_choice(args), **kw)
+    print(f"simkv: {_lazy_summary(llm, args)}", file=sys.stderr)
     return llm
+
+
+def _lazy_choice(args) -> dict:
+    """The lazy-layer arguments of Llama from the command line: explicit layers, a profile (by default the
+    model's own, if one is found), or none with --no-lazy."""
+    if args.no_lazy:
+        if args.lazy_layers or args.lazy_mode == "dynamic":
+            raise ValueError("--no-lazy contradicts --lazy-layers / --lazy-mode dynamic")
+        return {}
+    if args.lazy_mode == "dynamic":
+        return dict(lazy_threshold=args.lazy_threshold)
+    return dict(lazy_layers=args.lazy_layers, lazy_profile=args.lazy_profile, lazy_ratio=args.lazy_ratio,
+                lazy_threshold=args.lazy_threshold, lazy_budget=args.lazy_budget, lazy_criterion=args.lazy_criterion)
+
+
+def _lazy_summary(llm, args) -> str:
+    """One line: which layers are lazy and why, the KV memory against a full cache, how to change it."""
+    from .memory import kv_bytes
+
+    n_seq = getattr(args, "parallel", 1)
+    full = kv_bytes(llm.hparams, llm.n_ctx(), type_kv=llm.type_k, n_seq_max=n_seq)
+    kv = llm.kv_cache_stats()["total_bytes"]
+    memory = f"KV {kv / 2**20:.1f} MiB vs {full / 2**20:.1f} MiB full at n_ctx {llm.n_ctx()}"
+    if llm.lazy_mode == "dynamic":
+        return f"lazy layers chosen per prompt (dynamic mode); {memory} before the first prompt"
+    if not llm.lazy_layers:
+        if args.no_lazy:
+            return f"every layer full (--no-lazy); {memory}"
+        if args.lazy_profile == "auto" and llm.lazy_profile_path is None and args.lazy_layers is None:
+            return (f"no lazy profile for this model: every layer full ({memory}). Make one with "
+                    f"`simkv profile {llm.model_path}` to make the laziest layers keep only sinks + a window")
+        return f"no layer is lazy; {memory}"
+    where = f"from {llm.lazy_profile_path}" if llm.lazy_profile_path else "as given"
+    return (f"{len(llm.lazy_layers)} of {llm.hparams['n_layer']} layers lazy ({','.join(map(str, llm.lazy_layers))}) "
+            f"{where}; {memory}; --no-lazy turns them off")
 
 
 def _eos_ban(llm, args):
@@ -262,8 +300,7 @@ def cmd_serve(args) -> int:
     n_ctx = args.n_ctx
     if args.kv_budget is not None:
         # The pool of full-layer cells that fits the budget beside one ring per slot in the lazy layers.
-        probe = Llama(path, n_ctx=256, n_threads=1, lazy_layers=args.lazy_layers, lazy_profile=args.lazy_profile,
-                      lazy_ratio=args.lazy_ratio, lazy_threshold=args.lazy_threshold, lazy_criterion=args.lazy_criterion)
+        probe = Llama(path, n_ctx=256, n_threads=1, **_lazy_choice(args))
         config = dict(type_kv=args.type_k, lazy_layers=probe.lazy_layers, lazy_type=args.lazy_type, n_sink=args.n_sink,
                       n_window=args.n_window, n_seq_max=args.parallel)
         n_ctx = n_ctx_for_budget(probe.hparams, int(args.kv_budget * 2**20), **config)
@@ -299,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    _add_model_options(c)
+    _add_model_options(c, n_ctx_default=0, n_ctx_help="context length in tokens (default: the model's trained "
+                                                       "context, so a conversation reaches the lengths where lazy "
+                                                       "layers matter)")
     c.add_argument("-s", "--system", default=None, help="system prompt")
     c.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per reply (default 512)")
     c.add_argument("--temp", type=float, default=0.2, help="temperature (default 0.2)")

@@ -89,11 +89,12 @@ class Llama:
     lazy_layers: indices of layers whose cache keeps only `n_sink` initial tokens plus a ring of the last
     `n_window` tokens, stored as `lazy_type`. The other layers keep all `n_ctx` tokens as `type_k`/`type_v`.
     Or let a profile choose them (`simkv profile`): lazy_profile=PATH or "auto" (the MODEL.gguf.simkv.json
-    saved beside the model, if any) with lazy_ratio (the laziest fraction of layers) or lazy_threshold on
-    lazy_criterion: "loss" (the default where the profile has it: the measured loss increase of trimming
-    each layer alone; default threshold 0.005 nats), "mass" (the paper's attention mass; default threshold
-    by model family) or "change".
-    Explicit lazy_layers win over a profile.
+    saved beside the model, else the profile shipped with simkv for this model file, if any) with lazy_ratio
+    (the laziest fraction of layers), lazy_threshold or lazy_budget on lazy_criterion: "loss" (the default
+    where the profile has it: the measured loss increase of trimming each layer alone; by default the
+    laziest layers whose summed loss stays within 0.002 nats), "mass" (the paper's attention mass; default
+    threshold by model family) or "change". Explicit lazy_layers win over a profile. Without lazy_profile
+    no layer is lazy (a drop-in for llama-cpp-python); the CLI uses "auto" by default.
 
     lazy_prefill="streaming" (default): lazy layers hold only sinks + ring from the first token: memory is
     bounded throughout. "exact": every layer is full while a prompt is evaluated (the paper's procedure,
@@ -126,6 +127,7 @@ class Llama:
         lazy_ratio: Optional[float] = None,
         lazy_threshold: Optional[float] = None,
         lazy_criterion: Optional[str] = None,
+        lazy_budget: Optional[float] = None,
         lazy_prefill: str = DEFAULTS.lazy_prefill,
         lazy_mode: str = DEFAULTS.lazy_mode,
         n_sink: int = DEFAULTS.n_sink,
@@ -185,33 +187,39 @@ class Llama:
             settings["n_threads"] = 1
         settings["n_seq_max"] = check_int("n_seq_max", n_seq_max)
 
-        self._model = _native.load_model(self.model_path, n_gpu_layers=self.n_gpu_layers, main_gpu=self.main_gpu,
-                                         use_mmap=bool(use_mmap))
-        self._hparams = self._model.hparams
-        # n_ctx=0: the model's trained context. As llama-cpp-python, a batch is never longer than the context
-        # and a ubatch never longer than a batch.
-        settings["n_ctx"] = n_ctx or int(self._hparams["n_ctx_train"])
+        if self.vocab_only:  # the tokenizer and the GGUF's metadata; no weights are loaded
+            self._model = None
+            self._vocab = _native.Vocab(self.model_path)
+            md = self._vocab.metadata
+            arch = md.get("general.architecture", "")
+            self._hparams = {"n_vocab": self._vocab.n_vocab, "n_ctx_train": int(md.get(f"{arch}.context_length", 0)),
+                             "n_embd": int(md.get(f"{arch}.embedding_length", 0))}
+        else:  # the model first: its errors (architecture, tensors) name what is wrong before the tokenizer's
+            self._model = _native.load_model(self.model_path, n_gpu_layers=self.n_gpu_layers, main_gpu=self.main_gpu,
+                                             use_mmap=bool(use_mmap))
+            self._hparams = self._model.hparams
+            self._vocab = _native.Vocab(self.model_path)
+            if self._vocab.n_vocab != self._hparams["n_vocab"]:
+                raise ValueError(f"tokenizer has {self._vocab.n_vocab} tokens but the model's embedding has "
+                                 f"{self._hparams['n_vocab']}")
+        settings["n_ctx"] = n_ctx or int(self._hparams["n_ctx_train"]) or LLAMA_CPP_DEFAULT_N_CTX
         settings["n_batch"] = min(settings["n_ctx"], settings["n_batch"])
         settings["n_ubatch"] = min(settings["n_batch"], settings["n_ubatch"])
         config = engine_config(**settings)
         if self.vocab_only:
             pass
         elif config.lazy_mode == "dynamic":
-            if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None:
+            if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None or lazy_budget is not None:
                 raise ValueError("lazy_mode='dynamic' chooses lazy layers per prompt: give only lazy_threshold")
             config.dynamic_threshold = (family_threshold({"name": self._model.metadata.get("general.name", "")})
                                         if lazy_threshold is None else check_float("lazy_threshold", lazy_threshold))
         else:
             lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
-                self.model_path, self._model, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion)
+                self.model_path, self._model, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion,
+                lazy_budget)
             if lazy_layers is not None:
                 config.lazy_layers = check_layer_list("lazy_layers", lazy_layers)
         self.lazy_profile_path = getattr(self, "lazy_profile_path", None)
-        self._vocab = _native.Vocab(self.model_path)
-        if self._vocab.n_vocab != self._hparams["n_vocab"]:
-            raise ValueError(
-                f"tokenizer has {self._vocab.n_vocab} tokens but the model's embedding has {self._hparams['n_vocab']}"
-            )
         self.tokenizer_ = tokenizer if tokenizer is not None else Tokenizer(self._vocab)
         self.spm_infill = bool(spm_infill)
         self.embedding = bool(embedding)
@@ -232,6 +240,8 @@ class Llama:
         self.n_seq_max = config.n_seq_max
         self._closed = False
         self.cache = None  # set_cache
+        # llama-cpp-python's flags (its cache tests read them): simkv runs transformer architectures only.
+        self._is_recurrent = self._is_hybrid = False
         self._sequences = None
         self._chat_template: Optional[ChatTemplate] = None
         self._eog: Optional[List[int]] = None
@@ -268,7 +278,7 @@ class Llama:
     # --- model facts -------------------------------------------------------------------------------
     @property
     def metadata(self) -> dict:
-        return dict(self._model.metadata)
+        return dict(self._model.metadata if self._model is not None else self._vocab.metadata)
 
     @property
     def hparams(self) -> dict:
@@ -534,8 +544,8 @@ class Llama:
     def _pooling_type(self, requested: int) -> int:
         """llama.cpp's pooling type: -1 is the model's own (its GGUF's, else none for a causal LM)."""
         if requested == -1:
-            arch = self._model.metadata.get("general.architecture", "")
-            requested = int(self._model.metadata.get(f"{arch}.pooling_type", POOLING_NONE))
+            metadata = self.metadata
+            requested = int(metadata.get(f"{metadata.get('general.architecture', '')}.pooling_type", POOLING_NONE))
         if requested not in POOLING_NAMES:
             raise ValueError(f"pooling_type must be -1 (the model's) or one of {POOLING_NAMES} (RANK needs a "
                              f"classifier head, which simkv's architectures do not have); got {requested}")
@@ -732,24 +742,26 @@ class Llama:
                presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_eta: float = 0.1,
                mirostat_tau: float = 5.0, penalize_nl: bool = True, logits_processor=None, grammar=None,
                idx: Optional[int] = None) -> int:
-        """A token drawn from the logits after the context (or after token idx - 1, with logits_all), with
-        this Llama's seed; the context is not changed (as llama-cpp-python's sample)."""
+        """A token drawn from the logits after the context, or after token idx (a row of `scores`: any with
+        logits_all, else the last, idx = n_tokens - 1), with this Llama's seed; the context is not changed
+        (as llama-cpp-python's sample)."""
         with self._use(new_epoch=False):
             self._single()
             if self.n_tokens == 0:
                 raise ValueError("sample() needs a context: eval() a prompt first")
-            if idx is None or idx == self.n_tokens:
-                logits = self._last_logits
+            last = self.n_tokens - 1
+            if idx is None or idx == last:
+                idx, logits = last, self._last_logits
             else:
-                idx = check_int("idx", idx, 1)
-                if self._scores_all is None or idx > self.n_tokens:
-                    raise ValueError("sample(idx=...) needs logits_all=True and 1 <= idx <= n_tokens")
-                logits = self._scores_all[idx - 1]
+                idx = check_int("idx", idx, 0)
+                if self._scores_all is None or idx > last:
+                    raise ValueError(f"sample(idx={idx}) needs logits_all=True and 0 <= idx < n_tokens ({self.n_tokens})")
+                logits = self._scores_all[idx]
             sampler = self.make_sampler(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
                                         presence_penalty, None, None, typical_p=typical_p, tfs_z=tfs_z,
                                         mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
                                         mirostat_eta=mirostat_eta, grammar=grammar)
-            end = self.n_tokens if idx is None else idx
+            end = idx + 1
             for t in self._input_ids[max(0, end - self.last_n_tokens_size):end] if self.last_n_tokens_size else ():
                 sampler.accept_context(t)
             return int(sampler.sample(self._processed(logits_processor, logits)))

@@ -21,7 +21,13 @@ class Tokenizer(BaseLlamaTokenizer):
 
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
                    special: bool = False) -> bytes:
-        return b"".join(self._vocab.token_to_piece(check_int("token", t), bool(special)) for t in tokens)
+        """The tokens' text. As llama-cpp-python: after a leading BOS one leading space goes (sentencepiece
+        vocabularies add one at the start of a prompt)."""
+        tokens = [check_int("token", t) for t in tokens]
+        out = b"".join(self._vocab.token_to_piece(t, bool(special)) for t in tokens)
+        if tokens and tokens[0] == self._vocab.bos and out[:1] == b" ":
+            return out[1:]
+        return out
 
     def encode(self, text: str, add_bos: bool = True, special: bool = True) -> List[int]:
         return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
