@@ -42,3 +42,10 @@ def test_errors_are_one_line_with_status_2(tmp_path):
         assert msg in r.stderr and "Traceback" not in r.stderr
     r = run("generate", "--lazy-layers", "a,b", "-p", "hi")
     assert r.returncode == 2 and "comma-separated" in r.stderr
+
+
+def test_a_model_without_a_profile_runs_full_and_says_how_to_make_one(tiny_model):
+    path = tiny_model("llama")
+    r = run("generate", path, "-p", "hi", "-n", "2", "--n-ctx", "64", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "no lazy profile for this model: every layer full" in r.stderr and f"simkv profile {path}" in r.stderr
