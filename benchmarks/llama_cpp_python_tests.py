@@ -25,9 +25,12 @@ VERSION = "0.3.36"
 CONFTEST = '''
 import os, sys, types
 import pytest
-import llama_cpp, llama_cpp.llama as llama_module
+import llama_cpp
 import py_simkv
 from py_simkv import default_model_path
+
+sys.path.insert(0, os.environ["SIMKV_TESTS"])
+from llama_cpp_reference import without_extra_buffers
 
 hub = types.ModuleType("huggingface_hub")
 def hf_hub_download(repo_id, filename):
@@ -37,12 +40,7 @@ def hf_hub_download(repo_id, filename):
 hub.hf_hub_download = hf_hub_download
 sys.modules["huggingface_hub"] = hub
 
-original = llama_cpp.llama_model_default_params
-def params_without_extra_buffers():
-    p = original()
-    p.use_extra_bufts = False
-    return p
-llama_module.llama_cpp.llama_model_default_params = params_without_extra_buffers
+without_extra_buffers()
 if os.environ.get("IMPL") == "simkv":
     llama_cpp.Llama = py_simkv.Llama
 '''
@@ -74,7 +72,8 @@ def run(root: str, impl: str) -> dict:
         os.symlink(os.path.join(root, "vendor"), os.path.join(work, "vendor"))
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--rootdir",
                               harness, os.path.join(harness, "test_llama.py")], cwd=work,
-                             env=dict(os.environ, IMPL=impl), capture_output=True, text=True).stdout
+                             env=dict(os.environ, IMPL=impl, SIMKV_TESTS=os.path.join(HERE, "..", "tests")),
+                             capture_output=True, text=True).stdout
     results = {}
     for line in out.splitlines():
         m = re.match(r"^(PASSED|FAILED|SKIPPED|ERROR)\s+(?:\[\d+\]\s+)?(\S+)(?:\s+-\s+(.*))?", line)

@@ -8,8 +8,8 @@ no AMX/repacked weight buffers, the same plain mmap'd weights simkv computes wit
 from __future__ import annotations
 
 
-def reference_llama(model_path: str, **kwargs):
-    """A llama_cpp.Llama with extra (repacking/AMX) weight buffers disabled; kwargs go to llama_cpp.Llama."""
+def without_extra_buffers():
+    """From now on, llama_cpp.Llama loads weights without extra (repacking/AMX) buffers. Returns the undo."""
     import llama_cpp
     import llama_cpp.llama as llama_module
 
@@ -21,8 +21,16 @@ def reference_llama(model_path: str, **kwargs):
         return params
 
     llama_module.llama_cpp.llama_model_default_params = params_without_extra_buffers
+    return lambda: setattr(llama_module.llama_cpp, "llama_model_default_params", original)
+
+
+def reference_llama(model_path: str, **kwargs):
+    """A llama_cpp.Llama with extra (repacking/AMX) weight buffers disabled; kwargs go to llama_cpp.Llama."""
+    import llama_cpp
+
+    undo = without_extra_buffers()
     try:
         kwargs.setdefault("verbose", False)
         return llama_cpp.Llama(model_path, **kwargs)
     finally:
-        llama_module.llama_cpp.llama_model_default_params = original
+        undo()
