@@ -360,6 +360,7 @@ NB_MODULE(_native, m) {
              },
              "logits"_a)
         .def("accept", &Sampler::accept, "token"_a, "A generated token (penalties, grammar, mirostat)")
-        .def("accept_context", &Sampler::accept_context, "token"_a, "A token already in the context (penalties)")
+        .def("accept_context", &Sampler::accept_context, "context"_a,
+             "The tokens already in the context: the penalties see the last penalty_last_n")
         .def("reset", &Sampler::reset);
 }

@@ -198,9 +198,13 @@ void Engine::load_state(const std::string & blob) {
         if (!layers[il].k.empty()) ggml_backend_tensor_set(s.k, layers[il].k.data(), 0, layers[il].k.size());
         if (!layers[il].v.empty()) ggml_backend_tensor_set(s.v, layers[il].v.data(), 0, layers[il].v.size());
     }
+    std::vector<bool> restored(kv_->groups().size(), false);  // each group's cell map once
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const int now = kv_->store((int) il).group;
+        if (restored[now]) continue;
+        restored[now] = true;
         const SavedGroup & g = groups[layers[il].group];
-        kv_->restore_cells(kv_->store((int) il).group, g.cell_pos, g.cell_seq, g.n_used, g.n_free);
+        kv_->restore_cells(now, g.cell_pos, g.cell_seq, g.n_used, g.n_free);
     }
     n_past_[0] = n_past;
     n_written_[0] = n_written;

@@ -3,6 +3,7 @@
 #include "errors.h"
 #include "logging.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <llama.h>
@@ -11,7 +12,8 @@ namespace simkv {
 
 void SamplerFree::operator()(llama_sampler * s) const { llama_sampler_free(s); }
 
-Sampler::Sampler(const llama_vocab * vocab, int32_t n_vocab, const SamplerParams & p) : n_vocab_(n_vocab) {
+Sampler::Sampler(const llama_vocab * vocab, int32_t n_vocab, const SamplerParams & p)
+    : n_vocab_(n_vocab), penalty_last_n_(p.penalty_last_n) {
     if (p.repeat_penalty <= 0.0f) throw BadInput("repeat_penalty must be > 0");
     if (p.top_p < 0.0f || p.top_p > 1.0f) throw BadInput("top_p must be in [0, 1]");
     if (p.min_p < 0.0f || p.min_p > 1.0f) throw BadInput("min_p must be in [0, 1]");
@@ -92,9 +94,14 @@ void Sampler::accept(int32_t token) {
     }
 }
 
-void Sampler::accept_context(int32_t token) {
-    if (token < 0 || token >= n_vocab_) throw BadInput("token id " + std::to_string(token) + " is outside the vocabulary");
-    if (penalties_) llama_sampler_accept(penalties_.get(), token);
+void Sampler::accept_context(const std::vector<int32_t> & context) {
+    if (!penalties_) return;
+    const size_t first = context.size() - std::min(context.size(), (size_t) penalty_last_n_);
+    for (size_t i = first; i < context.size(); ++i) {
+        const int32_t token = context[i];
+        if (token < 0 || token >= n_vocab_) throw BadInput("token id " + std::to_string(token) + " is outside the vocabulary");
+        llama_sampler_accept(penalties_.get(), token);
+    }
 }
 
 void Sampler::reset() {

@@ -1,7 +1,8 @@
 // Token sampling: libllama's samplers applied to our logits, in llama-cpp-python's order: logit bias,
 // repetition penalties, grammar, then the draw (greedy; mirostat; or top-k, typical, top-p, min-p,
-// temperature and a seeded draw). accept() takes each generated token; accept_context() a token that was
-// already in the context (the prompt), which only the penalties look at: a grammar constrains the reply.
+// temperature and a seeded draw). accept() takes each generated token; accept_context() the tokens already
+// in the context (the prompt), of which only the penalties see the last penalty_last_n: a grammar
+// constrains the reply.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -46,7 +47,7 @@ public:
 
     int32_t sample(const float * logits);
     void accept(int32_t token);
-    void accept_context(int32_t token);
+    void accept_context(const std::vector<int32_t> & context);
     void reset();
     int32_t n_vocab() const { return n_vocab_; }
 
@@ -54,6 +55,7 @@ private:
     // Applied in this order; null where unused.
     SamplerPtr bias_, penalties_, grammar_, draw_;
     int32_t n_vocab_;
+    int32_t penalty_last_n_;
     std::vector<llama_token_data> candidates_;
 };
 

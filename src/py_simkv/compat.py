@@ -9,7 +9,7 @@ about (flash_attn=True: simkv always uses flash attention).
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from . import _native
 from .checks import check_int
@@ -94,8 +94,3 @@ def grammar_text(grammar) -> Tuple[str, str]:
     if not isinstance(text, str):
         raise TypeError(f"grammar must be a llama_cpp.LlamaGrammar or a GBNF string, got {type(grammar).__name__}")
     return text, root
-
-
-def optional_seed(seed: Optional[int]) -> Optional[int]:
-    """A seed as libllama takes it (uint32: -1 becomes LLAMA_DEFAULT_SEED, i.e. random)."""
-    return None if seed is None else check_int("seed", seed) & 0xFFFFFFFF

@@ -369,6 +369,11 @@ class Llama:
         out[: self.n_tokens] = self._input_ids
         return out
 
+    def _context_ids(self) -> np.ndarray:
+        """The context's token ids alone (what processors and stopping criteria get, per token: no n_ctx
+        buffer is built for them)."""
+        return np.asarray(self._input_ids, dtype=np.intc)
+
     @property
     def _scores(self) -> np.ndarray:
         """The rows of `scores` that belong to the context (llama-cpp-python's name)."""
@@ -714,15 +719,14 @@ class Llama:
                 self._eval(tokens)
             if self._last_logits is None:
                 raise ValueError("generate() needs at least one token in the context")
-            for t in self._input_ids[-self.last_n_tokens_size:] if self.last_n_tokens_size else ():
-                sampler.accept_context(t)  # repetition penalties look at the prompt too
+            sampler.accept_context(self._input_ids)  # repetition penalties look at the prompt too
             epoch = self._epoch
         while True:
             with self._lock:
                 self._stale(epoch)
                 logits = self._last_logits
                 token = sampler.sample(self._processed(logits_processor, logits))
-                if stopping_criteria is not None and stopping_criteria(self.input_ids[: self.n_tokens], logits):
+                if stopping_criteria is not None and stopping_criteria(self._context_ids(), logits):
                     return
                 sampler.accept(token)
             yield token
@@ -734,7 +738,7 @@ class Llama:
         """logits after llama-cpp-python's logits processors (callables (input_ids, scores) -> scores)."""
         if logits_processor is None:
             return logits
-        out = logits_processor(self.input_ids[: self.n_tokens], logits.copy())
+        out = logits_processor(self._context_ids(), logits.copy())
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
@@ -761,9 +765,7 @@ class Llama:
                                         presence_penalty, None, None, typical_p=typical_p, tfs_z=tfs_z,
                                         mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
                                         mirostat_eta=mirostat_eta, grammar=grammar)
-            end = idx + 1
-            for t in self._input_ids[max(0, end - self.last_n_tokens_size):end] if self.last_n_tokens_size else ():
-                sampler.accept_context(t)
+            sampler.accept_context(self._input_ids[: idx + 1])
             return int(sampler.sample(self._processed(logits_processor, logits)))
 
     def set_seed(self, seed: int) -> None:

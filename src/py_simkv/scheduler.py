@@ -239,9 +239,7 @@ class Scheduler:
             slot.pending = self.seqs.prepare(slot.seq, request.prompt)
             request.n_cached = len(request.prompt) - len(slot.pending)
             slot.next_token = None
-            n_last = self.llm.last_n_tokens_size
-            for t in request.prompt[len(request.prompt) - n_last:] if n_last else ():
-                request.sampler.accept_context(t)  # repetition penalties look at the prompt too (as Llama.generate)
+            request.sampler.accept_context(request.prompt)  # penalties look at the prompt too (as Llama.generate)
 
     def _step(self, active: List[Slot]) -> None:
         budget = max(self.llm.n_batch, len(active))
