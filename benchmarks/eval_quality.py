@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from py_simkv import Llama, LazyProfile, default_model_path, profile_model
+from py_simkv.engine_config import DEFAULTS
 from py_simkv.lazy_profile import find_profile
 
 RATIOS = (0.25, 0.5, 0.75)
@@ -89,6 +90,8 @@ def main():
     ap.add_argument("--profile", default=None, help="lazy profile (default: beside the model, made if missing)")
     ap.add_argument("--ring-types", nargs="+", default=["q4_0", "f16"],
                     help="lazy_type of the lazy layers (q4_0: simkv's default; f16: trimming alone)")
+    ap.add_argument("--residuals", type=int, nargs="+", default=[DEFAULTS.lazy_residual], metavar="N",
+                    help="f16 residuals of quantized rings to compare (lazy_residual; default the engine's)")
     ap.add_argument("--texts", nargs="+", default=["prose", "code", "dialogue"], choices=["prose", "code", "dialogue"],
                     help="held-out texts to score")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random choices")
@@ -124,8 +127,11 @@ def main():
     common = dict(n_ctx=a.n_ctx, n_threads=a.threads, n_window=a.n_window, n_ubatch=a.n_ubatch, n_batch=a.n_ubatch)
     configs = [("full f16", dict()), ("full q4_0", dict(type_k="q4_0", type_v="q4_0"))]
     crits = ["mass", "change"] + (["loss"] if all("loss" in smp for smp in prof.samples) else [])
-    for ring in a.ring_types:
-        lazy = lambda layers, **kw: dict(lazy_layers=layers, lazy_type=ring, **kw)  # noqa: E731
+    rings = [(t, r) for t in a.ring_types for r in (a.residuals if t.startswith("q") else [0])]
+    for ring_type, residual in rings:
+        # a quantized ring at the default residual is "q4_0 ring"; other residuals are named
+        ring = ring_type if residual in (0, DEFAULTS.lazy_residual) else f"{ring_type} (residual {residual})"
+        lazy = lambda layers, **kw: dict(lazy_layers=layers, lazy_type=ring_type, lazy_residual=residual, **kw)  # noqa: E731
         for crit in crits:
             for ratio in RATIOS:
                 layers = prof.select(ratio=ratio, criterion=crit)
@@ -135,7 +141,8 @@ def main():
         for budget in a.budgets:
             configs.append((f"loss budget {budget:g} streaming, {ring} ring",
                             lazy(prof.select(budget=budget), lazy_prefill="streaming")))
-        configs.append((f"dynamic (mass > family threshold), {ring} ring", dict(lazy_mode="dynamic", lazy_type=ring)))
+        configs.append((f"dynamic (mass > family threshold), {ring} ring",
+                        dict(lazy_mode="dynamic", lazy_type=ring_type, lazy_residual=residual)))
         configs.append((f"all lazy (StreamingLLM), {ring} ring", lazy(candidates)))
         for ratio in RATIOS:
             for seed in a.seeds:

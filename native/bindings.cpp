@@ -100,6 +100,7 @@ nb::list kv_stats(const Engine & e) {
         d["type_k"] = std::string(ggml_type_name(s.k->type));
         d["type_v"] = std::string(ggml_type_name(s.v->type));
         d["capacity"] = s.capacity();
+        d["residual"] = kv.groups()[s.group].policy->residual();  // f16 positions read beside a quantized ring
         d["bytes"] = s.bytes();
         d["device"] = s.device;
         layers.append(d);
@@ -154,6 +155,7 @@ NB_MODULE(_native, m) {
         .def_rw("lazy_layers", &EngineConfig::lazy_layers)
         .def_rw("n_sink", &EngineConfig::n_sink)
         .def_rw("n_window", &EngineConfig::n_window)
+        .def_rw("lazy_residual", &EngineConfig::lazy_residual)
         .def_rw("dynamic_threshold", &EngineConfig::dynamic_threshold)
         .def_rw("w_last", &EngineConfig::w_last)
         .def_rw("n_seq_max", &EngineConfig::n_seq_max)
@@ -172,11 +174,17 @@ NB_MODULE(_native, m) {
     m.def("store_capacity",
           [](const std::string & kind, uint32_t n_ctx, uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch) {
               if (kind == "full") return make_full_policy(n_ctx)->capacity();
-              if (kind == "lazy") return make_lazy_policy(n_sink, n_window, n_ubatch)->capacity();
+              if (kind == "lazy") return make_lazy_policy(n_sink, n_window, n_ubatch, 0)->capacity();
               if (kind == "swa") return make_sliding_policy(n_window, n_ubatch)->capacity();
               throw BadInput("unknown store kind '" + kind + "'");
           },
           "kind"_a, "n_ctx"_a, "n_sink"_a, "n_window"_a, "n_ubatch"_a, "Cells a store of this kind allocates");
+    m.def("residual_cells",
+          [](const std::string & lazy_type, int64_t lazy_residual, int64_t n_window) {
+              const uint32_t r = residual_positions(parse_cache_type(lazy_type, "lazy_type"), lazy_residual, n_window);
+              return make_lazy_policy(0, 1, 1, r)->residual_capacity();
+          },
+          "lazy_type"_a, "lazy_residual"_a, "n_window"_a, "F16 cells per sequence beside a lazy ring of this type");
     // The ring gather's q4_0 kernel (kv_gather.h), for a test against gguf's own dequantizer.
     m.def("dequantize_q4_0",
           [](nb::bytes blocks) {

@@ -40,6 +40,11 @@ LazyMode parse_lazy_mode(const std::string & name) {
 const char * lazy_prefill_name(LazyPrefill p) { return p == LazyPrefill::Exact ? "exact" : "streaming"; }
 const char * lazy_mode_name(LazyMode m) { return m == LazyMode::Dynamic ? "dynamic" : "static"; }
 
+uint32_t residual_positions(ggml_type lazy_type, int64_t lazy_residual, int64_t n_window) {
+    // An f16 (or bf16) ring needs none; positions older than the window are not seen anyway.
+    return ggml_is_quantized(lazy_type) ? (uint32_t) std::max<int64_t>(0, std::min(lazy_residual, n_window)) : 0;
+}
+
 int64_t EngineConfig::default_threads() {
     return std::max<int64_t>(std::thread::hardware_concurrency() / 2, 1);
 }
@@ -68,6 +73,7 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     check_at_most("n_threads", c.n_threads, 4096, "");
     check_at_least("n_sink", c.n_sink, 0);
     check_at_least("n_window", c.n_window, 1);
+    check_at_least("lazy_residual", c.lazy_residual, 0);
     check_at_least("w_last", c.w_last, 1);
     check_at_least("n_seq_max", c.n_seq_max, 1);
     check_at_most("n_seq_max", c.n_seq_max, kMaxSequences, "");
@@ -110,9 +116,10 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
 
 Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
     : model_(std::move(model)), cfg_(validated(cfg, model_->hp())),
-      // Nodes: ~64 per layer, plus ~12 per attention span (one per sequence in a ubatch, at most).
+      // Nodes: ~64 per layer, plus ~12 per attention span (one per sequence in a ubatch, at most) and ~14
+      // more where a span reads and writes a ring's residual.
       arena_(std::max<size_t>(2048, (size_t) model_->hp().n_layer *
-                                        (64 + 12 * (size_t) std::min(cfg_.n_seq_max, cfg_.n_ubatch)))) {
+                                        (64 + 28 * (size_t) std::min(cfg_.n_seq_max, cfg_.n_ubatch)))) {
     const HParams & hp = model_->hp();
     cpu_.reset(ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr));
     if (!cpu_) throw std::runtime_error("ggml CPU backend unavailable");
@@ -127,6 +134,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
     kv_cfg_.type_lazy = cfg_.lazy_type;
     kv_cfg_.n_sink = (uint32_t) cfg_.n_sink;
     kv_cfg_.n_window = (uint32_t) cfg_.n_window;
+    kv_cfg_.n_residual = residual_positions(cfg_.lazy_type, cfg_.lazy_residual, cfg_.n_window);
     if (!exact()) {  // exact prefill: all full until the compaction
         for (int64_t il : cfg_.lazy_layers) kv_cfg_.lazy_layers.push_back((int) il);
     }
@@ -376,11 +384,16 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
         if (!in.write_idx[gi]) continue;
         const KvGroup & grp = groups[gi];
         for (size_t r = 0; r < grp.spans.size(); ++r) {
-            ggml_backend_tensor_set(in.kq_mask[gi][r], grp.mask.data() + grp.spans[r].mask_offset, 0,
-                                    ggml_nbytes(in.kq_mask[gi][r]));
-            if (in.gather[gi][r]) {
-                ggml_backend_tensor_set(in.gather[gi][r], grp.gather.data() + grp.spans[r].gather_offset, 0,
-                                        ggml_nbytes(in.gather[gi][r]));
+            const SpanInputs & si = in.spans[gi][r];
+            const AttnSpan & sp = grp.spans[r];
+            ggml_backend_tensor_set(si.kq_mask, grp.mask.data() + sp.mask_offset, 0, ggml_nbytes(si.kq_mask));
+            if (si.gather) ggml_backend_tensor_set(si.gather, grp.gather.data() + sp.gather_offset, 0, ggml_nbytes(si.gather));
+            if (si.res_read) {
+                ggml_backend_tensor_set(si.res_read, grp.res_read.data() + sp.res_read_offset, 0, ggml_nbytes(si.res_read));
+            }
+            if (si.res_src) {
+                ggml_backend_tensor_set(si.res_src, grp.res_src.data() + sp.res_write_offset, 0, ggml_nbytes(si.res_src));
+                ggml_backend_tensor_set(si.res_dst, grp.res_dst.data() + sp.res_write_offset, 0, ggml_nbytes(si.res_dst));
             }
         }
         ggml_backend_tensor_set(in.write_idx[gi], groups[gi].write_cells.data(), 0, ggml_nbytes(in.write_idx[gi]));
@@ -429,7 +442,8 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     for (const KvGroup & grp : kv_->groups()) {
         shape.push_back((uint32_t) grp.spans.size());
         for (const AttnSpan & sp : grp.spans) {  // the views' sizes and offsets are part of the graph
-            shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.kv_lo, sp.gather_offset >= 0});
+            shape.insert(shape.end(), {sp.t0, sp.n_tokens, sp.n_kv, sp.kv_lo, sp.gather_offset >= 0, sp.residual, sp.n_res,
+                                       sp.n_res_write});
         }
     }
     shape.push_back(embeddings_);

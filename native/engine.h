@@ -44,6 +44,8 @@ struct EngineConfig {
     std::vector<int64_t> lazy_layers;
     int64_t n_sink = 4;
     int64_t n_window = 1024;
+    // Most recent positions per sequence that a quantized lazy ring also keeps in f16 (kv_policy_lazy.cpp).
+    int64_t lazy_residual = 32;
     LazyPrefill lazy_prefill = LazyPrefill::Streaming;
     LazyMode lazy_mode = LazyMode::Static;
     double dynamic_threshold = 0.9;
@@ -54,6 +56,10 @@ struct EngineConfig {
 
     static int64_t default_threads();  // half the cores, as llama-cpp-python
 };
+
+// The f16 residual a lazy ring of this type keeps per sequence (kv_policy_lazy.cpp): lazy_residual
+// positions beside a quantized ring (at most the window), none beside an f16 one.
+uint32_t residual_positions(ggml_type lazy_type, int64_t lazy_residual, int64_t n_window);
 
 // The largest context an engine accepts (positions are int32 and cell maps are allocated up front).
 constexpr int64_t kMaxContext = int64_t(1) << 26;

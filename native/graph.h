@@ -40,15 +40,23 @@ inline ggml_tensor * cb(ggml_tensor * t, const char * name, int il) {
     return t;
 }
 
+// One attention span's inputs (kv_cache.h, AttnSpan).
+struct SpanInputs {
+    ggml_tensor * kq_mask = nullptr;   // F16 [n_kv, n_tokens]
+    ggml_tensor * gather = nullptr;    // I32 [n_gathered] ring cells, or null (read in place)
+    ggml_tensor * res_read = nullptr;  // I32 [n_res] residual cells, or null
+    ggml_tensor * res_src = nullptr;   // I32 [n_res_write] columns ...
+    ggml_tensor * res_dst = nullptr;   // I64 [n_res_write] ... to these residual cells, or null
+};
+
 // Graph inputs, filled after the scheduler has allocated them.
 struct UbatchInputs {
     ggml_tensor * tokens = nullptr;   // I32 [n_tokens]
     ggml_tensor * pos = nullptr;      // I32 [n_tokens]
     ggml_tensor * out_ids = nullptr;  // I32 [n_outputs], null when every token is output
-    std::vector<std::vector<ggml_tensor *>> kq_mask;  // per KV group, per span: F16 [n_kv, n_tokens]
-    std::vector<std::vector<ggml_tensor *>> gather;   // per KV group, per span: I32 [n_kv] cells, or null
-    std::vector<ggml_tensor *> write_idx;             // per KV group: I64 [n_tokens]
-    RotationInputs rotations;                         // H of each size the quantized stores rotate by
+    std::vector<std::vector<SpanInputs>> spans;  // per KV group, per span
+    std::vector<ggml_tensor *> write_idx;        // per KV group: I64 [n_tokens]
+    RotationInputs rotations;                    // H of each size the quantized stores rotate by
 };
 
 struct GraphBuild {

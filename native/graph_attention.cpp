@@ -15,18 +15,31 @@ namespace simkv {
 
 namespace {
 
-// What a span reads of a store, as [head_dim, n_kv, n_head_kv] (kv_cache.h, AttnSpan): a view of its cells in
-// place, or its gathered cells copied out as f32 rows (f16 on a GPU, whose flash attention takes f16 K/V).
-ggml_tensor * read_cells(ggml_context * ctx, const KvStore & s, ggml_tensor * store, const AttnSpan & sp,
-                         ggml_tensor * gather, int64_t d, int64_t n_head_kv) {
-    if (!gather) {
+// What a span reads of one of a store's tensors (K or V), as [head_dim, n_kv, n_head_kv] (kv_cache.h,
+// AttnSpan): a view of its cells in place, or its gathered cells copied out as f32 rows (then, with a
+// residual, the residual's rows and the span's own rows `cur` after them). On a GPU gathered rows become
+// f16, which its flash attention takes. With a residual, the span's last positions are written to it here:
+// from the rows just read, so the write comes after the read of the cells it overwrites.
+ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store, ggml_tensor * residual,
+                         const AttnSpan & sp, const SpanInputs & in, ggml_tensor * cur) {
+    ggml_context * ctx = b.ctx;
+    const HParams & hp = b.model.hp();
+    const int64_t d = hp.head_dim;
+    if (!in.gather) {
         const size_t row = ggml_row_size(store->type, store->ne[0]);
-        return ggml_view_3d(ctx, store, d, sp.n_kv, n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
+        return ggml_view_3d(ctx, store, d, sp.n_kv, hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
     }
     const bool on_cpu = ggml_backend_buffer_is_host(s.buffer.get());
-    ggml_tensor * rows = gather_rows_f32(ctx, store, gather, on_cpu);  // F32 [n_embd_gqa, n_kv], dequantized
+    ggml_tensor * rows = gather_rows_f32(ctx, store, in.gather, on_cpu);  // F32 [n_embd_gqa, n], dequantized
+    if (sp.residual) {
+        if (in.res_read) rows = ggml_concat(ctx, rows, ggml_get_rows(ctx, residual, in.res_read), 1);
+        // the span's own keys as the residual would hold them (f16)
+        ggml_tensor * own = ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1]);
+        rows = ggml_concat(ctx, rows, ggml_cast(ctx, ggml_cast(ctx, own, GGML_TYPE_F16), GGML_TYPE_F32), 1);
+        if (in.res_src) ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, residual, ggml_get_rows(ctx, rows, in.res_src), in.res_dst));
+    }
     if (!on_cpu) rows = ggml_cast(ctx, rows, GGML_TYPE_F16);
-    return ggml_view_3d(ctx, rows, d, sp.n_kv, n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
+    return ggml_view_3d(ctx, rows, d, sp.n_kv, hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
 }
 
 }  // namespace
@@ -50,8 +63,10 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
 
     // Write: rows of the store at the cells the policy chose (F32 -> store type, quantizing if needed).
     ggml_tensor * idx = b.in.write_idx[s.group];
-    ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.k, ggml_reshape_2d(ctx, k_cur, n_embd_gqa, b.n_tokens), idx));
-    ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.v, ggml_reshape_2d(ctx, v_cur, n_embd_gqa, b.n_tokens), idx));
+    ggml_tensor * k_rows = ggml_reshape_2d(ctx, k_cur, n_embd_gqa, b.n_tokens);
+    ggml_tensor * v_rows = ggml_reshape_2d(ctx, v_cur, n_embd_gqa, b.n_tokens);
+    ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.k, k_rows, idx));
+    ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, s.v, v_rows, idx));
 
     // Read: per span (a run of one sequence's tokens), the cells of that sequence it reads (kv_cache.h), as
     // [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does. The mask is the group's,
@@ -59,16 +74,16 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     ggml_tensor * out = nullptr;  // [head_dim, n_head, n_tokens]
     for (size_t r = 0; r < g.spans.size(); ++r) {
         const AttnSpan & sp = g.spans[r];
-        ggml_tensor * gather = b.in.gather[s.group][r];
-        ggml_tensor * k = read_cells(ctx, s, s.k, sp, gather, d, hp.n_head_kv);
-        ggml_tensor * v = read_cells(ctx, s, s.v, sp, gather, d, hp.n_head_kv);
+        const SpanInputs & in = b.in.spans[s.group][r];
+        ggml_tensor * k = read_cells(b, s, s.k, s.k_res, sp, in, k_rows);
+        ggml_tensor * v = read_cells(b, s, s.v, s.v_res, sp, in, v_rows);
         if (b.probe) build_probe(b, il, q_cur, k, v);  // one sequence: one span
         ggml_tensor * q = q_cur;
         if (g.spans.size() > 1) {
             q = ggml_view_3d(ctx, q_cur, d, hp.n_head, sp.n_tokens, q_cur->nb[1], q_cur->nb[2], sp.t0 * q_cur->nb[2]);
         }
         q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
-        ggml_tensor * o = ggml_flash_attn_ext(ctx, q, k, v, b.in.kq_mask[s.group][r], kq_scale, 0.0f, 0.0f);
+        ggml_tensor * o = ggml_flash_attn_ext(ctx, q, k, v, in.kq_mask, kq_scale, 0.0f, 0.0f);
         ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
         out = out ? ggml_concat(ctx, out, o, 2) : o;
     }

@@ -18,25 +18,32 @@ void create_ubatch_inputs(GraphBuild & b) {
         b.in.out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, b.n_outputs);
         ggml_set_input(b.in.out_ids);
     }
+    auto input = [ctx](ggml_type type, int64_t n) {
+        ggml_tensor * t = ggml_new_tensor_1d(ctx, type, n);
+        ggml_set_input(t);
+        return t;
+    };
     for (const KvGroup & g : b.kv.groups()) {
         if (g.layers.empty()) {  // a group left without layers (exact prefill moved them all)
-            b.in.kq_mask.emplace_back();
-            b.in.gather.emplace_back();
+            b.in.spans.emplace_back();
             b.in.write_idx.push_back(nullptr);
             continue;
         }
-        std::vector<ggml_tensor *> masks, gather;
+        std::vector<SpanInputs> spans;
         for (const AttnSpan & sp : g.spans) {
-            masks.push_back(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, sp.n_kv, sp.n_tokens));
-            ggml_set_input(masks.back());
-            gather.push_back(sp.gather_offset >= 0 ? ggml_new_tensor_1d(ctx, GGML_TYPE_I32, sp.n_kv) : nullptr);
-            if (gather.back()) ggml_set_input(gather.back());
+            SpanInputs si;
+            si.kq_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, sp.n_kv, sp.n_tokens);
+            ggml_set_input(si.kq_mask);
+            if (sp.gather_offset >= 0) si.gather = input(GGML_TYPE_I32, sp.n_gathered());
+            if (sp.n_res) si.res_read = input(GGML_TYPE_I32, sp.n_res);
+            if (sp.n_res_write) {
+                si.res_src = input(GGML_TYPE_I32, sp.n_res_write);
+                si.res_dst = input(GGML_TYPE_I64, sp.n_res_write);
+            }
+            spans.push_back(si);
         }
-        b.in.gather.push_back(std::move(gather));
-        ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
-        ggml_set_input(idx);
-        b.in.kq_mask.push_back(std::move(masks));
-        b.in.write_idx.push_back(idx);
+        b.in.spans.push_back(std::move(spans));
+        b.in.write_idx.push_back(input(GGML_TYPE_I64, n));
     }
     if (b.probe) create_probe_inputs(b);
 }

@@ -22,7 +22,7 @@ std::unique_ptr<KvPolicy> policy_for(const HParams & hp, const KvConfig & cfg, u
             throw BadInput("layer " + std::to_string(il) + " is a sliding-window layer of the model: only its "
                            "global layers can be lazy");
         }
-        return make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch);
+        return lazy_policy(cfg);
     }
     return hp.is_swa(il) ? make_sliding_policy(hp.n_swa, cfg.n_ubatch) : make_full_policy(cfg.n_ctx);
 }
@@ -31,12 +31,23 @@ uint64_t cells_of(const KvPolicy & p, uint32_t n_seq) {
     return p.pooled() ? p.capacity() : (uint64_t) p.capacity() * n_seq;
 }
 
+// A store's K + V bytes: its cells of `type`, and its residual's f16 cells.
+uint64_t store_bytes(const HParams & hp, ggml_type type, uint64_t cells, uint64_t residual_cells) {
+    const uint64_t k = hp.n_embd_k_gqa(), v = hp.n_embd_v_gqa();
+    return cells * (ggml_row_size(type, k) + ggml_row_size(type, v)) +
+           residual_cells * (ggml_row_size(GGML_TYPE_F16, k) + ggml_row_size(GGML_TYPE_F16, v));
+}
+
 }  // namespace
+
+std::unique_ptr<KvPolicy> lazy_policy(const KvConfig & cfg) {
+    return make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch, cfg.n_residual);
+}
 
 uint64_t KvCache::planned_bytes(const HParams & hp, const KvConfig & cfg, uint32_t il) {
     const auto p = policy_for(hp, cfg, il);
     const ggml_type t = is_lazy(cfg, il) ? cfg.type_lazy : cfg.type_full;
-    return cells_of(*p, cfg.n_seq_max) * (ggml_row_size(t, hp.n_embd_k_gqa()) + ggml_row_size(t, hp.n_embd_v_gqa()));
+    return store_bytes(hp, t, cells_of(*p, cfg.n_seq_max), (uint64_t) p->residual_capacity() * cfg.n_seq_max);
 }
 
 KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer)
@@ -46,7 +57,8 @@ KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggm
         const int g = group_for(policy_for(hp, cfg, il));
         groups_[g].layers.push_back((int) il);
         stores_[il] = alloc_store(hp, (int) il, g, is_lazy(cfg, il) ? cfg.type_lazy : cfg.type_full,
-                                  (uint32_t) groups_[g].cell_pos.size(), buft_per_layer[il]);
+                                  (uint32_t) groups_[g].cell_pos.size(), (uint32_t) groups_[g].res_pos.size(),
+                                  buft_per_layer[il]);
     }
 }
 
@@ -60,24 +72,31 @@ int KvCache::group_for(std::unique_ptr<KvPolicy> policy) {
     const uint32_t cells = (uint32_t) cells_of(*grp.policy, n_seq_);
     grp.cell_pos.assign(cells, -1);
     grp.cell_seq.assign(cells, -1);
+    grp.res_pos.assign((size_t) grp.policy->residual_capacity() * n_seq_, -1);
     grp.n_free = cells;
     groups_.push_back(std::move(grp));
     return (int) groups_.size() - 1;
 }
 
 KvStore KvCache::alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
-                             ggml_backend_buffer_type_t buft) {
+                             uint32_t residual_cells, ggml_backend_buffer_type_t buft) {
     KvStore s;
     s.layer = il;
     s.group = group;
     s.type = type;
     s.rot = rotation_for(type, hp.head_dim);
-    ggml_init_params ip = {2 * ggml_tensor_overhead(), nullptr, true};
+    ggml_init_params ip = {4 * ggml_tensor_overhead(), nullptr, true};
     s.ctx.reset(ggml_init(ip));
     s.k = ggml_new_tensor_2d(s.ctx.get(), type, hp.n_embd_k_gqa(), capacity);
     s.v = ggml_new_tensor_2d(s.ctx.get(), type, hp.n_embd_v_gqa(), capacity);
     ggml_format_name(s.k, "cache_k_l%d", il);
     ggml_format_name(s.v, "cache_v_l%d", il);
+    if (residual_cells) {  // rows in the ring's rotation: they are read beside its rows
+        s.k_res = ggml_new_tensor_2d(s.ctx.get(), GGML_TYPE_F16, hp.n_embd_k_gqa(), residual_cells);
+        s.v_res = ggml_new_tensor_2d(s.ctx.get(), GGML_TYPE_F16, hp.n_embd_v_gqa(), residual_cells);
+        ggml_format_name(s.k_res, "cache_k_res_l%d", il);
+        ggml_format_name(s.v_res, "cache_v_res_l%d", il);
+    }
     s.buffer.reset(ggml_backend_alloc_ctx_tensors_from_buft(s.ctx.get(), buft));
     if (!s.buffer) throw std::runtime_error("failed to allocate the KV store of layer " + std::to_string(il));
     // Zero it: masked cells are skipped on the CPU, but a NaN in a never-written cell times a zero
@@ -187,6 +206,9 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         g.spans.clear();
         g.gather.clear();
         g.mask.clear();
+        g.res_read.clear();
+        g.res_src.clear();
+        g.res_dst.clear();
         auto visible = [&p](int32_t q, int32_t k) { return p.visible(q, k); };
         for (uint32_t t0 = 0; t0 < n_tokens;) {
             uint32_t t1 = t0 + 1;
@@ -197,28 +219,7 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             sp.n_tokens = t1 - t0;
             sp.mask_offset = g.mask.size();
             if (gathered) {
-                // The sequence's ring region, masked, then only the columns some query sees.
-                const uint32_t r0 = (uint32_t) s * g.region(), n_r = g.region();
-                std::vector<ggml_fp16_t> rows((size_t) sp.n_tokens * n_r);
-                fill_mask_rows(g.cell_pos, g.cell_seq, r0, g.n_used, pos + t0, seq + t0, sp.n_tokens, n_r, visible,
-                               rows.data());
-                std::vector<uint32_t> cols;
-                for (uint32_t j = 0; j < n_r; ++j) {
-                    for (uint32_t i = 0; i < sp.n_tokens; ++i) {
-                        if (rows[(size_t) i * n_r + j] == mask_visible()) {
-                            cols.push_back(j);
-                            break;
-                        }
-                    }
-                }
-                sp.n_kv = pad_cells((uint32_t) cols.size());  // each query sees itself: cols is not empty
-                sp.gather_offset = (int64_t) g.gather.size();
-                for (uint32_t k = 0; k < sp.n_kv; ++k) g.gather.push_back((int32_t) (r0 + cols[k < cols.size() ? k : 0]));
-                for (uint32_t i = 0; i < sp.n_tokens; ++i) {
-                    for (uint32_t k = 0; k < sp.n_kv; ++k) {
-                        g.mask.push_back(k < cols.size() ? rows[(size_t) i * n_r + cols[k]] : mask_hidden());
-                    }
-                }
+                plan_gathered_span(g, sp, pos, seq);
             } else {
                 sp.n_kv = std::min(cells, pad_cells(hi[s] - lo[s]));
                 sp.kv_lo = std::min(lo[s], cells - sp.n_kv);
@@ -232,12 +233,82 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
     }
 }
 
+void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const {
+    const KvPolicy & p = *g.policy;
+    const int32_t s = seq[sp.t0];
+    const int32_t * q_pos = pos + sp.t0;
+    const uint32_t n_q = sp.n_tokens, r0 = (uint32_t) s * g.region(), n_r = g.region();
+    // With a residual (kv_policy_lazy.cpp) a query at q reads a key at k in f16 iff q - k < R and the key is
+    // in f16 here: the span's own (first ..) or one the residual holds. Those columns come after the ring's.
+    const int32_t R = (int32_t) p.residual();
+    const uint32_t C = p.residual_capacity(), res0 = (uint32_t) s * C;
+    const int32_t first = q_pos[0];
+    auto in_f16 = [&](int32_t k) { return R && (k >= first || g.res_pos[res0 + (uint32_t) k % C] == k); };
+    auto reads_f16 = [&](int32_t q, int32_t k) { return in_f16(k) && q - k < R; };
+    auto visible = [&p](int32_t q, int32_t k) { return p.visible(q, k); };
+    std::vector<int32_t> res_held;  // residual positions some query reads, oldest first
+    for (uint32_t c = res0; c < res0 + C; ++c) {
+        if (g.res_pos[c] >= 0 && g.res_pos[c] > first - R && g.res_pos[c] < first) res_held.push_back(g.res_pos[c]);
+    }
+    std::sort(res_held.begin(), res_held.end());
+
+    // The sequence's ring region, masked, then only the columns some query reads from it.
+    std::vector<ggml_fp16_t> rows((size_t) n_q * n_r);
+    fill_mask_rows(g.cell_pos, g.cell_seq, r0, g.n_used, q_pos, seq + sp.t0, n_q, n_r, visible, rows.data());
+    for (uint32_t j = 0; R && j < n_r; ++j) {
+        const int32_t k = g.cell_pos[r0 + j];
+        for (uint32_t i = 0; k >= 0 && i < n_q; ++i) {
+            if (reads_f16(q_pos[i], k)) rows[(size_t) i * n_r + j] = mask_hidden();
+        }
+    }
+    std::vector<uint32_t> cols;
+    for (uint32_t j = 0; j < n_r; ++j) {
+        for (uint32_t i = 0; i < n_q; ++i) {
+            if (rows[(size_t) i * n_r + j] == mask_visible()) {
+                cols.push_back(j);
+                break;
+            }
+        }
+    }
+    sp.residual = R > 0;
+    sp.n_res = (uint32_t) res_held.size();
+    const uint32_t n_tail = sp.residual ? sp.n_res + n_q : 0;  // f16 columns: the residual's, the span's own
+    sp.n_kv = pad_cells(std::max<uint32_t>((uint32_t) cols.size(), 1) + n_tail);  // at least one ring row
+    const uint32_t n_ring = sp.n_kv - n_tail;
+    sp.gather_offset = (int64_t) g.gather.size();
+    // padding (and a ring part no query reads) repeats a hidden cell
+    for (uint32_t k = 0; k < n_ring; ++k) g.gather.push_back((int32_t) (r0 + (k < cols.size() ? cols[k] : 0u)));
+    auto f16_mask = [&](int32_t q, int32_t k) { return k <= q && q - k < R && visible(q, k) ? mask_visible() : mask_hidden(); };
+    for (uint32_t i = 0; i < n_q; ++i) {
+        for (uint32_t k = 0; k < n_ring; ++k) g.mask.push_back(k < cols.size() ? rows[(size_t) i * n_r + cols[k]] : mask_hidden());
+        for (int32_t k : res_held) g.mask.push_back(f16_mask(q_pos[i], k));
+        for (uint32_t t = 0; sp.residual && t < n_q; ++t) g.mask.push_back(f16_mask(q_pos[i], first + (int32_t) t));
+    }
+    if (!sp.residual) return;
+    // Read the residual, then keep the span's last C positions in it. (The graph writes them from the rows
+    // it read, so a cell is overwritten only after it was read.)
+    sp.res_read_offset = g.res_read.size();
+    for (int32_t k : res_held) g.res_read.push_back((int32_t) (res0 + (uint32_t) k % C));
+    sp.res_write_offset = g.res_src.size();
+    for (uint32_t t = n_q > C ? n_q - C : 0; t < n_q; ++t) {
+        const uint32_t cell = res0 + (uint32_t) (first + (int32_t) t) % C;
+        g.res_src.push_back((int32_t) (n_ring + sp.n_res + t));
+        g.res_dst.push_back(cell);
+        g.res_pos[cell] = first + (int32_t) t;
+    }
+    sp.n_res_write = (uint32_t) (g.res_src.size() - sp.res_write_offset);
+}
+
 namespace {
 
 // Empty the cells `drop` selects and shrink the viewed range to the highest cell still in use, so the
 // next ubatch attends over as few cells as a fresh context would (llama.cpp does the same).
 template <class Drop>
 void drop_cells(KvGroup & g, Drop drop) {
+    const uint32_t C = g.policy->residual_capacity();
+    for (uint32_t c = 0; c < g.res_pos.size(); ++c) {
+        if (g.res_pos[c] >= 0 && drop((int32_t) (c / C), g.res_pos[c])) g.res_pos[c] = -1;
+    }
     uint32_t n_used = 0;
     for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
         if (g.cell_pos[c] >= 0 && drop(g.cell_seq[c], g.cell_pos[c])) {
@@ -283,6 +354,10 @@ size_t KvCache::seq_bytes(int seq) const {
         if (g.policy->pooled() && held[s.group] < 0) held[s.group] = seq_cells(seq, s.layer);
         const uint32_t cells = g.policy->pooled() ? (uint32_t) held[s.group] : g.region();
         total += (ggml_row_size(s.k->type, s.k->ne[0]) + ggml_row_size(s.v->type, s.v->ne[0])) * cells;
+        if (s.k_res) {
+            total += (ggml_row_size(s.k_res->type, s.k_res->ne[0]) + ggml_row_size(s.v_res->type, s.v_res->ne[0])) *
+                     g.policy->residual_capacity();
+        }
     }
     return total;
 }

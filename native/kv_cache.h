@@ -40,6 +40,7 @@ struct KvConfig {
     ggml_type type_lazy;  // K and V of lazy layers
     uint32_t n_sink;
     uint32_t n_window;
+    uint32_t n_residual;  // f16 positions per sequence beside a quantized lazy ring (kv_policy_lazy.cpp)
     std::vector<int> lazy_layers;
 };
 
@@ -52,6 +53,10 @@ struct KvStore {
     KvRotation rot;             // quantized stores hold K and V Hadamard-rotated (kv_rotation.h)
     ggml_tensor * k = nullptr;  // [n_embd_k_gqa, capacity], in ctx
     ggml_tensor * v = nullptr;  // [n_embd_v_gqa, capacity], in ctx
+    // A quantized lazy ring's residual: f16 rows [n_embd_gqa, n_seq * n_residual] (rotated as k, v are),
+    // null elsewhere.
+    ggml_tensor * k_res = nullptr;
+    ggml_tensor * v_res = nullptr;
     ggml_context_ptr ctx;
     ggml_backend_buffer_ptr buffer;
     std::string device;
@@ -68,12 +73,21 @@ struct KvStore {
 //     ubatch headroom), listed at gather_offset in the group's gather list and copied out as f32 rows.
 //     ggml's CPU flash attention has its fast paths (split-KV for a lone query, tiles for a chunk) only for
 //     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed (#16).
+//   with a residual (a quantized lazy ring, kv_policy_lazy.cpp), the columns are, in order: the gathered
+//     ring cells some query reads in 4 bits (n_kv - n_res - n_tokens of them, padding included), then the
+//     n_res positions read from the residual (res_read), then the span's own n_tokens keys as computed,
+//     rounded to f16. A key may be in both parts; the mask shows each query one. The span's last positions
+//     go to the residual: column res_src[i] to residual cell res_dst[i].
 // n_kv is a multiple of kCellPad (stable shapes for CUDA's kernels); gather padding repeats a hidden cell.
 struct AttnSpan {
     uint32_t t0 = 0, n_tokens = 0;
     uint32_t kv_lo = 0, n_kv = 0;  // kv_lo: contiguous spans only
     size_t mask_offset = 0;
     int64_t gather_offset = -1;  // >= 0: gathered
+    bool residual = false;       // the columns end with residual and own keys (above)
+    uint32_t n_res = 0, n_res_write = 0;
+    size_t res_read_offset = 0, res_write_offset = 0;  // into the group's res_read, res_src / res_dst
+    uint32_t n_gathered() const { return n_kv - (residual ? n_res + n_tokens : 0); }
 };
 
 struct KvGroup {
@@ -81,6 +95,7 @@ struct KvGroup {
     std::vector<int> layers;
     std::vector<int32_t> cell_pos;  // position held by each cell, -1 = empty
     std::vector<int32_t> cell_seq;  // the sequence that position belongs to (where cell_pos >= 0)
+    std::vector<int32_t> res_pos;   // residual cells (n_seq * policy->residual_capacity()): position held, -1 = empty
     uint32_t n_used = 0;            // cells [0, n_used) may hold a position (the rest are empty)
     uint32_t n_free = 0;            // empty cells
     // Cells of one sequence's region (ring groups); the whole store for pooled groups.
@@ -90,7 +105,13 @@ struct KvGroup {
     std::vector<AttnSpan> spans;       // the ubatch's attentions, in token order
     std::vector<ggml_fp16_t> mask;     // every span's rows, one after another: 0 = visible, -inf = hidden
     std::vector<int32_t> gather;       // the cells gathered spans read, one span after another
+    std::vector<int32_t> res_read;     // residual cells spans read, one span after another
+    std::vector<int32_t> res_src;      // per span: columns whose rows go to the residual ...
+    std::vector<int64_t> res_dst;      // ... at these residual cells
 };
+
+// The lazy layers' policy for this configuration (one home: the cache and exact prefill's compaction).
+std::unique_ptr<KvPolicy> lazy_policy(const KvConfig & cfg);
 
 class KvCache {
 public:
@@ -122,7 +143,7 @@ public:
     bool truncate(int seq, int32_t n_keep, int32_t n_written);
     // A loaded state's cell map for one group (kv_state.cpp checked it against the group's stores).
     void restore_cells(int group, const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq,
-                       uint32_t n_used, uint32_t n_free);
+                       const std::vector<int32_t> & res_pos, uint32_t n_used, uint32_t n_free);
     void clear(int seq);  // one sequence
     void clear();         // every sequence
 
@@ -149,6 +170,9 @@ private:
         std::vector<int32_t> src_cells;    // copy cell src_cells[i] of the full store ...
         std::vector<int64_t> dst_cells;    // ... to cell dst_cells[i] of the lazy store
         std::vector<int32_t> cell_pos;     // the lazy group's cell map afterwards (one sequence: 0)
+        std::vector<int32_t> res_src_cells;  // full-store cells of the last positions ...
+        std::vector<int64_t> res_dst_cells;  // ... and their residual cells (a quantized ring's)
+        std::vector<int32_t> res_pos;        // the residual's map afterwards
         int group = -1;                    // the lazy group (created if needed)
     };
     Conversion plan_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
@@ -158,7 +182,9 @@ private:
 
     int group_for(std::unique_ptr<KvPolicy> policy);
     static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
-                               ggml_backend_buffer_type_t buft);
+                               uint32_t residual_cells, ggml_backend_buffer_type_t buft);
+    // Plans a gathered span's columns and mask (kv_cache.cpp), with or without a residual.
+    void plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
 
     // Pooled groups: where sequence seq starts looking for free cells. Each sequence has a home share of
     // the pool (1/n_seq of it), so conversations that fit their share stay contiguous and their spans do

@@ -21,7 +21,7 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
             throw std::runtime_error("only full layers of one group can be made lazy");
         }
     }
-    c.group = group_for(make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch));
+    c.group = group_for(lazy_policy(cfg));
     const KvGroup & src = groups_[src_group];
     const KvGroup & dst = groups_[c.group];
     if (!dst.layers.empty()) throw std::runtime_error("exact prefill cannot join layers that were lazy from the start");
@@ -44,8 +44,18 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
         c.src_cells.push_back(src_of_cell[d]);
         c.dst_cells.push_back(d);
     }
+    // A quantized ring's residual gets the prompt's last positions, still exact in the full store.
+    const uint32_t C = dst.policy->residual_capacity();
+    c.res_pos.assign(dst.res_pos.size(), -1);
+    for (size_t i = by_pos.size() > C ? by_pos.size() - C : 0; i < by_pos.size(); ++i) {
+        const uint32_t d = (uint32_t) by_pos[i].first % C;  // sequence 0's cells
+        c.res_pos[d] = by_pos[i].first;
+        c.res_src_cells.push_back((int32_t) by_pos[i].second);
+        c.res_dst_cells.push_back(d);
+    }
     for (int il : layers) {
-        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, (uint32_t) dst.cell_pos.size(), buft_per_layer[il]));
+        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, (uint32_t) dst.cell_pos.size(),
+                                       (uint32_t) dst.res_pos.size(), buft_per_layer[il]));
     }
     return c;
 }
@@ -60,6 +70,13 @@ bool KvCache::copy_cells(const Conversion & c, ggml_backend_sched_t sched, Graph
     ggml_tensor * dst = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I64, n);
     ggml_set_input(src);
     ggml_set_input(dst);
+    const int64_t n_res = (int64_t) c.res_src_cells.size();
+    ggml_tensor * res_src = n_res ? ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_res) : nullptr;
+    ggml_tensor * res_dst = n_res ? ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I64, n_res) : nullptr;
+    if (n_res) {
+        ggml_set_input(res_src);
+        ggml_set_input(res_dst);
+    }
     RotationInputs rotations;
     for (size_t i = 0; i < c.layers.size(); ++i) {
         const KvStore & from = stores_[c.layers[i]];
@@ -68,12 +85,22 @@ bool KvCache::copy_cells(const Conversion & c, ggml_backend_sched_t sched, Graph
         ggml_tensor * v = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from.v, src), from.rot.v, to.rot.v);
         ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.k, k, dst));
         ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.v, v, dst));
+        if (res_src) {  // f16 rows in the ring's rotation
+            k = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from.k, res_src), from.rot.k, to.rot.k);
+            v = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from.v, res_src), from.rot.v, to.rot.v);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.k_res, k, res_dst));
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.v_res, v, res_dst));
+        }
     }
     ggml_backend_sched_reset(sched);
     const bool ok = ggml_backend_sched_alloc_graph(sched, gf);
     if (ok) {
         ggml_backend_tensor_set(src, c.src_cells.data(), 0, ggml_nbytes(src));
         ggml_backend_tensor_set(dst, c.dst_cells.data(), 0, ggml_nbytes(dst));
+        if (n_res) {
+            ggml_backend_tensor_set(res_src, c.res_src_cells.data(), 0, ggml_nbytes(res_src));
+            ggml_backend_tensor_set(res_dst, c.res_dst_cells.data(), 0, ggml_nbytes(res_dst));
+        }
         rotations.set();
     }
     const bool done = ok && ggml_backend_sched_graph_compute(sched, gf) == GGML_STATUS_SUCCESS;
@@ -92,6 +119,7 @@ void KvCache::commit_lazy(Conversion && c) {
     }
     std::sort(dst.layers.begin(), dst.layers.end());
     dst.cell_pos = std::move(c.cell_pos);
+    dst.res_pos = std::move(c.res_pos);
     dst.n_used = 0;
     dst.n_free = 0;
     for (uint32_t cell = 0; cell < dst.cell_pos.size(); ++cell) {

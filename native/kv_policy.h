@@ -42,10 +42,18 @@ public:
     virtual bool can_rewind_to(int32_t n_keep, int32_t n_written) const = 0;
     // Parameters that identify the policy (stores with equal keys share masks and cell maps).
     virtual std::string key() const = 0;
+    // Positions of each sequence a quantized ring also keeps in f16: its most recent ones, which take most
+    // of a lazy layer's attention and whose 4-bit rounding cost the most perplexity (KIVI's residual;
+    // kv_policy_lazy.cpp). 0 for every other store.
+    virtual uint32_t residual() const { return 0; }
+    // Cells of each sequence's residual: residual() read by queries, as many again kept so that a rewind of
+    // up to residual() + 1 tokens still finds every f16 key the next query reads.
+    uint32_t residual_capacity() const { return 2 * residual(); }
 };
 
 std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx);
-std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch);
+// n_residual: f16 positions beside a quantized ring (0: none, e.g. an f16 ring).
+std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch, uint32_t n_residual);
 // A model's own sliding-window layers (gemma3): the same ring without sinks, kind "swa".
 std::unique_ptr<KvPolicy> make_sliding_policy(uint32_t n_window, uint32_t n_ubatch);
 std::unique_ptr<KvPolicy> make_masked_policy(uint32_t n_ctx, uint32_t n_sink, uint32_t n_window);

@@ -4,8 +4,8 @@
 // compacted: loading it makes those layers lazy again first, so a loaded state continues bit-identically.
 //
 // Layout (host byte order): magic, version, the model's shape, the engine's positions, then each group
-// (policy key, cell map, layers) and each layer (group, type, capacity, rows of K, rows of V). Everything is
-// parsed and checked before the engine is touched.
+// (policy key, cell map, residual map, layers) and each layer (group, type, capacity, rows of K, rows of V,
+// its residual's K and V). Everything is parsed and checked before the engine is touched.
 #include "engine.h"
 #include "errors.h"
 
@@ -17,6 +17,7 @@ namespace simkv {
 namespace {
 
 constexpr char kMagic[8] = {'S', 'I', 'M', 'K', 'V', 'S', 'T', '1'};
+constexpr uint32_t kVersion = 2;  // 2: quantized rings' f16 residuals
 
 struct Writer {
     std::string out;
@@ -68,13 +69,13 @@ struct Reader {
 struct SavedGroup {
     std::string key;
     uint32_t kind;
-    std::vector<int32_t> cell_pos, cell_seq, layers;
+    std::vector<int32_t> cell_pos, cell_seq, res_pos, layers;
     uint32_t n_used, n_free;
 };
 
 struct SavedLayer {
     uint32_t group, type, capacity;
-    std::vector<uint8_t> k, v;
+    std::vector<uint8_t> k, v, k_res, v_res;
 };
 
 }  // namespace
@@ -88,7 +89,7 @@ std::string Engine::save_state() const {
     }
     Writer w;
     w.out.append(kMagic, sizeof kMagic);
-    w.put((uint32_t) 1);
+    w.put(kVersion);
     w.put((uint32_t) hp.n_layer);
     w.put((uint32_t) hp.n_embd_k_gqa());
     w.put((uint32_t) hp.n_embd_v_gqa());
@@ -101,6 +102,7 @@ std::string Engine::save_state() const {
         w.put((uint32_t) g.policy->kind());
         w.put_vec(g.cell_pos);
         w.put_vec(g.cell_seq);
+        w.put_vec(g.res_pos);
         w.put(g.n_used);
         w.put(g.n_free);
         w.put_vec(std::vector<int32_t>(g.layers.begin(), g.layers.end()));
@@ -111,8 +113,8 @@ std::string Engine::save_state() const {
         w.put((uint32_t) s.group);
         w.put((uint32_t) s.type);
         w.put(s.capacity());
-        for (const ggml_tensor * t : {s.k, s.v}) {
-            std::vector<uint8_t> rows((size_t) n_rows * t->nb[1]);
+        for (const ggml_tensor * t : {s.k, s.v, s.k_res, s.v_res}) {
+            std::vector<uint8_t> rows(t ? (size_t) (t == s.k || t == s.v ? n_rows : t->ne[1]) * t->nb[1] : 0);
             if (!rows.empty()) ggml_backend_tensor_get(t, rows.data(), 0, rows.size());
             w.put_vec(rows);
         }
@@ -128,7 +130,7 @@ void Engine::load_state(const std::string & blob) {
     if (std::memcmp(r.p, kMagic, sizeof kMagic) != 0) throw BadInput("not a simkv state");
     r.p += sizeof kMagic;
     r.left -= sizeof kMagic;
-    if (r.get<uint32_t>() != 1) throw BadInput("a simkv state of another version");
+    if (r.get<uint32_t>() != kVersion) throw BadInput("a simkv state of another version");
     const uint32_t n_layer = r.get<uint32_t>(), n_k = r.get<uint32_t>(), n_v = r.get<uint32_t>();
     if (n_layer != hp.n_layer || n_k != hp.n_embd_k_gqa() || n_v != hp.n_embd_v_gqa()) {
         throw BadInput("this state was saved from a model of another shape");
@@ -144,6 +146,7 @@ void Engine::load_state(const std::string & blob) {
         g.kind = r.get<uint32_t>();
         g.cell_pos = r.get_vec<int32_t>(max_cells);
         g.cell_seq = r.get_vec<int32_t>(max_cells);
+        g.res_pos = r.get_vec<int32_t>(max_cells);
         g.n_used = r.get<uint32_t>();
         g.n_free = r.get<uint32_t>();
         g.layers = r.get_vec<int32_t>(hp.n_layer);
@@ -157,6 +160,8 @@ void Engine::load_state(const std::string & blob) {
         if (l.group >= n_groups) throw BadInput("the state is corrupt (a layer's group)");
         l.k = r.get_vec<uint8_t>(blob.size());
         l.v = r.get_vec<uint8_t>(blob.size());
+        l.k_res = r.get_vec<uint8_t>(blob.size());
+        l.v_res = r.get_vec<uint8_t>(blob.size());
     }
     if (r.left != 0) throw BadInput("the state has trailing bytes: not a simkv state of this version");
     if (n_past > cfg_.n_ctx) throw BadInput("the state holds more tokens than this context (n_ctx) takes");
@@ -180,7 +185,7 @@ void Engine::load_state(const std::string & blob) {
         const SavedGroup & g = groups[l.group];
         const KvGroup & now = kv_->groups()[s.group];
         if (g.key != now.policy->key() || l.type != (uint32_t) s.type || l.capacity != s.capacity() ||
-            g.cell_pos.size() != now.cell_pos.size()) {
+            g.cell_pos.size() != now.cell_pos.size() || g.res_pos.size() != now.res_pos.size()) {
             reset();
             const char * saved_type = l.type < GGML_TYPE_COUNT && ggml_type_size((ggml_type) l.type) ? ggml_type_name((ggml_type) l.type) : "?";
             throw BadInput("this state was saved by a Llama with other cache settings (layer " + std::to_string(il) +
@@ -188,7 +193,9 @@ void Engine::load_state(const std::string & blob) {
                            ggml_type_name(s.type) + ")");
         }
         const size_t want = (size_t) g.n_used * s.k->nb[1];
-        if (l.k.size() != want || l.v.size() != (size_t) g.n_used * s.v->nb[1]) {
+        const size_t want_res = s.k_res ? ggml_nbytes(s.k_res) : 0;
+        if (l.k.size() != want || l.v.size() != (size_t) g.n_used * s.v->nb[1] || l.k_res.size() != want_res ||
+            l.v_res.size() != want_res) {
             reset();
             throw BadInput("the state is corrupt (a store's rows)");
         }
@@ -197,6 +204,10 @@ void Engine::load_state(const std::string & blob) {
         const KvStore & s = kv_->store((int) il);
         if (!layers[il].k.empty()) ggml_backend_tensor_set(s.k, layers[il].k.data(), 0, layers[il].k.size());
         if (!layers[il].v.empty()) ggml_backend_tensor_set(s.v, layers[il].v.data(), 0, layers[il].v.size());
+        if (s.k_res) {
+            ggml_backend_tensor_set(s.k_res, layers[il].k_res.data(), 0, layers[il].k_res.size());
+            ggml_backend_tensor_set(s.v_res, layers[il].v_res.data(), 0, layers[il].v_res.size());
+        }
     }
     std::vector<bool> restored(kv_->groups().size(), false);  // each group's cell map once
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
@@ -204,7 +215,7 @@ void Engine::load_state(const std::string & blob) {
         if (restored[now]) continue;
         restored[now] = true;
         const SavedGroup & g = groups[layers[il].group];
-        kv_->restore_cells(now, g.cell_pos, g.cell_seq, g.n_used, g.n_free);
+        kv_->restore_cells(now, g.cell_pos, g.cell_seq, g.res_pos, g.n_used, g.n_free);
     }
     n_past_[0] = n_past;
     n_written_[0] = n_written;
@@ -214,10 +225,11 @@ void Engine::load_state(const std::string & blob) {
 }
 
 void KvCache::restore_cells(int group, const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq,
-                            uint32_t n_used, uint32_t n_free) {
+                            const std::vector<int32_t> & res_pos, uint32_t n_used, uint32_t n_free) {
     KvGroup & g = groups_[group];
     g.cell_pos = cell_pos;
     g.cell_seq = cell_seq;
+    g.res_pos = res_pos;
     g.n_used = n_used;
     g.n_free = n_free;
 }

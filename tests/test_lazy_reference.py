@@ -16,11 +16,11 @@ def _ours(path, tokens, lazy, **kw):
     return torch.from_numpy(llm.scores[: llm.n_tokens].copy())
 
 
-def _reference(path, tokens, lazy, lazy_type, full_type="f16", n_sink=N_SINK, n_window=N_WINDOW):
+def _reference(path, tokens, lazy, lazy_type, full_type="f16", n_sink=N_SINK, n_window=N_WINDOW, residual=None):
     n = len(tokens)
     masks = [sink_window_mask(n, n_sink, n_window) if il in lazy else causal_mask(n) for il in range(N_LAYER)]
     types = [lazy_type if il in lazy else full_type for il in range(N_LAYER)]
-    return forward(Weights(path), tokens, masks, types, gathered=lazy)
+    return forward(Weights(path), tokens, masks, types, gathered=lazy, residual=residual)
 
 
 def _tokens(n, seed=0):
@@ -56,8 +56,9 @@ def test_lazy_window_off_by_one_is_detected(tiny_model):
         assert (got - wrong).abs().mean().item() > 0.05
 
 
+@pytest.mark.parametrize("n_residual", [0, 32])  # the ring alone, and with its f16 residual (the default)
 @pytest.mark.parametrize("n_ubatch", [128, 1])  # ggml's batched and single-row kernels (different rounding)
-def test_lazy_q4_0_matches_quantized_reference(tiny_model, n_ubatch):
+def test_lazy_q4_0_matches_quantized_reference(tiny_model, n_ubatch, n_residual):
     # The reference quantizes K and V to Q4_0 (gguf's quantizer = ggml's reference algorithm); Q stays f32,
     # as attention reads a lazy ring through an f32 copy of its cells. What remains are rounding-boundary flips: K from torch's matmul
     # differs from ggml's in the last float bit (which bit depends on the CPU's instruction set and the
@@ -67,14 +68,24 @@ def test_lazy_q4_0_matches_quantized_reference(tiny_model, n_ubatch):
     path = tiny_model("llama")
     tokens = _tokens(600)
     lazy = [0, 1, 2, 3]
-    got = _ours(path, tokens, lazy, n_ctx=1024, n_ubatch=n_ubatch, lazy_type="q4_0")
-    want = _reference(path, tokens, lazy, "q4_0")
+    got = _ours(path, tokens, lazy, n_ctx=1024, n_ubatch=n_ubatch, lazy_type="q4_0", lazy_residual=n_residual)
+    # With a residual a query reads the keys less than n_residual positions back in f16 (whatever the
+    # ubatch split), older ones in 4 bits.
+    want = _reference(path, tokens, lazy, "q4_0", residual=n_residual or None)
     unquantized = _reference(path, tokens, lazy, "f16")
     quant_effect = (want - unquantized).abs()
     err = (got - want).abs()
-    assert quant_effect.mean().item() > 0.1  # Q4_0 really is in play
+    # Q4_0 really is in play (less with the residual: the most recent keys are read in f16)
+    assert quant_effect.mean().item() > (0.05 if n_residual else 0.1)
     assert err.mean().item() < quant_effect.mean().item() / 20
     assert err.max().item() < quant_effect.max().item() / 10
+    if n_residual:
+        # Rows that read no key quantized (the first n_residual) equal the f16 reference up to f16
+        # rounding of rotated keys (a residual that is not read, or read at the wrong cells, shows the
+        # whole Q4_0 effect).
+        exact_rows = slice(0, n_residual)
+        assert (got - unquantized)[exact_rows].abs().max().item() < quant_effect.max().item() / 100
+        return
     # Before any key leaves a window (the first n_sink + n_window positions) nothing is trimmed, so only
     # flips separate us from the reference, and they have not compounded through later positions yet. Away
     # from a flip the two agree to float rounding (measured: mean 1/77,000 of the Q4_0 effect); one flip moves

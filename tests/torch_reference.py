@@ -129,10 +129,14 @@ def sink_window_mask(n, n_sink, n_window):
 
 
 @torch.no_grad()
-def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gathered=()):
+def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gathered=(), residual=None):
     """Logits [n, n_vocab] for `tokens` at positions 0..n-1. masks[il]: bool [n, n] (query, key);
     kv_types[il]: how layer il stores K and V ("f16", "q8_0", "q4_0"); layers in `gathered` are read through
     an f32 copy of their cells (simkv's lazy rings on the CPU), so their Q is not rounded to K's dot type.
+
+    residual=R, or (R, rows): gathered layers of a quantized type also keep their latest keys in f16: a query
+    at q reads a key at k in f16 iff q - k < R (and every key, for the rows selected by the bool tensor
+    `rows`: exact prefill's prompt, evaluated with full f16 stores), older ones quantized.
 
     probe=(rows, n_sink, n_window): also return per-layer (mass, change) for those query rows: the attention
     weight on the first n_sink keys + the n_window most recent, and ||o - o_trimmed|| / ||o||, averaged
@@ -164,12 +168,22 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gather
         rot = rotation_sizes(kind, D) if rotate else None
         if rot:
             q, k, v = _rotate(q, rot[0]), _rotate(k, rot[0]), _rotate(v, rot[1])
+        exact = None  # [n, n]: where a query reads a key from the f16 residual
+        if residual and il in gathered and kind not in ("f16", "f32"):
+            n_res, rows = residual if isinstance(residual, tuple) else (residual, None)
+            exact = (pos[:, None] - pos[None, :]) < n_res
+            if rows is not None:
+                exact = exact | rows[:, None]
+            k_res, v_res = k.half().float(), v.half().float()
         k = _round_rows(k.reshape(n, Hkv * D), kind).view(n, Hkv, D)
         v = _round_rows(v.reshape(n, Hkv * D), kind).view(n, Hkv, D)
         q = _round_rows(q, "f32" if il in gathered else _Q_TYPE_FOR_K[kind])
         rep = H // Hkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) / np.sqrt(D)
+        if exact is not None:
+            k_res, v_res = k_res.repeat_interleave(rep, dim=1), v_res.repeat_interleave(rep, dim=1)
+            s = torch.where(exact[None], torch.einsum("qhd,khd->hqk", q.double(), k_res.double()) / np.sqrt(D), s)
         s = s.masked_fill(~masks[il][None], float("-inf"))
         a = torch.softmax(s, dim=-1)
         if probe is not None:
@@ -183,7 +197,12 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gather
             o_win = torch.einsum("hqk,khd->hqd", aw, v.double())
             change = ((o_all - o_win).norm(dim=-1) / o_all.norm(dim=-1)).mean().item()
             scores.append((mass, change))
-        o = torch.einsum("hqk,khd->qhd", a, v.double()).float()
+        if exact is not None:
+            sel = exact[None].double()
+            o = (torch.einsum("hqk,khd->qhd", a * (1 - sel), v.double()) +
+                 torch.einsum("hqk,khd->qhd", a * sel, v_res.double())).float()
+        else:
+            o = torch.einsum("hqk,khd->qhd", a, v.double()).float()
         if rot:
             o = _rotate(o, rot[1])
         o = o.reshape(n, H * D)

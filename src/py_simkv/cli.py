@@ -35,6 +35,8 @@ def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx,
     p.add_argument("--type-k", default=DEFAULTS.type_k, help="K cache type of full layers: f16, bf16, q8_0, q4_0")
     p.add_argument("--type-v", default=DEFAULTS.type_v, help="V cache type of full layers (must equal --type-k)")
     p.add_argument("--lazy-type", default=DEFAULTS.lazy_type, help=f"K/V type of lazy layers (default {DEFAULTS.lazy_type})")
+    p.add_argument("--lazy-residual", type=int, default=DEFAULTS.lazy_residual, metavar="N",
+                   help=f"most recent tokens a quantized lazy ring also keeps in f16 (default {DEFAULTS.lazy_residual})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--lazy-profile", default="auto", metavar="PATH|auto",
                    help="choose lazy layers from a profile (default auto: MODEL.gguf.simkv.json beside the model, "
@@ -78,8 +80,8 @@ def _open(args, **extra):
         kw["seed"] = args.seed
     llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
                 n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k, type_v=args.type_v,
-                lazy_type=args.lazy_type, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode,
-                **_lazy_choice(args), **kw)
+                lazy_type=args.lazy_type, lazy_residual=args.lazy_residual, lazy_prefill=args.lazy_prefill,
+                lazy_mode=args.lazy_mode, **_lazy_choice(args), **kw)
     print(f"simkv: {_lazy_summary(llm, args)}", file=sys.stderr)
     return llm
 
@@ -240,7 +242,7 @@ def cmd_info(args) -> int:
     if args.lazy_layers:
         rows.append((f"lazy layers {','.join(map(str, args.lazy_layers))}, {args.type_k} + {args.lazy_type} ring",
                      dict(type_kv=args.type_k, lazy_layers=args.lazy_layers, lazy_type=args.lazy_type,
-                          n_window=args.n_window)))
+                          n_window=args.n_window, lazy_residual=args.lazy_residual)))
     base = kv_bytes(hp, args.n_ctx)
     width = max(len(r[0]) for r in rows)
     print(f"\n{'KV cache at n_ctx ' + str(args.n_ctx):<{width}}  {'MiB':>9}  {'vs f16':>7}")
@@ -302,7 +304,7 @@ def cmd_serve(args) -> int:
         # The pool of full-layer cells that fits the budget beside one ring per slot in the lazy layers.
         probe = Llama(path, n_ctx=256, n_threads=1, **_lazy_choice(args))
         config = dict(type_kv=args.type_k, lazy_layers=probe.lazy_layers, lazy_type=args.lazy_type, n_sink=args.n_sink,
-                      n_window=args.n_window, n_seq_max=args.parallel)
+                      n_window=args.n_window, n_seq_max=args.parallel, lazy_residual=args.lazy_residual)
         n_ctx = n_ctx_for_budget(probe.hparams, int(args.kv_budget * 2**20), **config)
         if n_ctx == 0:
             raise ValueError(f"--kv-budget {args.kv_budget} MiB does not hold even the lazy rings of {args.parallel} slots")

@@ -87,7 +87,9 @@ class Llama:
     """A GGUF model with a per-layer KV cache.
 
     lazy_layers: indices of layers whose cache keeps only `n_sink` initial tokens plus a ring of the last
-    `n_window` tokens, stored as `lazy_type`. The other layers keep all `n_ctx` tokens as `type_k`/`type_v`.
+    `n_window` tokens, stored as `lazy_type`; a quantized ring also keeps its `lazy_residual` most recent
+    tokens in f16 (they take most of a lazy layer's attention). The other layers keep all `n_ctx` tokens as
+    `type_k`/`type_v`.
     Or let a profile choose them (`simkv profile`): lazy_profile=PATH or "auto" (the MODEL.gguf.simkv.json
     saved beside the model, else the profile shipped with simkv for this model file, if any) with lazy_ratio
     (the laziest fraction of layers), lazy_threshold or lazy_budget on lazy_criterion: "loss" (the default
@@ -123,6 +125,7 @@ class Llama:
         type_v: Union[str, int, None] = None,
         lazy_layers: Optional[Sequence[int]] = None,
         lazy_type: str = DEFAULTS.lazy_type,
+        lazy_residual: int = DEFAULTS.lazy_residual,
         lazy_profile: Optional[str] = None,
         lazy_ratio: Optional[float] = None,
         lazy_threshold: Optional[float] = None,
@@ -175,6 +178,7 @@ class Llama:
         # Types here; values are checked natively when the config is assigned or the engine is built.
         settings = dict(n_batch=check_int("n_batch", n_batch), n_ubatch=check_int("n_ubatch", n_ubatch),
                         n_sink=check_int("n_sink", n_sink), n_window=check_int("n_window", n_window),
+                        lazy_residual=check_int("lazy_residual", lazy_residual),
                         type_k=cache_type_name("type_k", type_k, DEFAULTS.type_k),
                         type_v=cache_type_name("type_v", type_v, DEFAULTS.type_v),
                         lazy_type=check_str("lazy_type", lazy_type, "q4_0"),
@@ -234,7 +238,7 @@ class Llama:
         config = config if self.vocab_only else self._engine.config
         self._n_ctx, self.n_batch, self.n_ubatch, self.n_threads = config.n_ctx, config.n_batch, config.n_ubatch, config.n_threads
         self.type_k, self.type_v, self.lazy_type = config.type_k, config.type_v, config.lazy_type
-        self.n_sink, self.n_window = config.n_sink, config.n_window
+        self.n_sink, self.n_window, self.lazy_residual = config.n_sink, config.n_window, config.lazy_residual
         self.lazy_prefill, self.lazy_mode = config.lazy_prefill, config.lazy_mode
         self.lazy_layers = sorted(config.lazy_layers)
         self.n_seq_max = config.n_seq_max

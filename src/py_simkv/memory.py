@@ -17,9 +17,11 @@ def layers_that_can_be_lazy(hparams: dict) -> List[int]:
 
 def kv_bytes(hparams: dict, n_ctx: int, type_kv: str = DEFAULTS.type_k, lazy_layers: Iterable[int] = (),
              lazy_type: str = DEFAULTS.lazy_type, n_sink: int = DEFAULTS.n_sink, n_window: int = DEFAULTS.n_window,
-             n_ubatch: int = DEFAULTS.n_ubatch, n_seq_max: int = DEFAULTS.n_seq_max) -> int:
+             n_ubatch: int = DEFAULTS.n_ubatch, n_seq_max: int = DEFAULTS.n_seq_max,
+             lazy_residual: int = DEFAULTS.lazy_residual) -> int:
     """Bytes of the KV stores an engine allocates: full layers hold a pool of n_ctx cells shared by the
-    sequences, ring layers (lazy, and a model's own sliding windows) one ring per sequence."""
+    sequences, ring layers (lazy, and a model's own sliding windows) one ring per sequence, and a quantized
+    lazy ring an f16 residual of its latest positions per sequence."""
     n_kv = hparams["head_dim"] * hparams["n_head_kv"]
     # The engine clamps windows to the context (native/engine.cpp `validated`).
     n_sink, n_window, n_ubatch = min(n_sink, n_ctx), min(n_window, n_ctx), min(n_ubatch, n_ctx)
@@ -37,6 +39,9 @@ def kv_bytes(hparams: dict, n_ctx: int, type_kv: str = DEFAULTS.type_k, lazy_lay
         if kind != "full":
             cells *= n_seq_max
         total += 2 * cells * _native.row_bytes(type_, n_kv)
+        if kind == "lazy":
+            residual = _native.residual_cells(lazy_type, lazy_residual, n_window) * n_seq_max
+            total += 2 * residual * _native.row_bytes("f16", n_kv)
     return total
 
 
