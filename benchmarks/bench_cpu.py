@@ -158,6 +158,10 @@ def main():
                                                        lazy_layers=half, n_window=a.n_window, lazy_type="q4_0")),
         ("simkv half lazy (f16 ring)", lambda: Ours(path, "simkv half lazy (f16 ring)", a.n_ctx, a.threads,
                                                       lazy_layers=half, n_window=a.n_window, lazy_type="f16")),
+        # the q4_0 ring without its f16 residual (lazy_residual=0): what reading the residual costs
+        ("simkv half lazy (q4_0 ring, no residual)",
+         lambda: Ours(path, "simkv half lazy (q4_0 ring, no residual)", a.n_ctx, a.threads, lazy_layers=half,
+                      n_window=a.n_window, lazy_type="q4_0", lazy_residual=0)),
     ]
     if a.configs:
         configs = [c for c in configs if c[0] in a.configs]

@@ -130,7 +130,8 @@ def main():
     rings = [(t, r) for t in a.ring_types for r in (a.residuals if t.startswith("q") else [0])]
     for ring_type, residual in rings:
         # a quantized ring at the default residual is "q4_0 ring"; other residuals are named
-        ring = ring_type if residual in (0, DEFAULTS.lazy_residual) else f"{ring_type} (residual {residual})"
+        ring = ring_type if residual == DEFAULTS.lazy_residual or not ring_type.startswith("q") else \
+            f"{ring_type} (residual {residual})"
         lazy = lambda layers, **kw: dict(lazy_layers=layers, lazy_type=ring_type, lazy_residual=residual, **kw)  # noqa: E731
         for crit in crits:
             for ratio in RATIOS:

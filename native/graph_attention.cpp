@@ -30,13 +30,14 @@ ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store,
         return ggml_view_3d(ctx, store, d, sp.n_kv, hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
     }
     const bool on_cpu = ggml_backend_buffer_is_host(s.buffer.get());
-    ggml_tensor * rows = gather_rows_f32(ctx, store, in.gather, on_cpu);  // F32 [n_embd_gqa, n], dequantized
+    ggml_tensor * rows = nullptr;  // F32 [n_embd_gqa, n_kv], dequantized
     if (sp.residual) {
-        if (in.res_read) rows = ggml_concat(ctx, rows, ggml_get_rows(ctx, residual, in.res_read), 1);
-        // the span's own keys as the residual would hold them (f16)
+        // the ring's rows, the residual's, then the span's own as the residual would hold them (f16)
         ggml_tensor * own = ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1]);
-        rows = ggml_concat(ctx, rows, ggml_cast(ctx, ggml_cast(ctx, own, GGML_TYPE_F16), GGML_TYPE_F32), 1);
+        rows = gather_span_rows_f32(ctx, store, in.gather, residual, in.res_read, own, on_cpu);
         if (in.res_src) ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, residual, ggml_get_rows(ctx, rows, in.res_src), in.res_dst));
+    } else {
+        rows = gather_rows_f32(ctx, store, in.gather, on_cpu);
     }
     if (!on_cpu) rows = ggml_cast(ctx, rows, GGML_TYPE_F16);
     return ggml_view_3d(ctx, rows, d, sp.n_kv, hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);

@@ -54,6 +54,34 @@ void gather_q4_0(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
+// ggml custom op: dst = [store rows idx] [residual rows res_idx] [own rows through f16], rows split across
+// threads. src: store, idx, own[, residual, res_idx].
+void gather_span(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * store = dst->src[0];
+    const ggml_tensor * idx = dst->src[1];
+    const ggml_tensor * own = dst->src[2];
+    const ggml_tensor * residual = dst->src[3];
+    const ggml_tensor * res_idx = dst->src[4];
+    const int64_t ne0 = store->ne[0], n_idx = idx->ne[0], n_res = res_idx ? res_idx->ne[0] : 0;
+    const int64_t n = dst->ne[1], per = (n + nth - 1) / nth;
+    const ggml_to_float_t to_float = ggml_get_type_traits(store->type)->to_float;
+    for (int64_t r = ith * per; r < std::min(n, (ith + 1) * per); ++r) {
+        float * y = (float *) ((char *) dst->data + (size_t) r * dst->nb[1]);
+        if (r < n_idx) {
+            const char * row = (const char *) store->data + (size_t) ((const int32_t *) idx->data)[r] * store->nb[1];
+            if (store->type == GGML_TYPE_Q4_0) dequantize_q4_0((const uint8_t *) row, y, (size_t) ne0 / 32);
+            else to_float(row, y, ne0);
+        } else if (r < n_idx + n_res) {
+            const int32_t cell = ((const int32_t *) res_idx->data)[r - n_idx];
+            const auto * h = (const ggml_fp16_t *) ((const char *) residual->data + (size_t) cell * residual->nb[1]);
+            for (int64_t i = 0; i < ne0; ++i) y[i] = ggml_fp16_to_fp32(h[i]);
+        } else {
+            const auto * x = (const float *) ((const char *) own->data + (size_t) (r - n_idx - n_res) * own->nb[1]);
+            for (int64_t i = 0; i < ne0; ++i) y[i] = ggml_fp16_to_fp32(ggml_fp32_to_fp16(x[i]));
+        }
+    }
+}
+
 }  // namespace
 
 void dequantize_q4_0(const uint8_t * blocks, float * out, size_t n_blocks) {
@@ -68,6 +96,19 @@ ggml_tensor * gather_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tens
     ggml_tensor * args[2] = {store, idx};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, store->ne[0], idx->ne[0], 1, 1, args, 2, gather_q4_0, GGML_N_TASKS_MAX,
                           nullptr);
+}
+
+ggml_tensor * gather_span_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, ggml_tensor * residual,
+                                   ggml_tensor * res_idx, ggml_tensor * own, bool on_cpu) {
+    if (!on_cpu) {
+        ggml_tensor * rows = gather_rows_f32(ctx, store, idx, false);
+        if (res_idx) rows = ggml_concat(ctx, rows, ggml_get_rows(ctx, residual, res_idx), 1);
+        return ggml_concat(ctx, rows, ggml_cast(ctx, ggml_cast(ctx, own, GGML_TYPE_F16), GGML_TYPE_F32), 1);
+    }
+    ggml_tensor * args[5] = {store, idx, own, residual, res_idx};
+    const int64_t n = idx->ne[0] + (res_idx ? res_idx->ne[0] : 0) + own->ne[1];
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, store->ne[0], n, 1, 1, args, res_idx ? 5 : 3, gather_span,
+                          GGML_N_TASKS_MAX, nullptr);
 }
 
 }  // namespace simkv

@@ -13,6 +13,13 @@ namespace simkv {
 // F32 [store->ne[0], n_rows]: rows idx[0..n_rows) of a 2-D store.
 ggml_tensor * gather_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
 
+// A span's rows beside a residual (kv_cache.h, AttnSpan), F32 [store->ne[0], n_idx + n_res + n_own]: rows
+// idx of the store, then rows res_idx of the f16 residual (res_idx may be null: none), then the rows of
+// `own` (F32) rounded to f16. On the CPU one pass writes them in place (ggml's concat copies element by
+// element: two of them per K and V made a q4_0 ring decode at a third of its speed); elsewhere ggml ops.
+ggml_tensor * gather_span_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, ggml_tensor * residual,
+                                   ggml_tensor * res_idx, ggml_tensor * own, bool on_cpu);
+
 // n q4_0 blocks (18 bytes each: f16 scale, 16 bytes of nibbles) -> 32 * n floats.
 void dequantize_q4_0(const uint8_t * blocks, float * out, size_t n_blocks);
 

@@ -47,7 +47,8 @@ public:
     // kv_policy_lazy.cpp). 0 for every other store.
     virtual uint32_t residual() const { return 0; }
     // Cells of each sequence's residual: residual() read by queries, as many again kept so that a rewind of
-    // up to residual() + 1 tokens still finds every f16 key the next query reads.
+    // up to residual() + 1 tokens still finds every f16 key the next query reads (bit-identical to a fresh
+    // evaluation; after a longer one the lost keys are read in 4 bits).
     uint32_t residual_capacity() const { return 2 * residual(); }
 };
 

@@ -14,7 +14,8 @@
 // reads a key at k in f16 iff q - k < n_residual, older ones from the 4-bit ring. Every position is still
 // written to the ring; the f16 keys come from the residual (earlier ubatches) and from the ubatch's own keys
 // as computed, rounded to f16 (kv_cache.h, AttnSpan). The residual keeps each sequence's last
-// residual_capacity() positions, cell seq * capacity + pos % capacity.
+// residual_capacity() positions, cell seq * capacity + pos % capacity; a key it does not hold (after a
+// long rewind) is read from the ring.
 #include "kv_policy.h"
 
 #include <algorithm>
@@ -42,10 +43,11 @@ public:
         // positions [n_keep - n_window + 1, n_keep) besides the sinks; they must not have been overwritten.
         const int64_t needed_from = std::max<int64_t>(n_sink_, (int64_t) n_keep - n_window_ + 1);
         const int64_t kept_from = (int64_t) n_written - ring_;
-        if (needed_from < n_keep && needed_from < kept_from) return false;
-        // The residual holds [n_written - capacity, n_keep) afterwards; the next query reads
-        // (n_keep - residual, n_keep) from it.
-        return !residual_ || (int64_t) n_keep - residual_ + 1 >= (int64_t) n_written - residual_capacity();
+        // (The residual holds [n_written - residual_capacity(), n_keep) afterwards: a rewind of up to
+        // residual_ + 1 positions finds every f16 key the next queries read. After a longer one the keys it
+        // lost are read from the ring, in 4 bits, until they are residual_ positions back: close to, not
+        // equal to, a fresh evaluation, and much cheaper than one.)
+        return needed_from >= n_keep || needed_from >= kept_from;
     }
     std::string key() const override {
         return std::string(kv_kind_name(kind_)) + "/" + std::to_string(n_sink_) + "/" + std::to_string(n_window_) + "/" +

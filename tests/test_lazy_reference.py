@@ -139,3 +139,35 @@ def test_ring_wraps_many_times_and_memory_stays_constant(tiny_model):
     for i in range(len(prompt) - 1, len(sequence) - 1):
         if clear[i]:
             assert sequence[i + 1] == ref_next[i].item()
+
+
+def test_residual_rewinds_exactly_within_its_reach_and_closely_beyond(tiny_model):
+    # A q4_0 ring's residual keeps twice lazy_residual positions: a rewind of up to lazy_residual + 1 tokens
+    # continues bit-identically to a fresh evaluation of the same tokens. A longer rewind that the ring
+    # still serves keeps the context (no re-evaluation); the f16 keys it lost are read in 4 bits for the
+    # next lazy_residual tokens, so it continues close to a fresh evaluation, not equal to it.
+    path = tiny_model("llama")
+    tokens = _tokens(400)
+    kw = dict(n_ctx=1024, n_threads=2, logits_all=True, lazy_layers=[0, 1, 2, 3], n_sink=N_SINK,
+              n_window=N_WINDOW, n_ubatch=16, lazy_type="q4_0", lazy_residual=8)
+    for back, exact in ((9, True), (60, False)):
+        keep, end = 300 - back, 320
+        llm = Llama(path, **kw)
+        llm.eval(tokens[:300])
+        assert llm._rewind(keep)  # the ring (252 positions) still holds what the next queries need
+        before = llm.n_evaluated
+        llm.eval(tokens[keep:end])
+        assert llm.n_evaluated - before == end - keep
+        got = llm.scores[keep:end]
+        fresh = Llama(path, **kw)
+        fresh.eval(tokens[:keep])
+        fresh.eval(tokens[keep:end])
+        want = fresh.scores[keep:end]
+        if exact:
+            np.testing.assert_array_equal(got, want)
+            continue
+        f16 = Llama(path, **dict(kw, lazy_type="f16"))
+        f16.eval(tokens[:end])
+        quant_effect = np.abs(want - f16.scores[keep:end]).mean()
+        diff = np.abs(got - want).mean()
+        assert 0 < diff < quant_effect / 2

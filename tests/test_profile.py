@@ -26,13 +26,15 @@ def test_profile_holds_the_probe_scores(tiny_model, tiny_profile):
     prof = tiny_profile
     assert prof.n_layer == 4 and len(prof.samples) == 4
     assert [s["source"].split("[")[0] for s in prof.samples] == ["prose", "code", "prose", "code"]
-    assert prof.params == {"n_ctx": 256, "n_sink": 4, "n_window": 32, "w_last": 16}
+    assert prof.params == {"n_ctx": 256, "n_sink": 4, "n_window": 32, "w_last": 16, "loss_tokens": 128}  # half the sample
     # Each sample's scores are what the probe reports for that sample.
     llm = Llama(tiny_model("llama"), n_ctx=256, n_threads=2)
     toks = llm.tokenize(TEXTS[0][1].encode(), add_bos=True)[:256]
     direct = llm.eval(toks, probe={"n_probe": 16, "n_sink": 4, "n_window": 32})
-    np.testing.assert_allclose(prof.samples[0]["mass"], direct["mass"], rtol=1e-9)
-    np.testing.assert_allclose(prof.samples[0]["change"], direct["change"], rtol=1e-9)
+    # (Sample 0 also measures loss, so its probe runs on the sample's tail after its prefix: two ubatches
+    # instead of one, which moves the last digits.)
+    np.testing.assert_allclose(prof.samples[0]["mass"], direct["mass"], rtol=1e-5)
+    np.testing.assert_allclose(prof.samples[0]["change"], direct["change"], rtol=1e-5)
     assert prof.scores("mass").shape == (4, 4)
     # loss only on the first loss_samples samples (one per text); it becomes the default criterion
     assert ["loss" in s for s in prof.samples] == [True, True, False, False]
@@ -68,10 +70,11 @@ def test_select_by_threshold_and_ratio():
     with pytest.raises(ValueError, match="unknown criterion"):
         prof.select(criterion="entropy")
     # With loss scores, loss is the default criterion: lowest = laziest; by default the laziest layers whose
-    # summed loss stays within DEFAULT_LOSS_BUDGET (0.002 nats); a negative loss counts as zero.
+    # summed loss stays within DEFAULT_LOSS_BUDGET (0.005 nats); a negative loss counts as zero.
     with_loss = _fake([0.5, 0.95, 0.3, 0.92, 0.91, 0.85], loss=[0.001, 0.2, 0.004, 0.006, -0.001, 0.03])
     assert with_loss.default_criterion == "loss" and prof.default_criterion == "mass"
-    assert with_loss.select() == with_loss.select(budget=0.002) == [0, 4]    # 0 + 0.001; + 0.004 > 0.002
+    assert with_loss.select() == with_loss.select(budget=0.005) == [0, 2, 4]  # 0 + 0.001 + 0.004; + 0.006 > 0.005
+    assert with_loss.select(budget=0.002) == [0, 4]                          # 0 + 0.001; + 0.004 > 0.002
     assert with_loss.select(budget=0.01) == [0, 2, 4]                        # 0.005; + 0.006 > 0.01
     assert with_loss.select(budget=0.02) == [0, 2, 3, 4]
     assert with_loss.select(budget=0.001) == [0, 4] and with_loss.select(budget=0.0) == [4]

@@ -46,7 +46,7 @@ def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx,
     p.add_argument("--lazy-threshold", type=float, default=None, help="with a profile: score threshold")
     p.add_argument("--lazy-budget", type=float, default=None, metavar="NATS",
                    help="with a profile: the laziest layers whose summed loss stays within NATS (the default "
-                        "selection, budget 0.002)")
+                        "selection, budget 0.005)")
     p.add_argument("--lazy-criterion", default=None, choices=["mass", "change", "loss"],
                    help="profile score to use (default: loss where the profile has it, else mass)")
     p.add_argument("--lazy-prefill", default=DEFAULTS.lazy_prefill, choices=["streaming", "exact"],
@@ -265,7 +265,7 @@ def cmd_profile(args) -> int:
                 texts.append((os.path.basename(f), fh.read()))
     prof = profile_model(path, texts=texts, n_ctx=args.n_ctx, n_sink=args.n_sink, n_window=args.n_window,
                          w_last=args.w_last, max_samples=args.samples, loss_samples=args.loss_samples,
-                         n_threads=args.threads)
+                         loss_tokens=args.loss_tokens, n_threads=args.threads)
     crits = ["mass", "change"] + (["loss"] if prof.default_criterion == "loss" else [])
     means = {c: prof.mean(c) for c in crits}
     print(f"{'layer':>5}" + "".join(f"  {c:>7}" for c in crits))
@@ -322,7 +322,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .profiler import PROFILE_LOSS_SAMPLES, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES
+    from .profiler import PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES
 
     ap = argparse.ArgumentParser(prog="simkv", description="Local LLM runtime with a per-layer KV cache (SimLayerKV).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -379,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=None)
     pr.add_argument("--loss-samples", type=int, default=PROFILE_LOSS_SAMPLES, metavar="N",
                     help="score each layer by the loss increase when it alone is trimmed on the first N samples "
-                         f"(n_layer+1 half-sample evaluations each; default {PROFILE_LOSS_SAMPLES}, one per kind of "
-                         "text; 0 = attention only)")
+                         f"(default {PROFILE_LOSS_SAMPLES}, one per kind of text; 0 = attention only)")
+    pr.add_argument("--loss-tokens", type=int, default=None, metavar="N",
+                    help=f"tokens at the end of each loss sample that are scored, n_layer + 1 times "
+                         f"(default {PROFILE_LOSS_TOKENS}, at most half a sample)")
     pr.add_argument("-o", "--output", default=None, help="profile path (default: MODEL.gguf.simkv.json)")
     pr.add_argument("--plot", default=None, metavar="PNG", help="also draw the scores (needs matplotlib)")
     pr.set_defaults(func=cmd_profile)

@@ -35,12 +35,12 @@ DEFAULT_MASS_THRESHOLD = 0.9
 DEFAULT_LOSS_THRESHOLD = 0.005
 # "loss" by default: the laziest layers while the sum of their losses stays within this budget (nats of
 # calibration loss). Chosen by measurement (README, "Choosing lazy layers"): on SmolLM2 at the shipped
-# settings (8K, window 1024, q4_0 rings, streaming) 0.002 picks 6 layers and costs +1.5% / +1.7% / +0.7%
-# held-out perplexity, 0.005 picks 8 and costs +3.3% / +2.5% / +1.4%: the budget for "at most 2%". The
-# calibration losses do not add up to the held-out cost (8 layers summing to 0.005 nats, 0.5%, cost up to
-# 3.3% at 8K), so the budget is set by that measurement, not from the nats. A per-layer threshold bounds each
-# layer, not the total: 15 layers under 0.005 each cost +4.9% with f16 rings.
-DEFAULT_LOSS_BUDGET = 0.002
+# settings (8K, window 1024, q4_0 rings with their f16 residual, streaming) 0.005 picks 8 layers and costs
+# +1.1% / +1.1% / +0.4% held-out perplexity: within "at most 2%". (Before the residual, 4-bit recent keys
+# cost as much as the trimming: 0.005 cost +3.3% / +2.5% / +1.4% and the default was 0.002.) The
+# calibration losses do not add up to the held-out cost, so the budget is set by that measurement, not from
+# the nats. A per-layer threshold bounds each layer, not the total: 15 layers under 0.005 each cost +4.9%.
+DEFAULT_LOSS_BUDGET = 0.005
 # Profiles shipped inside the package (profiles/), found by the model file's identity.
 SHIPPED_PROFILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 

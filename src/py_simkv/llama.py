@@ -94,7 +94,7 @@ class Llama:
     saved beside the model, else the profile shipped with simkv for this model file, if any) with lazy_ratio
     (the laziest fraction of layers), lazy_threshold or lazy_budget on lazy_criterion: "loss" (the default
     where the profile has it: the measured loss increase of trimming each layer alone; by default the
-    laziest layers whose summed loss stays within 0.002 nats), "mass" (the paper's attention mass; default
+    laziest layers whose summed loss stays within 0.005 nats), "mass" (the paper's attention mass; default
     threshold by model family) or "change". Explicit lazy_layers win over a profile. Without lazy_profile
     no layer is lazy (a drop-in for llama-cpp-python); the CLI uses "auto" by default.
 

@@ -41,77 +41,114 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
 
 
 # Profiling defaults (the CLI's `simkv profile` reads these): 2K-token samples, a 256-token window (the
-# prefill window of the paper scaled to the sample), three samples scored by loss (one per kind of text).
-PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES = 2048, 256, 8, 3
+# prefill window of the paper scaled to the sample), three samples scored by loss (one per kind of text),
+# each on its second half. (Scoring only the last 256 tokens takes a third of the time but ranked the layers
+# with a Spearman correlation of 0.85 to this: benchmarks/profile_speed.py, README "Choosing lazy layers".)
+PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS = 2048, 256, 8, 3, 1024
 
 
 def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = PROFILE_N_CTX,
                   n_sink: int = DEFAULTS.n_sink, n_window: int = PROFILE_N_WINDOW, w_last: int = DEFAULTS.w_last,
                   max_samples: int = PROFILE_SAMPLES, loss_samples: int = PROFILE_LOSS_SAMPLES,
-                  n_threads: Optional[int] = None, progress: bool = True) -> LazyProfile:
+                  loss_tokens: Optional[int] = None, n_threads: Optional[int] = None,
+                  progress: bool = True) -> LazyProfile:
     """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
 
     texts: strings or (source, text) pairs; default: the calibration set shipped with simkv.
     loss_samples: how many of the samples (the first ones: samples alternate between the texts, so one of
-    each kind) also measure the "loss" criterion, n_layer + 1 half-sample evaluations each; 0 = none."""
+    each kind) also measure the "loss" criterion: the loss of the sample's last loss_tokens tokens (default
+    PROFILE_LOSS_TOKENS, at most half the sample) with each layer trimmed in turn, over the shared full prefix
+    (n_layer + 1 evaluations of loss_tokens each); 0 = none."""
     check_int("n_ctx", n_ctx, 2)
     check_int("w_last", w_last, 1)
     check_int("loss_samples", loss_samples, 0)
+    loss_tokens = min(PROFILE_LOSS_TOKENS, n_ctx // 2) if loss_tokens is None else check_int("loss_tokens", loss_tokens, 1)
     if w_last > n_ctx:
         raise ValueError(f"w_last ({w_last}) must not exceed n_ctx ({n_ctx})")
     if check_int("n_window", n_window, 1) >= n_ctx:
         raise ValueError(f"n_window ({n_window}) must be smaller than n_ctx ({n_ctx}): a window covering the whole "
                          "sample trims nothing, and every layer would look lazy")
+    if loss_samples and loss_tokens >= n_ctx:
+        raise ValueError(f"loss_tokens ({loss_tokens}) must be smaller than n_ctx ({n_ctx}): the scored tokens "
+                         "need a prefix to attend to")
     pairs = default_calibration_texts() if texts is None else [
         t if isinstance(t, tuple) else (f"text{i}", t) for i, t in enumerate(texts)]
     if not pairs or not all(isinstance(t, str) and t for _, t in pairs):
         raise ValueError("calibration texts must be non-empty strings")
     llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
     samples = _samples(llm, pairs, n_ctx, max_samples)
-    n_layer = len(layers_that_can_be_lazy(llm.hparams))
+    layers = layers_that_can_be_lazy(llm.hparams)
     n_loss = min(loss_samples, len(samples))
-    steps = len(samples) + n_loss * n_layer
-    t0 = time.perf_counter()
+    # Work in evaluated tokens: a whole sample each, and per loss sample its scored tail once per layer
+    # (plus the untrimmed one).
+    plan = [len(t) + (min(loss_tokens, len(t) - 1) * (len(layers) + 1) if k < n_loss else 0)
+            for k, (_, t) in enumerate(samples)]
+    meter = _Progress(sum(plan), progress)
     results = []
     for k, (source, toks) in enumerate(samples):
-        done = k + min(k, n_loss) * n_layer
-        if progress:
-            _progress(done, steps, t0)
+        probe = {"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window}
         llm.reset()
-        scores = llm.eval(toks, probe={"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window})
-        result = {"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
-                  "change": scores["change"].tolist()}
         if k < n_loss:
-            tick = (lambda j: _progress(done + 2 + j, steps, t0)) if progress else (lambda j: None)
-            result["loss"] = _trim_losses(llm, toks, n_sink, n_window, tick)
-        results.append(result)
-    if progress:
-        _progress(steps, steps, t0)
-        print(file=sys.stderr)
+            # The prefix once; then the tail scored untrimmed and with each layer trimmed (what-ifs that leave
+            # the prefix in place); then the tail evaluated with the probe, which sees the whole sample.
+            tail = min(loss_tokens, len(toks) - 1)
+            prefix = len(toks) - tail
+            llm.eval(toks[:prefix])
+            meter.add(prefix)
+            result = {"loss": _trim_losses(llm, toks[prefix:], layers, n_sink, n_window, meter)}
+            scores = llm.eval(toks[prefix:], probe=dict(probe, n_probe=min(w_last, tail)))
+            meter.add(tail)
+        else:
+            scores = llm.eval(toks, probe=probe)
+            meter.add(len(toks))
+            result = {}
+        results.append({"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
+                        "change": scores["change"].tolist(), **result})
+    meter.done()
     return LazyProfile(model=llm.model_identity(),
-                       params={"n_ctx": n_ctx, "n_sink": n_sink, "n_window": n_window, "w_last": w_last},
+                       params={"n_ctx": n_ctx, "n_sink": n_sink, "n_window": n_window, "w_last": w_last,
+                               "loss_tokens": loss_tokens},
                        samples=results)
 
 
-def _trim_losses(llm, toks, n_sink: int, n_window: int, tick) -> List[float]:
-    """For each layer: mean next-token loss on toks[half:] with only that layer trimmed to sinks + window,
-    minus the loss with none trimmed, after toks[:half] evaluated with every layer full."""
-    half = len(toks) // 2
-    llm.reset()
-    llm.eval(toks[:half])
-    base = float(llm.nll(toks[half:], keep=False).mean())
+def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[float]:
+    """For each layer: mean next-token loss of `tail` (after the context llm holds, every layer full) with
+    only that layer trimmed to sinks + window, minus the loss with none trimmed."""
+    base = float(llm.nll(tail, keep=False).mean())
+    meter.add(len(tail))
     # NaN for layers that cannot be lazy (the probe, too, reports NaN for them): never selected.
     out = [float("nan")] * llm.hparams["n_layer"]
-    for j, il in enumerate(layers_that_can_be_lazy(llm.hparams)):
+    for il in layers:
         llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
-        out[il] = float(llm.nll(toks[half:], keep=False).mean()) - base
-        tick(j)
+        out[il] = float(llm.nll(tail, keep=False).mean()) - base
+        meter.add(len(tail))
     llm.set_masked_layers([])
     return out
 
 
-def _progress(done: int, total: int, t0: float) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {done}/{total} evaluations, "
-          f"{time.perf_counter() - t0:.0f} s", end="", file=sys.stderr, flush=True)
+class _Progress:
+    """A progress bar over evaluated tokens, with the total time estimated from the speed so far (printed
+    once the first sample's prefix is done, and kept up to date on the bar)."""
+
+    def __init__(self, total: int, on: bool):
+        self.total, self.done_tokens, self.on, self.t0 = total, 0, on, time.perf_counter()
+        self.estimated = False
+
+    def add(self, n: int) -> None:
+        self.done_tokens += n
+        if not self.on:
+            return
+        elapsed = time.perf_counter() - self.t0
+        if not self.estimated and self.done_tokens and elapsed > 0:
+            self.estimated = True
+            print(f"profiling {self.total:,} tokens of evaluation: about {self.total * elapsed / self.done_tokens:.0f} s "
+                  f"at this machine's speed", file=sys.stderr, flush=True)
+        width = 30
+        filled = width * self.done_tokens // max(self.total, 1)
+        left = elapsed * (self.total - self.done_tokens) / max(self.done_tokens, 1)
+        print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {100 * self.done_tokens // max(self.total, 1)}%, "
+              f"{elapsed:.0f} s, ~{left:.0f} s left", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.on:
+            print(file=sys.stderr)
