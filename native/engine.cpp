@@ -391,8 +391,7 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
             if (si.res_read) {
                 ggml_backend_tensor_set(si.res_read, grp.res_read.data() + sp.res_read_offset, 0, ggml_nbytes(si.res_read));
             }
-            if (si.res_src) {
-                ggml_backend_tensor_set(si.res_src, grp.res_src.data() + sp.res_write_offset, 0, ggml_nbytes(si.res_src));
+            if (si.res_dst) {
                 ggml_backend_tensor_set(si.res_dst, grp.res_dst.data() + sp.res_write_offset, 0, ggml_nbytes(si.res_dst));
             }
         }

@@ -45,8 +45,7 @@ struct SpanInputs {
     ggml_tensor * kq_mask = nullptr;   // F16 [n_kv, n_tokens]
     ggml_tensor * gather = nullptr;    // I32 [n_gathered] ring cells, or null (read in place)
     ggml_tensor * res_read = nullptr;  // I32 [n_res] residual cells, or null
-    ggml_tensor * res_src = nullptr;   // I32 [n_res_write] columns ...
-    ggml_tensor * res_dst = nullptr;   // I64 [n_res_write] ... to these residual cells, or null
+    ggml_tensor * res_dst = nullptr;   // I64 [n_res_write] residual cells of the span's last rows, or null
 };
 
 // Graph inputs, filled after the scheduler has allocated them.

@@ -35,7 +35,11 @@ ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store,
         // the ring's rows, the residual's, then the span's own as the residual would hold them (f16)
         ggml_tensor * own = ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1]);
         rows = gather_span_rows_f32(ctx, store, in.gather, residual, in.res_read, own, on_cpu);
-        if (in.res_src) ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, residual, ggml_get_rows(ctx, rows, in.res_src), in.res_dst));
+        if (in.res_dst) {  // the span's last n_res_write rows (its own, the last columns)
+            ggml_tensor * last = ggml_view_2d(ctx, rows, rows->ne[0], sp.n_res_write, rows->nb[1],
+                                              (sp.n_kv - sp.n_res_write) * rows->nb[1]);
+            ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, residual, last, in.res_dst));
+        }
     } else {
         rows = gather_rows_f32(ctx, store, in.gather, on_cpu);
     }

@@ -36,10 +36,7 @@ void create_ubatch_inputs(GraphBuild & b) {
             ggml_set_input(si.kq_mask);
             if (sp.gather_offset >= 0) si.gather = input(GGML_TYPE_I32, sp.n_gathered());
             if (sp.n_res) si.res_read = input(GGML_TYPE_I32, sp.n_res);
-            if (sp.n_res_write) {
-                si.res_src = input(GGML_TYPE_I32, sp.n_res_write);
-                si.res_dst = input(GGML_TYPE_I64, sp.n_res_write);
-            }
+            if (sp.n_res_write) si.res_dst = input(GGML_TYPE_I64, sp.n_res_write);
             spans.push_back(si);
         }
         b.in.spans.push_back(std::move(spans));

@@ -207,7 +207,6 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         g.gather.clear();
         g.mask.clear();
         g.res_read.clear();
-        g.res_src.clear();
         g.res_dst.clear();
         auto visible = [&p](int32_t q, int32_t k) { return p.visible(q, k); };
         for (uint32_t t0 = 0; t0 < n_tokens;) {
@@ -289,14 +288,13 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
     // it read, so a cell is overwritten only after it was read.)
     sp.res_read_offset = g.res_read.size();
     for (int32_t k : res_held) g.res_read.push_back((int32_t) (res0 + (uint32_t) k % C));
-    sp.res_write_offset = g.res_src.size();
-    for (uint32_t t = n_q > C ? n_q - C : 0; t < n_q; ++t) {
+    sp.res_write_offset = g.res_dst.size();
+    for (uint32_t t = n_q > C ? n_q - C : 0; t < n_q; ++t) {  // the last columns, in order
         const uint32_t cell = res0 + (uint32_t) (first + (int32_t) t) % C;
-        g.res_src.push_back((int32_t) (n_ring + sp.n_res + t));
         g.res_dst.push_back(cell);
         g.res_pos[cell] = first + (int32_t) t;
     }
-    sp.n_res_write = (uint32_t) (g.res_src.size() - sp.res_write_offset);
+    sp.n_res_write = (uint32_t) (g.res_dst.size() - sp.res_write_offset);
 }
 
 namespace {

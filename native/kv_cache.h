@@ -76,8 +76,8 @@ struct KvStore {
 //   with a residual (a quantized lazy ring, kv_policy_lazy.cpp), the columns are, in order: the gathered
 //     ring cells some query reads in 4 bits (n_kv - n_res - n_tokens of them, padding included), then the
 //     n_res positions read from the residual (res_read), then the span's own n_tokens keys as computed,
-//     rounded to f16. A key may be in both parts; the mask shows each query one. The span's last positions
-//     go to the residual: column res_src[i] to residual cell res_dst[i].
+//     rounded to f16. A key may be in both parts; the mask shows each query one. The span's last
+//     n_res_write positions (its last columns) go to the residual, at cells res_dst.
 // n_kv is a multiple of kCellPad (stable shapes for CUDA's kernels); gather padding repeats a hidden cell.
 struct AttnSpan {
     uint32_t t0 = 0, n_tokens = 0;
@@ -86,7 +86,7 @@ struct AttnSpan {
     int64_t gather_offset = -1;  // >= 0: gathered
     bool residual = false;       // the columns end with residual and own keys (above)
     uint32_t n_res = 0, n_res_write = 0;
-    size_t res_read_offset = 0, res_write_offset = 0;  // into the group's res_read, res_src / res_dst
+    size_t res_read_offset = 0, res_write_offset = 0;  // into the group's res_read, res_dst
     uint32_t n_gathered() const { return n_kv - (residual ? n_res + n_tokens : 0); }
 };
 
@@ -106,8 +106,7 @@ struct KvGroup {
     std::vector<ggml_fp16_t> mask;     // every span's rows, one after another: 0 = visible, -inf = hidden
     std::vector<int32_t> gather;       // the cells gathered spans read, one span after another
     std::vector<int32_t> res_read;     // residual cells spans read, one span after another
-    std::vector<int32_t> res_src;      // per span: columns whose rows go to the residual ...
-    std::vector<int64_t> res_dst;      // ... at these residual cells
+    std::vector<int64_t> res_dst;      // residual cells of each span's last positions, one span after another
 };
 
 // The lazy layers' policy for this configuration (one home: the cache and exact prefill's compaction).
