@@ -245,6 +245,7 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
     auto in_f16 = [&](int32_t k) { return R && (k >= first || g.res_pos[res0 + (uint32_t) k % C] == k); };
     auto reads_f16 = [&](int32_t q, int32_t k) { return in_f16(k) && q - k < R; };
     auto visible = [&p](int32_t q, int32_t k) { return p.visible(q, k); };
+    auto from_ring = [&](int32_t q, int32_t k) { return p.visible(q, k) && !reads_f16(q, k); };
     std::vector<int32_t> res_held;  // residual positions some query reads, oldest first
     for (uint32_t c = res0; c < res0 + C; ++c) {
         if (g.res_pos[c] >= 0 && g.res_pos[c] > first - R && g.res_pos[c] < first) res_held.push_back(g.res_pos[c]);
@@ -253,13 +254,7 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
 
     // The sequence's ring region, masked, then only the columns some query reads from it.
     std::vector<ggml_fp16_t> rows((size_t) n_q * n_r);
-    fill_mask_rows(g.cell_pos, g.cell_seq, r0, g.n_used, q_pos, seq + sp.t0, n_q, n_r, visible, rows.data());
-    for (uint32_t j = 0; R && j < n_r; ++j) {
-        const int32_t k = g.cell_pos[r0 + j];
-        for (uint32_t i = 0; k >= 0 && i < n_q; ++i) {
-            if (reads_f16(q_pos[i], k)) rows[(size_t) i * n_r + j] = mask_hidden();
-        }
-    }
+    fill_mask_rows(g.cell_pos, g.cell_seq, r0, g.n_used, q_pos, seq + sp.t0, n_q, n_r, from_ring, rows.data());
     std::vector<uint32_t> cols;
     for (uint32_t j = 0; j < n_r; ++j) {
         for (uint32_t i = 0; i < n_q; ++i) {

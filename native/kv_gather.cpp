@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -65,6 +66,7 @@ void gather_span(ggml_tensor * dst, int ith, int nth, void *) {
     const int64_t ne0 = store->ne[0], n_idx = idx->ne[0], n_res = res_idx ? res_idx->ne[0] : 0;
     const int64_t n = dst->ne[1], per = (n + nth - 1) / nth;
     const ggml_to_float_t to_float = ggml_get_type_traits(store->type)->to_float;
+    std::vector<ggml_fp16_t> half;  // an own row rounded to f16
     for (int64_t r = ith * per; r < std::min(n, (ith + 1) * per); ++r) {
         float * y = (float *) ((char *) dst->data + (size_t) r * dst->nb[1]);
         if (r < n_idx) {
@@ -73,11 +75,13 @@ void gather_span(ggml_tensor * dst, int ith, int nth, void *) {
             else to_float(row, y, ne0);
         } else if (r < n_idx + n_res) {
             const int32_t cell = ((const int32_t *) res_idx->data)[r - n_idx];
-            const auto * h = (const ggml_fp16_t *) ((const char *) residual->data + (size_t) cell * residual->nb[1]);
-            for (int64_t i = 0; i < ne0; ++i) y[i] = ggml_fp16_to_fp32(h[i]);
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) ((const char *) residual->data + (size_t) cell * residual->nb[1]), y, ne0);
         } else {
+            // rounded through f16, as the residual will hold it
             const auto * x = (const float *) ((const char *) own->data + (size_t) (r - n_idx - n_res) * own->nb[1]);
-            for (int64_t i = 0; i < ne0; ++i) y[i] = ggml_fp16_to_fp32(ggml_fp32_to_fp16(x[i]));
+            half.resize((size_t) ne0);
+            ggml_fp32_to_fp16_row(x, half.data(), ne0);
+            ggml_fp16_to_fp32_row(half.data(), y, ne0);
         }
     }
 }
