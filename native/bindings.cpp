@@ -297,6 +297,7 @@ NB_MODULE(_native, m) {
         .def_prop_ro("compacted", &Engine::compacted)
         .def_prop_ro("lazy_layers", &Engine::lazy_layers)
         .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)
+        .def_prop_ro("graph_builds", &Engine::graph_builds)
         .def("kv_layers", [](const Engine & e) { auto busy = e.claim(); return kv_stats(e); })
         .def("seq_stats",
              [](const Engine & e, int32_t seq) {

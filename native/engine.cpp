@@ -449,6 +449,7 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     if (graph_.ctx && graph_.shape == shape) return graph_;
 
     drop_graph(false);
+    ++graph_builds_;
     graph_.ctx = arena_.context();
     graph_.gf = ggml_new_graph_custom(graph_.ctx.get(), arena_.n_nodes(), false);
     GraphBuild b{graph_.ctx.get(), graph_.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &graph_.probe : nullptr,

@@ -125,6 +125,8 @@ public:
     bool compacted() const { return compacted_ && !lazy_layers().empty(); }
     std::vector<int> lazy_layers() const { return kv_->layers_of_kind(KvKind::Lazy); }
     size_t peak_kv_bytes() const { return peak_kv_bytes_; }
+    // Compute graphs built so far: a decode step that reuses the last one's graph adds none.
+    size_t graph_builds() const { return graph_builds_; }
     const Model & model() const { return *model_; }
     const KvCache & kv() const { return *kv_; }
     const EngineConfig & config() const { return cfg_; }
@@ -186,6 +188,7 @@ private:
     bool groups_changed_ = false;
     bool embeddings_ = false;  // layers moved between KV groups since the last graph: replan memory
     size_t peak_kv_bytes_ = 0;
+    size_t graph_builds_ = 0;
     ProbeAccumulator probe_acc_;
     mutable std::mutex busy_;
 };

@@ -265,7 +265,9 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
         }
     }
     sp.residual = R > 0;
-    sp.n_res = (uint32_t) res_held.size();
+    // Always R - 1 residual columns (the most a span can read: positions first - R + 1 .. first - 1), padded
+    // with a hidden cell: a decode step then has the shape of the one before, and its graph is reused.
+    sp.n_res = sp.residual ? (uint32_t) R - 1 : 0;
     const uint32_t n_tail = sp.residual ? sp.n_res + n_q : 0;  // f16 columns: the residual's, the span's own
     sp.n_kv = pad_cells(std::max<uint32_t>((uint32_t) cols.size(), 1) + n_tail);  // at least one ring row
     const uint32_t n_ring = sp.n_kv - n_tail;
@@ -276,6 +278,7 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
     for (uint32_t i = 0; i < n_q; ++i) {
         for (uint32_t k = 0; k < n_ring; ++k) g.mask.push_back(k < cols.size() ? rows[(size_t) i * n_r + cols[k]] : mask_hidden());
         for (int32_t k : res_held) g.mask.push_back(f16_mask(q_pos[i], k));
+        for (size_t k = res_held.size(); k < sp.n_res; ++k) g.mask.push_back(mask_hidden());
         for (uint32_t t = 0; sp.residual && t < n_q; ++t) g.mask.push_back(f16_mask(q_pos[i], first + (int32_t) t));
     }
     if (!sp.residual) return;
@@ -283,6 +286,7 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
     // it read, so a cell is overwritten only after it was read.)
     sp.res_read_offset = g.res_read.size();
     for (int32_t k : res_held) g.res_read.push_back((int32_t) (res0 + (uint32_t) k % C));
+    g.res_read.resize(sp.res_read_offset + sp.n_res, (int32_t) res0);  // padding: hidden above
     sp.res_write_offset = g.res_dst.size();
     for (uint32_t t = n_q > C ? n_q - C : 0; t < n_q; ++t) {  // the last columns, in order
         const uint32_t cell = res0 + (uint32_t) (first + (int32_t) t) % C;

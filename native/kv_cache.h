@@ -75,8 +75,9 @@ struct KvStore {
 //     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed (#16).
 //   with a residual (a quantized lazy ring, kv_policy_lazy.cpp), the columns are, in order: the gathered
 //     ring cells some query reads in 4 bits (n_kv - n_res - n_tokens of them, padding included), then the
-//     n_res positions read from the residual (res_read), then the span's own n_tokens keys as computed,
-//     rounded to f16. A key may be in both parts; the mask shows each query one. The span's last
+//     n_res = R - 1 columns read from the residual (res_read: the positions it holds that some query reads,
+//     then a hidden cell repeated, so that consecutive decode steps have one shape and reuse one graph),
+//     then the span's own n_tokens keys as computed, rounded to f16. A key may be in both parts; the mask shows each query one. The span's last
 //     n_res_write positions (its last columns) go to the residual, at cells res_dst.
 // n_kv is a multiple of kCellPad (stable shapes for CUDA's kernels); gather padding repeats a hidden cell.
 struct AttnSpan {
