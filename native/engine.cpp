@@ -77,9 +77,11 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     check_at_least("w_last", c.w_last, 1);
     check_at_least("n_seq_max", c.n_seq_max, 1);
     check_at_most("n_seq_max", c.n_seq_max, kMaxSequences, "");
-    if (c.n_seq_max > 1 && (c.lazy_prefill == LazyPrefill::Exact || c.lazy_mode == LazyMode::Dynamic)) {
-        throw BadInput("exact prefill and dynamic mode hold one sequence: use n_seq_max=1, or streaming prefill "
-                       "with static lazy layers");
+    if (c.n_seq_max > 1 && c.lazy_mode == LazyMode::Dynamic) {
+        // Which layers are lazy is a property of the whole cache (one store per layer); dynamic mode would
+        // choose them per prompt, i.e. per sequence.
+        throw BadInput("dynamic mode holds one sequence: use n_seq_max=1, or static lazy layers (exact prefill "
+                       "works with several sequences)");
     }
     if (!(c.dynamic_threshold == c.dynamic_threshold)) throw BadInput("dynamic_threshold must be a number, got NaN");
     // A batch never exceeds the context, and a window or sink set covering the context is the whole context
@@ -135,7 +137,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
     kv_cfg_.n_sink = (uint32_t) cfg_.n_sink;
     kv_cfg_.n_window = (uint32_t) cfg_.n_window;
     kv_cfg_.n_residual = residual_positions(cfg_.lazy_type, cfg_.lazy_residual, cfg_.n_window);
-    if (!exact()) {  // exact prefill: all full until the compaction
+    if (!exact() || staged()) {  // exact prefill of one sequence: all full until the compaction
         for (int64_t il : cfg_.lazy_layers) kv_cfg_.lazy_layers.push_back((int) il);
     }
     // Each layer's KV store lives on its layer's device (devices.h); the scheduler runs each op where its
@@ -150,7 +152,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
         ggml_backend_dev_t dev = model_->layer_device(il);
         bufts_[il] = dev ? ggml_backend_dev_buffer_type(dev) : ggml_backend_get_default_buffer_type(cpu_.get());
     }
-    check_memory();
+    check_memory(kv_cfg_);
     kv_ = new_cache();
     peak_kv_bytes_ = kv_->total_bytes();
     std::vector<ggml_backend_t> backends;
@@ -194,14 +196,14 @@ uint64_t available_host_memory() {
 
 }  // namespace
 
-void Engine::check_memory() const {
+void Engine::check_memory(const KvConfig & kv_cfg) const {
     // Each device's stores together, against what that device has free: a cache that cannot fit is refused
     // with its size instead of being killed by the OOM killer half-way through (a zeroed buffer is touched).
     const HParams & hp = model_->hp();
     std::vector<std::pair<ggml_backend_dev_t, uint64_t>> need;  // device (null = host), bytes
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         ggml_backend_dev_t dev = model_->layer_device(il);
-        const uint64_t b = KvCache::planned_bytes(hp, kv_cfg_, il);
+        const uint64_t b = KvCache::planned_bytes(hp, kv_cfg, il);
         auto it = std::find_if(need.begin(), need.end(), [&](const auto & p) { return p.first == dev; });
         if (it == need.end()) need.emplace_back(dev, b);
         else it->second += b;
@@ -214,7 +216,7 @@ void Engine::check_memory() const {
             throw BadInput("the KV cache needs " + std::to_string(bytes >> 20) + " MiB on " +
                            (dev ? std::string(ggml_backend_dev_name(dev)) : std::string("the host")) + " but only " +
                            std::to_string(avail >> 20) + " MiB are available: lower n_ctx (" + std::to_string(cfg_.n_ctx) +
-                           "), n_seq_max or n_window, or use a smaller cache type");
+                           "), n_seq_max, n_window or the prompt, or use a smaller cache type");
         }
     }
 }
@@ -229,6 +231,61 @@ size_t Engine::checked_seq(int32_t seq) const {
 
 std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
                                                uint32_t n_probe, const BetweenUbatches & between) {
+    check_batch(batch, probe, n_probe);
+    if (!staged()) return evaluate(batch, probe, n_probe, between);
+    // Exact prefill with several sequences: a sequence's first tokens after it was emptied are its prompt,
+    // evaluated alone with every layer full, then taken into the shared cache (eval_prompt). Its later
+    // tokens, and the other sequences', share ubatches as in streaming mode.
+    std::vector<std::vector<float>> logits(batch.size());
+    std::vector<SeqTokens> rest;
+    std::vector<size_t> rest_at;
+    for (size_t i = 0; i < batch.size(); ++i) {
+        if (n_past_[batch[i].seq] == 0) {
+            logits[i] = eval_prompt(batch[i], between);
+        } else {
+            rest.push_back(batch[i]);
+            rest_at.push_back(i);
+        }
+    }
+    if (!rest.empty()) {
+        std::vector<std::vector<float>> out = evaluate(rest, nullptr, 0, between);
+        for (size_t j = 0; j < rest.size(); ++j) logits[rest_at[j]] = std::move(out[j]);
+    }
+    return logits;
+}
+
+std::vector<float> Engine::eval_prompt(const SeqTokens & b, const BetweenUbatches & between) {
+    // A cache of the prompt's length (as many sequences, so that ids carry over) with every layer full.
+    KvConfig prompt_cfg = kv_cfg_;
+    prompt_cfg.n_ctx = pad_cells(b.n);
+    prompt_cfg.lazy_layers.clear();
+    check_memory(prompt_cfg);
+    drop_graph(true);  // the graphs below read other stores
+    std::unique_ptr<KvCache> shared = std::move(kv_);
+    auto restore = [&] {
+        kv_ = std::move(shared);
+        drop_graph(true);
+        n_past_[b.seq] = 0;
+        n_written_[b.seq] = 0;
+    };
+    std::vector<float> logits;
+    std::unique_ptr<KvCache> prompt;
+    try {
+        kv_ = std::make_unique<KvCache>(model_->hp(), prompt_cfg, bufts_);
+        logits = std::move(evaluate({b}, nullptr, 0, between)[0]);
+        prompt = std::move(kv_);
+        peak_kv_bytes_ = std::max(peak_kv_bytes_, shared->total_bytes() + prompt->total_bytes());
+        shared->adopt_sequence(*prompt, b.seq, sched_.get(), arena_);
+    } catch (...) {
+        restore();  // the sequence stays empty
+        throw;
+    }
+    kv_ = std::move(shared);
+    drop_graph(true);
+    return logits;
+}
+
+void Engine::check_batch(const std::vector<SeqTokens> & batch, const ProbeSpec * probe, uint32_t n_probe) const {
     const HParams & hp = model_->hp();
     // Check everything first: a refused call changes nothing.
     if (batch.empty()) throw BadInput("decode() needs at least one sequence");
@@ -255,11 +312,19 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
         throw BadInput("the KV cache is full: " + std::to_string(n_total) + " new tokens, " +
                        std::to_string(kv_->free_cells()) + " free cells (clear or truncate a sequence, or raise n_ctx)");
     }
-    const uint32_t n = (uint32_t) n_total;
     if (!probe) n_probe = 0;
-    if (n_probe > n) throw BadInput("cannot probe more tokens than are evaluated");
+    if (n_probe > n_total) throw BadInput("cannot probe more tokens than are evaluated");
     if (n_probe && batch.size() > 1) throw BadInput("the probe runs on one sequence at a time");
     if (n_probe && probe->n_window < 1) throw BadInput("probe n_window must be >= 1");
+    if (n_probe && staged()) throw BadInput("the probe needs n_seq_max=1 with exact prefill");
+}
+
+std::vector<std::vector<float>> Engine::evaluate(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
+                                                 uint32_t n_probe, const BetweenUbatches & between) {
+    const HParams & hp = model_->hp();
+    uint32_t n = 0;
+    for (const SeqTokens & b : batch) n += b.n;
+    if (!probe) n_probe = 0;
 
     // Lay the batch out token by token, with each output row's destination.
     std::vector<int32_t> tok(n), pos(n), seq(n);
@@ -280,7 +345,7 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
     // Exact prefill: the first eval of a context is its prompt; its end triggers the compaction of the lazy
     // layers. In dynamic mode the probe (on the prompt's last w_last tokens, unless the caller probes)
     // picks them.
-    const bool compact_after = exact() && !compacted_;
+    const bool compact_after = exact() && !staged() && !compacted_;
     const bool dynamic = compact_after && cfg_.lazy_mode == LazyMode::Dynamic;
     const ProbeSpec dynamic_spec{(uint32_t) cfg_.n_sink, (uint32_t) cfg_.n_window};
     if (dynamic && n_probe == 0) {

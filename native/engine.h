@@ -122,7 +122,12 @@ public:
     uint32_t free_cells() const { return kv_->free_cells(); }
     // Exact prefill has compacted lazy layers of this context: a new prompt must start from scratch (a
     // fresh exact evaluation keeps every layer full throughout, which a reused prefix would not).
-    bool compacted() const { return compacted_ && !lazy_layers().empty(); }
+    // With several sequences (each prompt evaluated alone, then taken into the shared cache): whether this
+    // sequence's prompt was.
+    bool compacted(int32_t seq = 0) const {
+        if (lazy_layers().empty()) return false;
+        return staged() ? n_past(seq) > 0 : compacted_;
+    }
     std::vector<int> lazy_layers() const { return kv_->layers_of_kind(KvKind::Lazy); }
     size_t peak_kv_bytes() const { return peak_kv_bytes_; }
     // Compute graphs built so far: a decode step that reuses the last one's graph adds none.
@@ -142,11 +147,19 @@ public:
 
 private:
     bool exact() const { return cfg_.lazy_prefill == LazyPrefill::Exact || cfg_.lazy_mode == LazyMode::Dynamic; }
+    // Exact prefill with several sequences: the lazy layers are lazy from the start, and each sequence's
+    // prompt is evaluated in a cache of its own with every layer full (eval_prompt).
+    bool staged() const { return exact() && cfg_.n_seq_max > 1; }
+    std::vector<float> eval_prompt(const SeqTokens & b, const BetweenUbatches & between);
+    void check_batch(const std::vector<SeqTokens> & batch, const ProbeSpec * probe, uint32_t n_probe) const;
+    // decode() once checked: lays the batch out in ubatches and evaluates it in kv_.
+    std::vector<std::vector<float>> evaluate(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
+                                             uint32_t n_probe, const BetweenUbatches & between);
     std::vector<int> dynamic_lazy_layers() const;  // dynamic mode: the layers the probe found lazy
     size_t checked_seq(int32_t seq) const;
     std::vector<std::vector<float>> decode(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
                                            uint32_t n_probe, const BetweenUbatches & between);
-    void check_memory() const;  // refuse, before allocating, a KV cache that cannot fit
+    void check_memory(const KvConfig & kv_cfg) const;  // refuse, before allocating, a KV cache that cannot fit
     std::unique_ptr<KvCache> new_cache() const;
     // One ubatch: token i is tokens[i] at pos[i] of sequence seq[i]; the logits of row out_rows[j] go to
     // out[j] (n_vocab floats each).

@@ -161,6 +161,28 @@ uint32_t KvCache::home_cell(const KvGroup & g, int seq) const {
     return (uint32_t) ((uint64_t) g.cell_pos.size() * (uint64_t) seq / n_seq_);
 }
 
+uint32_t KvCache::take_cell(KvGroup & g, int32_t pos, int32_t seq, CellCursor & cursor) const {
+    const uint32_t cells = (uint32_t) g.cell_pos.size();
+    uint32_t c;
+    if (g.policy->pooled()) {
+        // The first free cell from the sequence's home on, wrapping around: one sequence alone takes the
+        // lowest free cell, so cell = position as in llama.cpp.
+        if (seq != cursor.seq) {
+            cursor.cell = home_cell(g, seq);
+            cursor.seq = seq;
+        }
+        while (g.cell_pos[cursor.cell] >= 0) cursor.cell = cursor.cell + 1 == cells ? 0 : cursor.cell + 1;
+        c = cursor.cell;
+    } else {
+        c = (uint32_t) seq * g.region() + g.policy->cell_of(pos);
+    }
+    if (g.cell_pos[c] < 0) --g.n_free;
+    g.cell_pos[c] = pos;
+    g.cell_seq[c] = seq;
+    g.n_used = std::max(g.n_used, c + 1);
+    return c;
+}
+
 void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens) {
     // The caller (Engine::decode) refuses a call the pool cannot take before evaluating any of it.
     if (free_cells() < n_tokens) throw std::runtime_error("plan_ubatch: more tokens than free cells");
@@ -170,28 +192,8 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         const uint32_t cells = (uint32_t) g.cell_pos.size();
         // Write first: the ubatch's own keys must be visible to its queries.
         g.write_cells.resize(n_tokens);
-        uint32_t cursor = 0;
-        int32_t cursor_seq = -1;
-        for (uint32_t i = 0; i < n_tokens; ++i) {
-            uint32_t c;
-            if (p.pooled()) {
-                // The first free cell from the sequence's home on, wrapping around: one sequence alone takes
-                // the lowest free cell, so cell = position as in llama.cpp.
-                if (seq[i] != cursor_seq) {
-                    cursor = home_cell(g, seq[i]);
-                    cursor_seq = seq[i];
-                }
-                while (g.cell_pos[cursor] >= 0) cursor = cursor + 1 == cells ? 0 : cursor + 1;
-                c = cursor;
-            } else {
-                c = (uint32_t) seq[i] * g.region() + p.cell_of(pos[i]);
-            }
-            if (g.cell_pos[c] < 0) --g.n_free;
-            g.write_cells[i] = c;
-            g.cell_pos[c] = pos[i];
-            g.cell_seq[c] = seq[i];
-            g.n_used = std::max(g.n_used, c + 1);
-        }
+        CellCursor cursor;
+        for (uint32_t i = 0; i < n_tokens; ++i) g.write_cells[i] = take_cell(g, pos[i], seq[i], cursor);
         // Lazy rings are read through a gather of their visible cells (AttnSpan); the others in place, over
         // each sequence's span of cells (it holds at least the cells just written).
         const bool gathered = p.kind() == KvKind::Lazy;

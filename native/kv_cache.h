@@ -13,7 +13,8 @@
 //   read     - graph_attention.cpp: one flash attention per run of a sequence's tokens (AttnSpan), over
 //              only the cells of that sequence it can see (a lazy ring's visible cells are gathered)
 //   encoded  - a quantized store (a q4_0 ring by default) holds K and V Hadamard-rotated (kv_rotation.h)
-//   compacted - exact prefill turns full stores into lazy ones after the prompt (kv_compaction.cpp)
+//   compacted - exact prefill turns full stores into lazy ones after the prompt, or with several sequences
+//              copies a prompt's own all-full cache into the shared one (kv_compaction.cpp)
 #pragma once
 #include "kv_policy.h"
 #include "kv_rotation.h"
@@ -134,6 +135,13 @@ public:
                      const std::vector<ggml_backend_buffer_type_t> & buft_per_layer, ggml_backend_sched_t sched,
                      GraphArena & arena);
 
+    // Exact prefill with several sequences (Engine): sequence seq's prompt was evaluated alone in `prompt`,
+    // a cache whose layers are all full; its positions join this cache as if they had been written here
+    // (every one into a pooled store; into a ring, what it keeps: sinks, the latest positions, the
+    // residual), by a graph run on `sched`. The sequence must hold nothing here. Throws, changing nothing,
+    // if a pool has too few free cells or the copy fails.
+    void adopt_sequence(const KvCache & prompt, int seq, ggml_backend_sched_t sched, GraphArena & arena);
+
     // Move layers to the group of `policy` without touching their stores: allowed only where the store
     // already holds each of its positions in the cell the new policy would put it (e.g. full <-> masked).
     void regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy> policy);
@@ -163,21 +171,30 @@ public:
     KvKind kind_of(int il) const { return groups_[stores_[il].group].policy->kind(); }
 
 private:
-    // kv_compaction.cpp: which cells of the full store go where in the lazy one.
+    // kv_compaction.cpp: rows copied between the stores of the same layers, by one graph. K and V rows
+    // src_cells[i] of each `from` store go to dst_cells[i] of its `to` store (converted to its type, and
+    // rotated where exactly one side is), rows res_src_cells to the `to` store's residual at res_dst_cells.
+    struct CellCopy {
+        std::vector<std::pair<const KvStore *, const KvStore *>> stores;  // (from, to), one pair per layer
+        std::vector<int32_t> src_cells;
+        std::vector<int64_t> dst_cells;
+        std::vector<int32_t> res_src_cells;
+        std::vector<int64_t> res_dst_cells;
+    };
+    static bool copy_cells(const std::vector<CellCopy> & copies, ggml_backend_sched_t sched, GraphArena & arena);
+    // Which cells of sequence `seq` in `src` (a group's map, positions in order) go where in group g: each
+    // position is placed by take_cell as if written in order (a ring keeps what survives), and a quantized
+    // ring's residual gets the last positions. Records them in g's maps and returns the rows to copy.
+    CellCopy place_positions(KvGroup & g, const KvGroup & src, int32_t seq) const;
+
+    // Exact prefill of one sequence: its lazy layers' full stores become lazy ones.
     struct Conversion {
         std::vector<int> layers;
-        std::vector<KvStore> stores;       // the new lazy stores, one per layer
-        std::vector<int32_t> src_cells;    // copy cell src_cells[i] of the full store ...
-        std::vector<int64_t> dst_cells;    // ... to cell dst_cells[i] of the lazy store
-        std::vector<int32_t> cell_pos;     // the lazy group's cell map afterwards (one sequence: 0)
-        std::vector<int32_t> res_src_cells;  // full-store cells of the last positions ...
-        std::vector<int64_t> res_dst_cells;  // ... and their residual cells (a quantized ring's)
-        std::vector<int32_t> res_pos;        // the residual's map afterwards
-        int group = -1;                    // the lazy group (created if needed)
+        std::vector<KvStore> stores;  // the new lazy stores, one per layer
+        int group = -1;               // the lazy group (created if needed)
     };
     Conversion plan_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
                          const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
-    bool copy_cells(const Conversion & c, ggml_backend_sched_t sched, GraphArena & arena) const;
     void commit_lazy(Conversion && c);
 
     int group_for(std::unique_ptr<KvPolicy> policy);
@@ -190,6 +207,14 @@ private:
     // the pool (1/n_seq of it), so conversations that fit their share stay contiguous and their spans do
     // not overlap; one that outgrows it takes free cells beyond, wherever they are (nothing is reserved).
     uint32_t home_cell(const KvGroup & g, int seq) const;
+    // The cell position `pos` of sequence `seq` is written to in group g, recorded in its cell map: a
+    // pooled group hands out a free cell from the sequence's home on (the cursor carries the search from one
+    // token to the next), a ring places it by KvPolicy::cell_of in the sequence's region.
+    struct CellCursor {
+        uint32_t cell = 0;
+        int32_t seq = -1;
+    };
+    uint32_t take_cell(KvGroup & g, int32_t pos, int32_t seq, CellCursor & cursor) const;
 
     uint32_t n_seq_ = 1;
     std::vector<KvGroup> groups_;

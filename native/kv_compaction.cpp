@@ -1,7 +1,9 @@
 // Exact prefill's last step (lazy_prefill="exact", dynamic mode): after the prompt was evaluated with every
 // layer full, the lazy layers' full stores are compacted into sink + ring stores. What a lazy store would
 // hold had it been written all along is copied over (converting type, and rotating where exactly one side
-// is rotated: kv_rotation.h), then the full stores are freed.
+// is rotated: kv_rotation.h), then the full stores are freed. With several sequences the prompt is
+// evaluated in a cache of its own and its positions are copied into the shared one the same way
+// (adopt_sequence): every one into the pooled stores, what a ring keeps into the sequence's region.
 #include "errors.h"
 #include "graph.h"
 #include "kv_cache.h"
@@ -10,6 +12,34 @@
 #include <algorithm>
 
 namespace simkv {
+
+KvCache::CellCopy KvCache::place_positions(KvGroup & g, const KvGroup & src, int32_t seq) const {
+    std::vector<std::pair<int32_t, uint32_t>> by_pos;  // (position, source cell), in order
+    for (uint32_t cell = 0; cell < src.cell_pos.size(); ++cell) {
+        if (src.cell_pos[cell] >= 0 && src.cell_seq[cell] == seq) by_pos.emplace_back(src.cell_pos[cell], cell);
+    }
+    std::sort(by_pos.begin(), by_pos.end());
+    // Write every position in order: in a ring later positions overwrite earlier ones, so what survives is
+    // exactly what it would hold had it been written all along.
+    std::vector<int32_t> src_of(g.cell_pos.size(), -1);
+    CellCursor cursor;
+    for (const auto & [pos, cell] : by_pos) src_of[take_cell(g, pos, seq, cursor)] = (int32_t) cell;
+    CellCopy cc;
+    for (uint32_t d = 0; d < src_of.size(); ++d) {
+        if (src_of[d] < 0) continue;
+        cc.src_cells.push_back(src_of[d]);
+        cc.dst_cells.push_back(d);
+    }
+    // A quantized ring's residual gets the last positions, still exact in the source (kv_policy_lazy.cpp).
+    const uint32_t C = g.policy->residual_capacity();
+    for (size_t i = by_pos.size() > C ? by_pos.size() - C : 0; C && i < by_pos.size(); ++i) {
+        const uint32_t d = (uint32_t) seq * C + (uint32_t) by_pos[i].first % C;
+        g.res_pos[d] = by_pos[i].first;
+        cc.res_src_cells.push_back((int32_t) by_pos[i].second);
+        cc.res_dst_cells.push_back(d);
+    }
+    return cc;
+}
 
 KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
                                        const std::vector<ggml_backend_buffer_type_t> & buft_per_layer) {
@@ -22,37 +52,8 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
         }
     }
     c.group = group_for(lazy_policy(cfg));
-    const KvGroup & src = groups_[src_group];
     const KvGroup & dst = groups_[c.group];
     if (!dst.layers.empty()) throw std::runtime_error("exact prefill cannot join layers that were lazy from the start");
-    // Write every position in order through the lazy policy: later positions overwrite earlier ones, so
-    // what survives is exactly what a lazy store would hold had it been written all along.
-    std::vector<int32_t> src_of_cell(dst.cell_pos.size(), -1);
-    c.cell_pos.assign(dst.cell_pos.size(), -1);
-    std::vector<std::pair<int32_t, uint32_t>> by_pos;  // (position, source cell)
-    for (uint32_t cell = 0; cell < src.cell_pos.size(); ++cell) {
-        if (src.cell_pos[cell] >= 0) by_pos.emplace_back(src.cell_pos[cell], cell);
-    }
-    std::sort(by_pos.begin(), by_pos.end());
-    for (const auto & [pos, cell] : by_pos) {
-        const uint32_t d = dst.policy->cell_of(pos);
-        c.cell_pos[d] = pos;
-        src_of_cell[d] = (int32_t) cell;
-    }
-    for (uint32_t d = 0; d < src_of_cell.size(); ++d) {
-        if (src_of_cell[d] < 0) continue;
-        c.src_cells.push_back(src_of_cell[d]);
-        c.dst_cells.push_back(d);
-    }
-    // A quantized ring's residual gets the prompt's last positions, still exact in the full store.
-    const uint32_t C = dst.policy->residual_capacity();
-    c.res_pos.assign(dst.res_pos.size(), -1);
-    for (size_t i = by_pos.size() > C ? by_pos.size() - C : 0; i < by_pos.size(); ++i) {
-        const uint32_t d = (uint32_t) by_pos[i].first % C;  // sequence 0's cells
-        c.res_pos[d] = by_pos[i].first;
-        c.res_src_cells.push_back((int32_t) by_pos[i].second);
-        c.res_dst_cells.push_back(d);
-    }
     for (int il : layers) {
         c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, (uint32_t) dst.cell_pos.size(),
                                        (uint32_t) dst.res_pos.size(), buft_per_layer[il]));
@@ -60,47 +61,44 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
     return c;
 }
 
-bool KvCache::copy_cells(const Conversion & c, ggml_backend_sched_t sched, GraphArena & arena) const {
-    const int64_t n = (int64_t) c.src_cells.size();
-    if (n == 0) return true;
-    // Rows of the full store -> F32 (-> rotated) -> the lazy store's type, at the ring's cells.
+bool KvCache::copy_cells(const std::vector<CellCopy> & copies, ggml_backend_sched_t sched, GraphArena & arena) {
+    // Rows of the source store -> F32 (-> rotated) -> the destination's type, at its cells.
     ggml_context_ptr ctx = arena.context();
     ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), arena.n_nodes(), false);
-    ggml_tensor * src = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n);
-    ggml_tensor * dst = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I64, n);
-    ggml_set_input(src);
-    ggml_set_input(dst);
-    const int64_t n_res = (int64_t) c.res_src_cells.size();
-    ggml_tensor * res_src = n_res ? ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_res) : nullptr;
-    ggml_tensor * res_dst = n_res ? ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I64, n_res) : nullptr;
-    if (n_res) {
-        ggml_set_input(res_src);
-        ggml_set_input(res_dst);
-    }
     RotationInputs rotations;
-    for (size_t i = 0; i < c.layers.size(); ++i) {
-        const KvStore & from = stores_[c.layers[i]];
-        const KvStore & to = c.stores[i];
-        ggml_tensor * k = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from.k, src), from.rot.k, to.rot.k);
-        ggml_tensor * v = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from.v, src), from.rot.v, to.rot.v);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.k, k, dst));
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.v, v, dst));
-        if (res_src) {  // f16 rows in the ring's rotation
-            k = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from.k, res_src), from.rot.k, to.rot.k);
-            v = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from.v, res_src), from.rot.v, to.rot.v);
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.k_res, k, res_dst));
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to.v_res, v, res_dst));
+    std::vector<std::pair<ggml_tensor *, const void *>> inputs;  // index tensors and their data
+    auto index = [&](ggml_type type, const auto & cells) {
+        ggml_tensor * t = ggml_new_tensor_1d(ctx.get(), type, (int64_t) cells.size());
+        ggml_set_input(t);
+        inputs.emplace_back(t, cells.data());
+        return t;
+    };
+    auto copy = [&](ggml_tensor * from, uint32_t from_rot, ggml_tensor * to, uint32_t to_rot, ggml_tensor * src,
+                    ggml_tensor * dst) {
+        ggml_tensor * rows = rerotate(ctx.get(), rotations, ggml_get_rows(ctx.get(), from, src), from_rot, to_rot);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), to, rows, dst));
+    };
+    for (const CellCopy & cc : copies) {
+        ggml_tensor * src = cc.src_cells.empty() ? nullptr : index(GGML_TYPE_I32, cc.src_cells);
+        ggml_tensor * dst = src ? index(GGML_TYPE_I64, cc.dst_cells) : nullptr;
+        ggml_tensor * res_src = cc.res_src_cells.empty() ? nullptr : index(GGML_TYPE_I32, cc.res_src_cells);
+        ggml_tensor * res_dst = res_src ? index(GGML_TYPE_I64, cc.res_dst_cells) : nullptr;
+        for (const auto & [from, to] : cc.stores) {
+            if (src) {
+                copy(from->k, from->rot.k, to->k, to->rot.k, src, dst);
+                copy(from->v, from->rot.v, to->v, to->rot.v, src, dst);
+            }
+            if (res_src) {  // f16 rows in the ring's rotation
+                copy(from->k, from->rot.k, to->k_res, to->rot.k, res_src, res_dst);
+                copy(from->v, from->rot.v, to->v_res, to->rot.v, res_src, res_dst);
+            }
         }
     }
+    if (inputs.empty()) return true;
     ggml_backend_sched_reset(sched);
     const bool ok = ggml_backend_sched_alloc_graph(sched, gf);
     if (ok) {
-        ggml_backend_tensor_set(src, c.src_cells.data(), 0, ggml_nbytes(src));
-        ggml_backend_tensor_set(dst, c.dst_cells.data(), 0, ggml_nbytes(dst));
-        if (n_res) {
-            ggml_backend_tensor_set(res_src, c.res_src_cells.data(), 0, ggml_nbytes(res_src));
-            ggml_backend_tensor_set(res_dst, c.res_dst_cells.data(), 0, ggml_nbytes(res_dst));
-        }
+        for (const auto & [t, data] : inputs) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
         rotations.set();
     }
     const bool done = ok && ggml_backend_sched_graph_compute(sched, gf) == GGML_STATUS_SUCCESS;
@@ -118,15 +116,6 @@ void KvCache::commit_lazy(Conversion && c) {
         dst.layers.push_back(il);
     }
     std::sort(dst.layers.begin(), dst.layers.end());
-    dst.cell_pos = std::move(c.cell_pos);
-    dst.res_pos = std::move(c.res_pos);
-    dst.n_used = 0;
-    dst.n_free = 0;
-    for (uint32_t cell = 0; cell < dst.cell_pos.size(); ++cell) {
-        dst.cell_seq[cell] = dst.cell_pos[cell] >= 0 ? 0 : -1;  // exact prefill runs one sequence
-        if (dst.cell_pos[cell] >= 0) dst.n_used = cell + 1;
-        else ++dst.n_free;
-    }
 }
 
 size_t KvCache::make_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
@@ -136,9 +125,52 @@ size_t KvCache::make_lazy(const HParams & hp, const KvConfig & cfg, const std::v
     Conversion c = plan_lazy(hp, cfg, layers, buft_per_layer);
     size_t peak = total_bytes();
     for (const KvStore & s : c.stores) peak += s.bytes();
-    if (!copy_cells(c, sched, arena)) throw std::runtime_error("failed to compact the lazy layers");  // c's stores go
+    KvGroup & dst = groups_[c.group];
+    CellCopy cc = place_positions(dst, groups_[stores_[layers[0]].group], 0);  // exact prefill runs one sequence
+    for (size_t i = 0; i < layers.size(); ++i) cc.stores.emplace_back(&stores_[layers[i]], &c.stores[i]);
+    if (!copy_cells({cc}, sched, arena)) {
+        // the new group holds nothing again (c's stores go with c)
+        std::fill(dst.cell_pos.begin(), dst.cell_pos.end(), -1);
+        std::fill(dst.cell_seq.begin(), dst.cell_seq.end(), -1);
+        std::fill(dst.res_pos.begin(), dst.res_pos.end(), -1);
+        dst.n_used = 0;
+        dst.n_free = (uint32_t) dst.cell_pos.size();
+        throw std::runtime_error("failed to compact the lazy layers");
+    }
     commit_lazy(std::move(c));
     return peak;
+}
+
+void KvCache::adopt_sequence(const KvCache & prompt, int seq, ggml_backend_sched_t sched, GraphArena & arena) {
+    // Check first: the sequence is empty here, and each pool has a free cell for each position it takes.
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+        const KvGroup & g = groups_[gi];
+        if (g.layers.empty()) continue;
+        for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
+            if (g.cell_pos[c] >= 0 && g.cell_seq[c] == seq) throw std::runtime_error("adopt_sequence: the sequence holds cells");
+        }
+        const KvGroup & src = prompt.groups_[prompt.stores_.at(g.layers[0]).group];
+        for (int il : g.layers) {
+            if (&prompt.groups_[prompt.stores_.at(il).group] != &src) {
+                throw std::runtime_error("adopt_sequence: layers of one group here are in different groups there");
+            }
+        }
+        if (g.policy->pooled()) {
+            uint32_t n = 0;
+            for (uint32_t c = 0; c < src.cell_pos.size(); ++c) n += src.cell_pos[c] >= 0 && src.cell_seq[c] == seq;
+            if (n > g.n_free) throw BadInput("the KV cache is full: the prompt needs " + std::to_string(n) + " cells");
+        }
+    }
+    std::vector<CellCopy> copies;
+    for (KvGroup & g : groups_) {
+        if (g.layers.empty()) continue;
+        copies.push_back(place_positions(g, prompt.groups_[prompt.stores_[g.layers[0]].group], seq));
+        for (int il : g.layers) copies.back().stores.emplace_back(&prompt.stores_[il], &stores_[il]);
+    }
+    if (!copy_cells(copies, sched, arena)) {
+        clear(seq);
+        throw std::runtime_error("failed to copy a prompt's KV into the shared cache");
+    }
 }
 
 }  // namespace simkv

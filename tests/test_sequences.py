@@ -60,6 +60,35 @@ def test_four_sequences_together_equal_each_alone(smollm_path, lazy):
         assert err.max() < 1e-2, (s, err.max())
 
 
+def test_exact_prefill_per_sequence_equals_each_alone(smollm_path):
+    # Exact prefill with several sequences: each prompt is evaluated alone with every layer full (a cache of
+    # its own), then trimmed into the shared cache. Greedy text and logits equal a one-sequence exact
+    # Llama's. The window is shorter than the longer prompts, where exact prefill differs from streaming
+    # (checked, so that a staged prompt that silently streamed would fail here).
+    kw = dict(n_threads=2, lazy_layers=list(range(15, 30)), n_window=8, n_ubatch=64, lazy_prefill="exact")
+    llm = Llama(smollm_path, n_ctx=2048, n_seq_max=4, **kw)
+    together, rows_t = _greedy_together(llm, PROMPTS)
+    alone_llm = Llama(smollm_path, n_ctx=512, **kw)
+    streaming = Llama(smollm_path, n_ctx=512, **dict(kw, lazy_prefill="streaming"))
+    for s, prompt in enumerate(PROMPTS):
+        alone, rows_a = _greedy_alone(alone_llm, prompt)
+        assert together[s] == alone, (s, alone_llm.detokenize(together[s]), alone_llm.detokenize(alone))
+        err = np.abs(np.array(rows_t[s]) - np.array(rows_a))
+        assert err.max() < 1e-2, (s, err.max())  # as in the test above
+        if len(alone_llm.tokenize(prompt.encode())) > 16:
+            _, rows_s = _greedy_alone(streaming, prompt)
+            assert np.abs(rows_s[0] - rows_a[0]).max() > 0.1
+    seqs = llm.sequences
+    stats = seqs.kv_cache_stats()
+    assert stats["peak_bytes"] > stats["total_bytes"]  # a prompt's own cache came on top, then went
+    # A prompt beside other sequences' decode steps, in one call: still evaluated alone, exactly.
+    tokens = llm.tokenize(PROMPTS[2].encode())
+    assert seqs.prepare(3, tokens) == tokens  # trimmed after its prompt: not reused as a prefix
+    out = seqs.decode({0: [together[0][-1]], 3: tokens})
+    _, rows_a = _greedy_alone(alone_llm, PROMPTS[2])
+    assert np.abs(out[3] - rows_a[0]).max() < 1e-2
+
+
 def test_two_sequences_of_different_lengths_match_the_reference(tiny_model):
     """Lazy layers (sink + window) with two sequences sharing every ubatch, each against an independent
     PyTorch forward of that sequence alone (the bounds of test_lazy_reference's f16 test)."""
@@ -205,5 +234,5 @@ def test_refusals_change_nothing(tiny_model):
     assert one.sequences.decode({0: [3]})[0].shape == (one.n_vocab(),) and one.sequences.n_tokens(0) == 1
     with pytest.raises(ValueError, match="use llm.sequences"):
         one.eval([4])
-    with pytest.raises(ValueError, match="exact prefill and dynamic mode hold one sequence"):
-        Llama(path, n_ctx=64, n_threads=1, n_seq_max=2, lazy_prefill="exact", lazy_layers=[1])
+    with pytest.raises(ValueError, match="dynamic mode holds one sequence"):
+        Llama(path, n_ctx=64, n_threads=1, n_seq_max=2, lazy_mode="dynamic")

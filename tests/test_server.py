@@ -197,6 +197,32 @@ def test_next_turn_reuses_the_slot_cache(server, local):
     assert max(s["n_tokens"] for s in slots["slots"]) >= second.usage.prompt_tokens
 
 
+def test_exact_prefill_serves_several_conversations(smollm_path):
+    # --lazy-prefill exact with 2 slots: each new prompt is evaluated alone with every layer full, then
+    # trimmed into the shared cache. Two concurrent chats, then one's next turn (evaluated anew: its lazy
+    # layers were trimmed), each as a one-conversation exact Llama answers it. A window shorter than the
+    # prompts, so that exact prefill differs from streaming here.
+    lazy = dict(lazy_layers=list(range(15, 30)), n_window=16, lazy_prefill="exact")
+    s = Server("--parallel", "2", "--n-ctx", "2048", "--lazy-layers", ",".join(map(str, range(15, 30))), "--n-window", "16",
+               "--lazy-prefill", "exact")
+    try:
+        exact = Llama(smollm_path, n_ctx=2048, n_threads=2, **lazy)
+        client = s.client()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda m: client.chat.completions.create(model=MODEL, messages=m, temperature=0,
+                                                                        max_tokens=24, logprobs=True), CHAT[:2]))
+        for messages, r in zip(CHAT[:2], got):
+            assert_greedy(exact, _chat_tokens(exact, messages), _chat_pieces(r), 24)
+        history = CHAT[0] + [{"role": "assistant", "content": got[0].choices[0].message.content},
+                             {"role": "user", "content": "Say it again, shorter."}]
+        second = client.chat.completions.create(model=MODEL, messages=history, temperature=0, max_tokens=16,
+                                                logprobs=True)
+        assert_greedy(exact, _chat_tokens(exact, history), _chat_pieces(second), 16)
+        assert s.request("GET", "/health")[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
 @pytest.mark.parametrize("body,status,match", [
     (None, 400, ""),  # malformed JSON (sent raw below)
     ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),

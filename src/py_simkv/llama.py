@@ -108,7 +108,9 @@ class Llama:
     n_seq_max > 1 holds that many independent conversations in one cache (the full layers' n_ctx cells are
     one pool they share; each has its own sink + ring in the lazy layers). Drive them through
     `llm.sequences` (sequences.py: decoded together, continuous batching); the single-conversation methods
-    (eval, generate, completions) refuse then, and once `llm.sequences` was used.
+    (eval, generate, completions) refuse then, and once `llm.sequences` was used. Exact prefill works per
+    sequence (each prompt is evaluated alone with every layer full, then trimmed into the shared cache);
+    dynamic mode needs n_seq_max=1 (it would choose each sequence's lazy layers, which the cache shares).
     """
 
     def __init__(

@@ -78,6 +78,9 @@ class Scheduler:
         self.llm = llm
         self.seqs = llm.sequences
         self.slots = [Slot(s) for s in range(llm.n_seq_max)]
+        # Exact prefill evaluates a sequence's first decode() as its whole prompt (sequences.py): a new
+        # prompt then goes in one piece, not in chunks beside the other slots' tokens.
+        self.whole_prompts = llm.lazy_prefill == "exact" and bool(llm.lazy_layers)
         self.max_queue = max_queue
         self._waiting: Deque[Request] = collections.deque()
         self._jobs: Deque[Tuple[Callable, concurrent.futures.Future]] = collections.deque()
@@ -250,7 +253,7 @@ class Scheduler:
         budget -= len(batch)
         for slot in active:  # then prompt chunks, as many tokens as the batch has room for
             if slot.pending and budget > 0:
-                batch[slot.seq] = slot.pending[:budget]
+                batch[slot.seq] = slot.pending if self._whole(slot) else slot.pending[:budget]
                 budget -= len(batch[slot.seq])
         if not batch:
             return
@@ -295,6 +298,8 @@ class Scheduler:
         for slot in active:
             if slot.seq in batch and slot.next_token is None:
                 take = max(min(len(batch[slot.seq]), free), 0)
+                if self._whole(slot) and take < len(batch[slot.seq]):
+                    take = 0  # a whole prompt or nothing: it waits for room
                 free -= take
                 if take:
                     batch[slot.seq] = batch[slot.seq][:take]
@@ -309,6 +314,10 @@ class Scheduler:
                     slot.request.put(("done", None, None))
                     self._release(slot)
                     free += 1
+
+    def _whole(self, slot: Slot) -> bool:
+        """Whether this slot's pending prompt must be evaluated in one piece (exact prefill of a new prompt)."""
+        return self.whole_prompts and self.seqs.n_tokens(slot.seq) == 0
 
     def _sample(self, slot: Slot, logits: np.ndarray) -> None:
         request = slot.request

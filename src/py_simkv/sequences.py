@@ -5,7 +5,9 @@ positions and logits; decode() appends tokens to several of them in shared ubatc
 prompt chunk and the others' next tokens are evaluated in one pass (continuous batching, as llama-server
 does). The full layers' n_ctx cells are one pool: a sequence takes cells only for the positions it holds.
 The lazy layers give each sequence its own sink + ring. Prefix reuse, truncation (with the lazy-ring rule)
-and clearing are per sequence. Sampling is the caller's: `llm.make_sampler(...)` gives each sequence its
+and clearing are per sequence. With exact prefill a sequence's first decode() after it was empty is its
+prompt: evaluated alone with every layer full (its own temporary cache, of the prompt's length), then
+trimmed into the shared cache; pass a prompt whole to get that. Sampling is the caller's: `llm.make_sampler(...)` gives each sequence its
 own chain and seed.
 """
 from __future__ import annotations
@@ -96,6 +98,11 @@ class Sequences:
         seq = self._seq(seq)
         tokens = [int(t) for t in tokens]
         self._sync(seq)
+        if self._engine.compacted_of(seq):
+            # Exact prefill: this sequence's lazy layers were trimmed after its prompt; a new prompt is
+            # evaluated exactly (every layer full) from its start, as Llama does with one conversation.
+            self.clear(seq)
+            return tokens
         common = self.common_prefix(seq, tokens)
         if common == len(tokens) and common > 0:
             common -= 1
