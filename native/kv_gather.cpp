@@ -1,5 +1,7 @@
 #include "kv_gather.h"
 
+#include <ggml-cpu.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -75,13 +77,13 @@ void gather_span(ggml_tensor * dst, int ith, int nth, void *) {
             else to_float(row, y, ne0);
         } else if (r < n_idx + n_res) {
             const int32_t cell = ((const int32_t *) res_idx->data)[r - n_idx];
-            ggml_fp16_to_fp32_row((const ggml_fp16_t *) ((const char *) residual->data + (size_t) cell * residual->nb[1]), y, ne0);
+            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ((const char *) residual->data + (size_t) cell * residual->nb[1]), y, ne0);
         } else {
             // rounded through f16, as the residual will hold it
             const auto * x = (const float *) ((const char *) own->data + (size_t) (r - n_idx - n_res) * own->nb[1]);
             half.resize((size_t) ne0);
-            ggml_fp32_to_fp16_row(x, half.data(), ne0);
-            ggml_fp16_to_fp32_row(half.data(), y, ne0);
+            ggml_cpu_fp32_to_fp16(x, half.data(), ne0);
+            ggml_cpu_fp16_to_fp32(half.data(), y, ne0);
         }
     }
 }
