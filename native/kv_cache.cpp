@@ -274,11 +274,21 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
     sp.n_kv = pad_cells(std::max<uint32_t>((uint32_t) cols.size(), 1) + n_tail);  // at least one ring row
     const uint32_t n_ring = sp.n_kv - n_tail;
     sp.gather_offset = (int64_t) g.gather.size();
-    // padding (and a ring part no query reads) repeats a hidden cell
-    for (uint32_t k = 0; k < n_ring; ++k) g.gather.push_back((int32_t) (r0 + (k < cols.size() ? cols[k] : 0u)));
+    // Padding (and a ring part no query reads) repeats a hidden cell. For a lone query (a decode step) it is
+    // spread evenly among the read columns: ggml's flash attention splits a lone query's columns evenly
+    // between threads, and padding bunched at the end left the last thread idle for much of its share.
+    // Chunks keep it at the end, where their tiles see the columns in the order a full store has them
+    // (a window covering the context then computes exactly what a full layer does).
+    std::vector<int64_t> ring_col(n_ring, -1);  // index into cols, or -1 for padding
+    const uint64_t n_pad = n_q == 1 ? n_ring - (uint32_t) cols.size() : 0;
+    for (uint32_t k = 0, c = 0; k < n_ring && c < cols.size(); ++k) {
+        const bool pad = (k + 1) * n_pad / n_ring > k * n_pad / n_ring;
+        if (!pad) ring_col[k] = c++;
+    }
+    for (uint32_t k = 0; k < n_ring; ++k) g.gather.push_back((int32_t) (r0 + (ring_col[k] >= 0 ? cols[ring_col[k]] : 0u)));
     auto f16_mask = [&](int32_t q, int32_t k) { return k <= q && q - k < R && visible(q, k) ? mask_visible() : mask_hidden(); };
     for (uint32_t i = 0; i < n_q; ++i) {
-        for (uint32_t k = 0; k < n_ring; ++k) g.mask.push_back(k < cols.size() ? rows[(size_t) i * n_r + cols[k]] : mask_hidden());
+        for (uint32_t k = 0; k < n_ring; ++k) g.mask.push_back(ring_col[k] >= 0 ? rows[(size_t) i * n_r + cols[ring_col[k]]] : mask_hidden());
         for (int32_t k : res_held) g.mask.push_back(f16_mask(q_pos[i], k));
         for (size_t k = res_held.size(); k < sp.n_res; ++k) g.mask.push_back(mask_hidden());
         for (uint32_t t = 0; sp.residual && t < n_q; ++t) g.mask.push_back(f16_mask(q_pos[i], first + (int32_t) t));
