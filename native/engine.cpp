@@ -236,6 +236,11 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
     // Exact prefill with several sequences: a sequence's first tokens after it was emptied are its prompt,
     // evaluated alone with every layer full, then taken into the shared cache (eval_prompt). Its later
     // tokens, and the other sequences', share ubatches as in streaming mode.
+    uint32_t longest = 0;  // the largest prompt cache this call needs must fit before anything is evaluated
+    for (const SeqTokens & b : batch) {
+        if (n_past_[b.seq] == 0) longest = std::max(longest, b.n);
+    }
+    if (longest) check_memory(prompt_config(longest));
     std::vector<std::vector<float>> logits(batch.size());
     std::vector<SeqTokens> rest;
     std::vector<size_t> rest_at;
@@ -254,11 +259,16 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
     return logits;
 }
 
-std::vector<float> Engine::eval_prompt(const SeqTokens & b, const BetweenUbatches & between) {
+KvConfig Engine::prompt_config(uint32_t n_tokens) const {
     // A cache of the prompt's length (as many sequences, so that ids carry over) with every layer full.
-    KvConfig prompt_cfg = kv_cfg_;
-    prompt_cfg.n_ctx = pad_cells(b.n);
-    prompt_cfg.lazy_layers.clear();
+    KvConfig c = kv_cfg_;
+    c.n_ctx = pad_cells(n_tokens);
+    c.lazy_layers.clear();
+    return c;
+}
+
+std::vector<float> Engine::eval_prompt(const SeqTokens & b, const BetweenUbatches & between) {
+    const KvConfig prompt_cfg = prompt_config(b.n);
     check_memory(prompt_cfg);
     drop_graph(true);  // the graphs below read other stores
     std::unique_ptr<KvCache> shared = std::move(kv_);

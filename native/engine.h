@@ -151,6 +151,7 @@ private:
     // prompt is evaluated in a cache of its own with every layer full (eval_prompt).
     bool staged() const { return exact() && cfg_.n_seq_max > 1; }
     std::vector<float> eval_prompt(const SeqTokens & b, const BetweenUbatches & between);
+    KvConfig prompt_config(uint32_t n_tokens) const;  // the cache eval_prompt evaluates a prompt in
     void check_batch(const std::vector<SeqTokens> & batch, const ProbeSpec * probe, uint32_t n_probe) const;
     // decode() once checked: lays the batch out in ubatches and evaluates it in kv_.
     std::vector<std::vector<float>> evaluate(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
