@@ -268,8 +268,7 @@ KvConfig Engine::prompt_config(uint32_t n_tokens) const {
 }
 
 std::vector<float> Engine::eval_prompt(const SeqTokens & b, const BetweenUbatches & between) {
-    const KvConfig prompt_cfg = prompt_config(b.n);
-    check_memory(prompt_cfg);
+    const KvConfig prompt_cfg = prompt_config(b.n);  // decode() checked that the largest one fits
     drop_graph(true);  // the graphs below read other stores
     std::unique_ptr<KvCache> shared = std::move(kv_);
     auto restore = [&] {
