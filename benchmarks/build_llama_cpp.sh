@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-server and llama-batched-bench from the source of the pinned llama-cpp-python
-# (its sdist vendors llama.cpp), for bench_serve.py's llama-server baseline and the batched-decode anchor.
+# Builds llama.cpp's llama-server, llama-batched-bench, llama-bench and rpc-server (with ggml's RPC backend)
+# from the source of the pinned llama-cpp-python (its sdist vendors llama.cpp), for bench_serve.py's
+# llama-server baseline, the batched-decode anchor and bench_rpc.py's llama.cpp RPC baseline.
 # Output: ../llamacpp-build/bin (outside the repository). On this project's 2-core machine: ~10 minutes.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -13,6 +14,6 @@ if [ ! -d "$src/llama_cpp_python-0.3.36" ]; then
 fi
 cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$out" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
-ninja -C "$out" -j"$(nproc)" llama-server llama-batched-bench
-echo "built: $out/bin/llama-server $out/bin/llama-batched-bench"
+  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DGGML_RPC=ON
+ninja -C "$out" -j"$(nproc)" llama-server llama-batched-bench llama-bench rpc-server
+echo "built: $out/bin/llama-server $out/bin/llama-batched-bench $out/bin/llama-bench $out/bin/rpc-server"

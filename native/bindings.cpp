@@ -6,6 +6,7 @@
 #include "kv_policy.h"
 #include "logging.h"
 #include "model.h"
+#include "rpc_devices.h"
 #include "sampler.h"
 #include "vocab.h"
 
@@ -37,6 +38,14 @@ const BetweenUbatches check_signals = [] {
     nb::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) throw nb::python_error();
 };
+
+// Runs f where a call that may reach a remote device must run (rpc_devices.h): on the remote-call thread
+// when the model has layers on an RPC server, else right here.
+template <class F>
+void on_device_thread(const Model & model, F && f) {
+    if (model.uses_remote()) remote_call(f);
+    else f();
+}
 
 // The interpreter's main thread, read once when the module is imported.
 unsigned long g_main_thread = 0;
@@ -121,28 +130,44 @@ NB_MODULE(_native, m) {
         .def_prop_ro("metadata", [](const Model & md) { return metadata_dict(md.metadata()); })
         .def_prop_ro("weight_bytes", &Model::weight_bytes)
         .def_prop_ro("layer_devices", [](const Model & md) {
-            // "CPU" or the GPU's name for each repeating layer, then the output layer
+            // The device of each repeating layer, then of the output layer ("CPU", "CUDA0", "RPC0[host:port]")
             std::vector<std::string> out;
             const Placement & p = md.placement();
-            const std::string gpu = p.gpu ? ggml_backend_dev_name(p.gpu) : "";
-            for (bool g : p.layer_on_gpu) out.push_back(g ? gpu : "CPU");
-            out.push_back(p.output_on_gpu ? gpu : "CPU");
+            for (ggml_backend_dev_t d : p.layer_device) out.push_back(device_name(d));
+            out.push_back(device_name(p.output_device));
+            return out;
+        })
+        .def_prop_ro("offload_devices", [](const Model & md) {
+            std::vector<std::string> out;
+            for (ggml_backend_dev_t d : md.placement().devices) out.push_back(device_label(d));
             return out;
         });
     m.def("load_model",
-          [](const std::string & path, int n_gpu_layers, int main_gpu, bool use_mmap) {
+          [](const std::string & path, int n_gpu_layers, int main_gpu, bool use_mmap, const std::string & rpc_servers,
+             const std::vector<float> & tensor_split) {
               LoadOptions o;
               o.n_gpu_layers = n_gpu_layers;
               o.main_gpu = main_gpu;
               o.use_mmap = use_mmap;
-              return std::make_shared<Model>(path, o);
+              o.tensor_split = tensor_split;
+              if (rpc_servers.empty()) return std::make_shared<Model>(path, o);
+              o.remote = connect_rpc_servers(rpc_servers);
+              std::shared_ptr<Model> model;
+              remote_call([&] { model = std::make_shared<Model>(path, o); });
+              return model;
           },
-          "path"_a, "n_gpu_layers"_a = 0, "main_gpu"_a = 0, "use_mmap"_a = true, nb::call_guard<nb::gil_scoped_release>());
+          "path"_a, "n_gpu_layers"_a = 0, "main_gpu"_a = 0, "use_mmap"_a = true, "rpc_servers"_a = "",
+          "tensor_split"_a = std::vector<float>(), nb::call_guard<nb::gil_scoped_release>());
     m.def("gpu_devices", [] {
         std::vector<std::string> out;
         for (ggml_backend_dev_t d : gpu_devices()) out.push_back(device_label(d));
         return out;
     }, "GPU devices of the ggml build llama-cpp-python installed (empty: CPU only)");
+    m.def("rpc_available", &rpc_available, "This ggml build has the RPC backend (llama-cpp-python built with -DGGML_RPC=on)");
+    m.def("rpc_install_hint", [] { return std::string(k_rpc_install_hint); });
+    m.def("serve_rpc", &serve_rpc, "endpoint"_a, "n_threads"_a, "cache_dir"_a = "",
+          nb::call_guard<nb::gil_scoped_release>(), "Serve this machine's devices over ggml RPC until killed");
+    nb::exception<RemoteFailure>(m, "RemoteFailure", PyExc_ConnectionError);
 
     // Every engine setting with its one default (engine.h). Cache types and modes are strings here and
     // parsed once, on assignment.
@@ -208,7 +233,11 @@ NB_MODULE(_native, m) {
           "type"_a, "n"_a, "Bytes of one row of n values of a cache type");
 
     nb::class_<Engine>(m, "Engine")
-        .def(nb::init<std::shared_ptr<Model>, const EngineConfig &>(), "model"_a, "config"_a)
+        .def("__init__",
+             [](Engine * e, std::shared_ptr<Model> model, const EngineConfig & cfg) {
+                 on_device_thread(*model, [&] { new (e) Engine(std::move(model), cfg); });
+             },
+             "model"_a, "config"_a)
         .def_prop_ro("config", &Engine::config)
         .def("eval",
              [](Engine & e, TokenArray tokens, bool all_logits) {
@@ -218,7 +247,7 @@ NB_MODULE(_native, m) {
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
-                     logits = e.eval(tokens.data(), n, all_logits, nullptr, 0, between);
+                     on_device_thread(e.model(), [&] { logits = e.eval(tokens.data(), n, all_logits, nullptr, 0, between); });
                  }
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
@@ -232,7 +261,7 @@ NB_MODULE(_native, m) {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
                      const ProbeSpec spec{n_sink, n_window};
-                     logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe, between);
+                     on_device_thread(e.model(), [&] { logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe, between); });
                  }
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
@@ -252,7 +281,7 @@ NB_MODULE(_native, m) {
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
-                     logits = e.decode(batch, between);
+                     on_device_thread(e.model(), [&] { logits = e.decode(batch, between); });
                  }
                  const size_t n_vocab = e.out_width();
                  nb::list out;
@@ -265,30 +294,38 @@ NB_MODULE(_native, m) {
              "Append tokens to several sequences in shared ubatches; returns each one's logits")
         .def("probe_mass", &Engine::probe_mass)
         .def("probe_change", &Engine::probe_change)
-        .def("truncate", [](Engine & e, uint32_t n_keep, int32_t seq) { auto busy = e.claim(); return e.truncate(n_keep, seq); },
+        .def("truncate",
+             [](Engine & e, uint32_t n_keep, int32_t seq) {
+                 auto busy = e.claim();
+                 bool kept = false;
+                 on_device_thread(e.model(), [&] { kept = e.truncate(n_keep, seq); });
+                 return kept;
+             },
              "n_keep"_a, "seq"_a = 0)
-        .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); e.clear(seq); }, "seq"_a)
+        .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.clear(seq); }); }, "seq"_a)
         .def("set_n_threads", [](Engine & e, int n) { auto busy = e.claim(); e.set_n_threads(n); }, "n"_a)
-        .def("reset", [](Engine & e) { auto busy = e.claim(); e.reset(); })
-        .def("set_embeddings", [](Engine & e, bool on) { auto busy = e.claim(); e.set_embeddings(on); }, "on"_a,
+        .def("reset", [](Engine & e) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.reset(); }); })
+        .def("set_embeddings", [](Engine & e, bool on) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.set_embeddings(on); }); }, "on"_a,
              "Rows of the final norm's output instead of logits")
         .def("save_state",
              [](const Engine & e) {
                  auto busy = e.claim();
-                 std::string s = e.save_state();
+                 std::string s;
+                 on_device_thread(e.model(), [&] { s = e.save_state(); });
                  return nb::bytes(s.data(), s.size());
              },
              "The context (positions, cell maps, every store's used rows) as bytes")
         .def("load_state",
              [](Engine & e, nb::bytes blob) {
                  auto busy = e.claim();
-                 e.load_state(std::string(blob.c_str(), blob.size()));
+                 const std::string b(blob.c_str(), blob.size());
+                 on_device_thread(e.model(), [&] { e.load_state(b); });
              },
              "blob"_a, "Restore a save_state(); on a mismatch the engine is left empty")
         .def("set_masked_layers",
              [](Engine & e, const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window) {
                  auto busy = e.claim();
-                 e.set_masked_layers(layers, n_sink, n_window);
+                 on_device_thread(e.model(), [&] { e.set_masked_layers(layers, n_sink, n_window); });
              },
              "layers"_a, "n_sink"_a, "n_window"_a)
         .def_prop_ro("n_past", [](const Engine & e) { return e.n_past(0); })

@@ -1,10 +1,12 @@
-// Where each layer lives: llama.cpp's n_gpu_layers / main_gpu, over the devices of the ggml build that
-// llama-cpp-python installed (CUDA when it was built with -DGGML_CUDA=on; CPU only otherwise).
+// Where each layer lives: llama.cpp's n_gpu_layers / tensor_split, over the offload devices of this Model:
+// the remote devices of its RPC servers (rpc_devices.h), then the local GPU main_gpu of the ggml build that
+// llama-cpp-python installed (CUDA when it was built with -DGGML_CUDA=on; none otherwise).
 //
-// A layer's weights and its KV store share a device. The last n_gpu_layers repeating layers go to the GPU;
+// A layer's weights and its KV store share a device. The last n_gpu_layers repeating layers are offloaded;
 // the output layer (final norm + output matrix) too when n_gpu_layers > n_layer (-1 = all of it); the token
-// embedding stays on the CPU, read by get_rows (as in llama.cpp). One GPU (main_gpu) takes every offloaded
-// layer: multi-GPU splitting is not implemented.
+// embedding stays on the CPU, read by get_rows (as in llama.cpp). The offloaded layers are split between the
+// offload devices in order, in proportion to tensor_split, or to each device's free memory when it is empty
+// or all zero (llama.cpp's layer split). Several local GPUs are not split between: main_gpu takes them.
 #pragma once
 #include <ggml-backend.h>
 
@@ -14,19 +16,23 @@
 namespace simkv {
 
 struct Placement {
-    ggml_backend_dev_t gpu = nullptr;  // the device offloaded layers go to; null = CPU only
-    std::vector<bool> layer_on_gpu;    // per repeating layer
-    bool output_on_gpu = false;
-    bool any_layer_on_gpu() const;  // a repeating layer (they read rope_freqs)
-    bool any_on_gpu() const { return output_on_gpu || any_layer_on_gpu(); }
+    std::vector<ggml_backend_dev_t> layer_device;  // per repeating layer; null = the CPU
+    ggml_backend_dev_t output_device = nullptr;    // the output layer's; null = the CPU
+    std::vector<ggml_backend_dev_t> devices;       // the offload devices that hold a layer, each once, in order
+    bool any_offloaded() const { return !devices.empty(); }
 };
 
-// GPU devices of this ggml build, in registry order (index = main_gpu).
+// GPU devices of this ggml build, in registry order (index = main_gpu). RPC devices are not registered.
 std::vector<ggml_backend_dev_t> gpu_devices();
-std::string device_label(ggml_backend_dev_t dev);  // "CUDA0 (NVIDIA H200, 139 GiB)"
+// "CUDA0 (NVIDIA H200, 139 GiB)"; a remote device: "RPC0 (127.0.0.1:50052, 23 GiB)".
+std::string device_label(ggml_backend_dev_t dev);
+// What kv_cache_stats() and layer_devices show for a layer: "CPU", "CUDA0", "RPC0[127.0.0.1:50052]" (device
+// 0 of the server at that endpoint).
+std::string device_name(ggml_backend_dev_t dev);
 
-// With no GPU in the build every layer stays on the CPU (the caller warns). Throws BadInput for a
-// main_gpu that does not exist or n_gpu_layers < -1.
-Placement plan_placement(uint32_t n_layer, int n_gpu_layers, int main_gpu);
+// Throws BadInput for a main_gpu that does not exist, n_gpu_layers < -1, or a tensor_split that is negative
+// or longer than the offload devices. With no offload device every layer stays on the CPU (the caller warns).
+Placement plan_placement(uint32_t n_layer, int n_gpu_layers, int main_gpu, const std::vector<ggml_backend_dev_t> & remote,
+                         const std::vector<float> & tensor_split);
 
 }  // namespace simkv

@@ -2,6 +2,7 @@
 
 #include "errors.h"
 #include "graph.h"
+#include "rpc_devices.h"
 
 #include <ggml-cpu.h>
 
@@ -141,11 +142,10 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
         for (int64_t il : cfg_.lazy_layers) kv_cfg_.lazy_layers.push_back((int) il);
     }
     // Each layer's KV store lives on its layer's device (devices.h); the scheduler runs each op where its
-    // weights are, the CPU backend last, and offloads large CPU-weight batches to the GPU as llama.cpp does.
-    const Placement & placement = model_->placement();
-    if (placement.any_on_gpu()) {
-        gpu_.reset(ggml_backend_dev_init(placement.gpu, nullptr));
-        if (!gpu_) throw std::runtime_error(std::string("cannot start the GPU backend ") + ggml_backend_dev_name(placement.gpu));
+    // weights are, the CPU backend last, and offloads large CPU-weight batches to a GPU as llama.cpp does.
+    for (ggml_backend_dev_t dev : model_->placement().devices) {
+        offload_.emplace_back(ggml_backend_dev_init(dev, nullptr));
+        if (!offload_.back()) throw std::runtime_error("cannot start the backend of " + device_name(dev));
     }
     bufts_.resize(hp.n_layer);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
@@ -156,10 +156,28 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
     kv_ = new_cache();
     peak_kv_bytes_ = kv_->total_bytes();
     std::vector<ggml_backend_t> backends;
-    if (gpu_) backends.push_back(gpu_.get());
+    for (const ggml_backend_ptr & b : offload_) backends.push_back(b.get());
     backends.push_back(cpu_.get());
     sched_.reset(ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), arena_.n_nodes(), false,
-                                        gpu_ != nullptr));
+                                        !offload_.empty()));
+}
+
+Engine::~Engine() {
+    if (!model_->uses_remote()) return;
+    // Remote buffers are freed by messages to their server, on the remote-call thread; after a failure
+    // they are left alone (rpc_devices.h).
+    free_remote_or_leak(
+        [&] {
+            drop_graph(false);
+            sched_.reset();
+            kv_.reset();
+            offload_.clear();
+        },
+        [&] {
+            (void) sched_.release();
+            (void) kv_.release();
+            for (ggml_backend_ptr & b : offload_) (void) b.release();
+        });
 }
 
 std::vector<float> Engine::eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe,
@@ -524,20 +542,29 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
 
     drop_graph(false);
     ++graph_builds_;
-    graph_.ctx = arena_.context();
-    graph_.gf = ggml_new_graph_custom(graph_.ctx.get(), arena_.n_nodes(), false);
-    GraphBuild b{graph_.ctx.get(), graph_.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &graph_.probe : nullptr,
-                 n_probe, embeddings_};
-    graph_.logits = build_graph(b);
-    ggml_build_forward_expand(graph_.gf, graph_.logits);
-    graph_.in = b.in;
-
+    auto build = [&](BuiltGraph & g) {
+        g.ctx = arena_.context();
+        g.gf = ggml_new_graph_custom(g.ctx.get(), arena_.n_nodes(), false);
+        GraphBuild b{g.ctx.get(), g.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &g.probe : nullptr, n_probe,
+                     embeddings_};
+        g.logits = build_graph(b);
+        ggml_build_forward_expand(g.gf, g.logits);
+        g.in = b.in;
+    };
     ggml_backend_sched_reset(sched_.get());
     // alloc_graph reuses the previous allocation plan whenever the sizes fit, which is only valid for the
     // same topology. After layers change groups, a group's mask or write index could share memory with a
-    // node computed before its last reader: plan afresh.
-    const bool planned = !groups_changed_ || ggml_backend_sched_reserve(sched_.get(), graph_.gf);
+    // node computed before its last reader: plan afresh, on a graph of its own. (Splitting a graph between
+    // backends points its nodes at the scheduler's copies of their inputs, so a graph is split only once: a
+    // second split of the same graph finds no inputs to copy to another device.)
+    bool planned = true;
+    if (groups_changed_) {
+        BuiltGraph measure;
+        build(measure);
+        planned = ggml_backend_sched_reserve(sched_.get(), measure.gf);
+    }
     groups_changed_ = false;
+    if (planned) build(graph_);
     if (!planned || !ggml_backend_sched_alloc_graph(sched_.get(), graph_.gf)) {
         drop_graph(false);
         throw std::runtime_error("failed to allocate the compute graph");

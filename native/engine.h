@@ -84,6 +84,7 @@ using BetweenUbatches = std::function<void()>;
 class Engine {
 public:
     Engine(std::shared_ptr<Model> model, const EngineConfig & cfg);
+    ~Engine();
     Engine(const Engine &) = delete;
     Engine & operator=(const Engine &) = delete;
 
@@ -190,7 +191,7 @@ private:
     KvConfig kv_cfg_;
     // Members are destroyed in reverse order: the graph, then the scheduler, the stores, the backends.
     ggml_backend_ptr cpu_;
-    ggml_backend_ptr gpu_;  // when the model has layers on a GPU
+    std::vector<ggml_backend_ptr> offload_;  // a backend per offload device that holds a layer (devices.h)
     std::vector<ggml_backend_buffer_type_t> bufts_;
     std::unique_ptr<KvCache> kv_;
     ggml_backend_sched_ptr sched_;

@@ -2,6 +2,7 @@
 
 #include "errors.h"
 #include "gguf_file.h"
+#include "rpc_devices.h"
 
 #include <gguf.h>
 #include <ggml-cpu.h>
@@ -10,6 +11,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <sstream>
@@ -32,9 +34,19 @@ Model::Model(const std::string & path, const LoadOptions & opts) : path_(path) {
     GgufFile f(path);
     load_hparams(f);
     metadata_ = f.metadata();
-    placement_ = plan_placement(hp_.n_layer, opts.n_gpu_layers, opts.main_gpu);
+    placement_ = plan_placement(hp_.n_layer, opts.n_gpu_layers, opts.main_gpu, opts.remote, opts.tensor_split);
     bind_tensors(f);
     load_weights(f, opts.use_mmap);
+}
+
+Model::~Model() {
+    if (!uses_remote()) return;
+    free_remote_or_leak([&] { for (DeviceWeights & d : on_device_) d.buffer.reset(); },
+                        [&] { for (DeviceWeights & d : on_device_) (void) d.buffer.release(); });
+}
+
+bool Model::uses_remote() const {
+    return std::any_of(placement_.devices.begin(), placement_.devices.end(), is_remote);
 }
 
 FileMapping::FileMapping(const std::string & path, size_t size) : size_(size) {
@@ -212,13 +224,14 @@ void Model::bind_tensors(const GgufFile & f) {
 void Model::load_weights(const GgufFile & f, bool use_mmap) {
     mapping_ = std::make_unique<FileMapping>(f.path(), f.file_size());
     const uint32_t n_layer = hp_.n_layer;
-    auto on_gpu = [&](const std::string & name) {
+    // The device a weight goes to (null = the CPU).
+    auto device_of = [&](const std::string & name) -> ggml_backend_dev_t {
         if (name.rfind("blk.", 0) == 0) {
             const long il = std::strtol(name.c_str() + 4, nullptr, 10);
-            return il >= 0 && il < (long) n_layer && placement_.layer_on_gpu[il];
+            return il >= 0 && il < (long) n_layer ? placement_.layer_device[il] : nullptr;
         }
-        if (name == "output_norm.weight" || name == "output.weight") return placement_.output_on_gpu;
-        return false;  // token_embd stays on the CPU (get_rows); rope_freqs gets one copy per device below
+        if (name == "output_norm.weight" || name == "output.weight") return placement_.output_device;
+        return nullptr;  // token_embd stays on the CPU (get_rows); rope_freqs gets one copy per device below
     };
     // Descriptors we own (the GgufFile's context dies with it), in one context per destination buffer.
     const int64_t n = gguf_get_n_tensors(f.gguf());
@@ -228,7 +241,11 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
     };
     ctx_ = new_ctx(n);
     ctx_copied_ = new_ctx(n);
-    ctx_gpu_ = new_ctx(n);
+    for (ggml_backend_dev_t dev : placement_.devices) on_device_.push_back({dev, new_ctx(n), nullptr});
+    auto ctx_of = [&](ggml_backend_dev_t dev) {
+        for (DeviceWeights & d : on_device_) if (d.dev == dev) return d.ctx.get();
+        throw std::logic_error("no weight context for a device");
+    };
     struct Placed { ggml_tensor * dst; const char * data; };
     std::vector<Placed> mapped, copied;
     std::map<ggml_tensor *, ggml_tensor *> remap;
@@ -238,7 +255,8 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
         const char * name = gguf_get_tensor_name(f.gguf(), i);
         ggml_tensor * src = ggml_get_tensor(f.meta(), name);
         const char * data = base + gguf_get_tensor_offset(f.gguf(), i);
-        ggml_context * home = (on_gpu(name) ? ctx_gpu_ : use_mmap ? ctx_ : ctx_copied_).get();
+        ggml_backend_dev_t dev = device_of(name);
+        ggml_context * home = dev ? ctx_of(dev) : (use_mmap ? ctx_ : ctx_copied_).get();
         ggml_tensor * dst = ggml_dup_tensor(home, src);
         ggml_set_name(dst, name);
         (home == ctx_.get() ? mapped : copied).push_back({dst, data});
@@ -246,26 +264,31 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
         data_of[src] = data;
         weight_bytes_ += ggml_nbytes(dst);
     }
-    // Second copies on the GPU: a tied output matrix (the CPU keeps the embedding for get_rows), and the
-    // RoPE frequency factors that every offloaded layer reads.
-    ggml_tensor * output_gpu = nullptr, * rope_freqs_gpu = nullptr;
-    if (placement_.output_on_gpu && output == tok_embd) {
-        output_gpu = ggml_dup_tensor(ctx_gpu_.get(), tok_embd);
-        ggml_set_name(output_gpu, "output.weight (tied)");
-        copied.push_back({output_gpu, data_of.at(tok_embd)});
+    // Second copies on offload devices: a tied output matrix (the CPU keeps the embedding for get_rows),
+    // and the RoPE frequency factors for each device that holds a layer.
+    ggml_tensor * output_dev = nullptr;
+    std::map<ggml_backend_dev_t, ggml_tensor *> rope_freqs_on;
+    if (placement_.output_device && output == tok_embd) {
+        output_dev = ggml_dup_tensor(ctx_of(placement_.output_device), tok_embd);
+        ggml_set_name(output_dev, "output.weight (tied)");
+        copied.push_back({output_dev, data_of.at(tok_embd)});
     }
-    if (rope_freqs && placement_.any_layer_on_gpu()) {
-        rope_freqs_gpu = ggml_dup_tensor(ctx_gpu_.get(), rope_freqs);
-        ggml_set_name(rope_freqs_gpu, "rope_freqs.weight (gpu)");
-        copied.push_back({rope_freqs_gpu, data_of.at(rope_freqs)});
+    if (rope_freqs) {
+        for (ggml_backend_dev_t dev : placement_.layer_device) {
+            if (!dev || rope_freqs_on.count(dev)) continue;
+            ggml_tensor * t = ggml_dup_tensor(ctx_of(dev), rope_freqs);
+            ggml_set_name(t, "rope_freqs.weight (copy)");
+            copied.push_back({t, data_of.at(rope_freqs)});
+            rope_freqs_on[dev] = t;
+        }
     }
 
-    auto alloc = [&](const ggml_context_ptr & ctx, ggml_backend_buffer_type_t buft, const char * where) {
-        if (!ggml_get_first_tensor(ctx.get())) return ggml_backend_buffer_ptr();
-        ggml_backend_buffer_ptr b(ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft));
+    auto alloc = [&](ggml_context * ctx, ggml_backend_buffer_type_t buft, const char * where, bool offloaded) {
+        if (!ggml_get_first_tensor(ctx)) return ggml_backend_buffer_ptr();
+        ggml_backend_buffer_ptr b(ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft));
         if (!b) {
             throw std::runtime_error(std::string("not enough memory for the model's weights on ") + where +
-                                     (&ctx == &ctx_gpu_ ? ": offload fewer layers (n_gpu_layers)" : ""));
+                                     (offloaded ? ": offload fewer layers (n_gpu_layers)" : ""));
         }
         ggml_backend_buffer_set_usage(b.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         return b;
@@ -276,9 +299,9 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
         ggml_backend_buffer_set_usage(buffer_.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         for (const Placed & p : mapped) ggml_backend_tensor_alloc(buffer_.get(), p.dst, (void *) p.data);
     }
-    buffer_copied_ = alloc(ctx_copied_, ggml_backend_cpu_buffer_type(), "the CPU");
-    if (ggml_get_first_tensor(ctx_gpu_.get())) {
-        buffer_gpu_ = alloc(ctx_gpu_, ggml_backend_dev_buffer_type(placement_.gpu), ggml_backend_dev_name(placement_.gpu));
+    buffer_copied_ = alloc(ctx_copied_.get(), ggml_backend_cpu_buffer_type(), "the CPU", false);
+    for (DeviceWeights & d : on_device_) {
+        d.buffer = alloc(d.ctx.get(), ggml_backend_dev_buffer_type(d.dev), ggml_backend_dev_name(d.dev), true);
     }
     for (const Placed & p : copied) ggml_backend_tensor_set(p.dst, p.data, 0, ggml_nbytes(p.dst));
     if (mapped.empty()) mapping_.reset();  // every weight was copied: the mapping is no longer read
@@ -286,14 +309,15 @@ void Model::load_weights(const GgufFile & f, bool use_mmap) {
     auto fix = [&](ggml_tensor *& t) { if (t) t = remap.at(t); };
     ggml_tensor * rope_freqs_src = rope_freqs;
     fix(tok_embd); fix(output_norm); fix(output); fix(rope_freqs);
-    if (output_gpu) output = output_gpu;
+    if (output_dev) output = output_dev;
     for (uint32_t il = 0; il < n_layer; ++il) {
         LayerWeights & L = layers[il];
         for (ggml_tensor ** t : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.q_norm, &L.k_norm,
                                  &L.attn_post_norm, &L.ffn_post_norm, &L.ffn_norm, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) {
             fix(*t);
         }
-        L.rope_freqs = rope_freqs_src ? (placement_.layer_on_gpu[il] ? rope_freqs_gpu : rope_freqs) : nullptr;
+        ggml_backend_dev_t dev = placement_.layer_device[il];
+        L.rope_freqs = rope_freqs_src ? (dev ? rope_freqs_on.at(dev) : rope_freqs) : nullptr;
     }
 }
 

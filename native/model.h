@@ -1,6 +1,6 @@
 // A decoder-only transformer loaded from GGUF: hyperparameters and weight tensors, each on the device of
 // its layer (devices.h). CPU weights are memory-mapped from the file (use_mmap) or copied into memory;
-// GPU weights are copied into the device's buffer.
+// offloaded weights (a GPU, an RPC server) are copied into a buffer of their device.
 #pragma once
 #include "devices.h"
 
@@ -47,9 +47,11 @@ struct HParams {
 };
 
 struct LoadOptions {
-    int n_gpu_layers = 0;  // the last n layers (and the output layer when n > n_layer) on the GPU; -1 = all
+    int n_gpu_layers = 0;  // the last n layers (and the output layer when n > n_layer) offloaded; -1 = all
     int main_gpu = 0;      // which GPU device
     bool use_mmap = true;  // CPU weights read in place from the file; false = copied into memory
+    std::vector<ggml_backend_dev_t> remote;  // RPC devices (rpc_devices.h) that join the offload devices
+    std::vector<float> tensor_split;         // shares of the offloaded layers per offload device; empty = by free memory
 };
 
 struct LayerWeights {
@@ -81,6 +83,7 @@ private:
 class Model {
 public:
     explicit Model(const std::string & path, const LoadOptions & opts = {});
+    ~Model();
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;
 
@@ -90,7 +93,9 @@ public:
     size_t weight_bytes() const { return weight_bytes_; }
     const Placement & placement() const { return placement_; }
     // The device of layer il (null = CPU): its weights and its KV store live there.
-    ggml_backend_dev_t layer_device(uint32_t il) const { return placement_.layer_on_gpu.at(il) ? placement_.gpu : nullptr; }
+    ggml_backend_dev_t layer_device(uint32_t il) const { return placement_.layer_device.at(il); }
+    // Some layer is on an RPC server: calls that compute or move data go through remote_call.
+    bool uses_remote() const;
 
     ggml_tensor * tok_embd = nullptr;
     ggml_tensor * output_norm = nullptr;
@@ -111,8 +116,13 @@ private:
     std::unique_ptr<FileMapping> mapping_;  // null once every weight was copied out of it
     ggml_context_ptr ctx_;         // descriptors of the weights that stay in the mapping
     ggml_context_ptr ctx_copied_;  // ... copied into CPU memory (use_mmap = false)
-    ggml_context_ptr ctx_gpu_;     // ... copied to the GPU
-    ggml_backend_buffer_ptr buffer_, buffer_copied_, buffer_gpu_;
+    ggml_backend_buffer_ptr buffer_, buffer_copied_;
+    struct DeviceWeights {         // ... copied to an offload device
+        ggml_backend_dev_t dev;
+        ggml_context_ptr ctx;
+        ggml_backend_buffer_ptr buffer;
+    };
+    std::vector<DeviceWeights> on_device_;
     size_t weight_bytes_ = 0;
 };
 

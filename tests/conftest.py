@@ -44,3 +44,69 @@ def tiny_model(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_rpc_server(threads: int = 2):
+    """A `simkv rpc-server` on a free loopback port: (process, "127.0.0.1:port") once it accepts connections."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "py_simkv.cli", "rpc-server", "--port", str(port),
+                             "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rpc-server exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            # ggml's server takes one client at a time and drops this probe at once
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("rpc-server did not listen within 30 s")
+
+
+def stop_rpc_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except Exception:
+        proc.kill()
+        proc.wait()
+
+
+def require_rpc():
+    """The README's test command installs llama-cpp-python with ggml's RPC backend, so its absence fails
+    these tests (with the command that fixes it). SIMKV_ALLOW_NO_RPC=1 skips them instead, for a machine
+    that runs only other checks on another build (the GPU check's CUDA build)."""
+    from py_simkv import _native
+
+    if _native.rpc_available():
+        return
+    if os.environ.get("SIMKV_ALLOW_NO_RPC"):
+        pytest.skip("llama-cpp-python was built without ggml RPC (-DGGML_RPC=on)")
+    pytest.fail(f"{_native.rpc_install_hint()} (or run scripts/install-llama-cpp-rpc.sh; SIMKV_ALLOW_NO_RPC=1 "
+                "skips the RPC tests)")
+
+
+@pytest.fixture(scope="session")
+def rpc_servers():
+    """Two ggml RPC servers (this machine's CPU, 2 threads each) on 127.0.0.1 for the session:
+    "127.0.0.1:p1,127.0.0.1:p2". Stopped at the end."""
+    require_rpc()
+    servers = [start_rpc_server() for _ in range(2)]
+    yield ",".join(endpoint for _, endpoint in servers)
+    for proc, _ in servers:
+        stop_rpc_server(proc)

@@ -1,5 +1,5 @@
 """Device placement that a CPU-only install can check: weights copied instead of mapped, the GPU request
-on a build without a GPU, bad device arguments. The GPU itself: test_cuda.py."""
+on a build without a GPU, bad device arguments. Offload devices themselves (a GPU, RPC servers): test_offload.py."""
 import warnings
 
 import numpy as np

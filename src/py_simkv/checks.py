@@ -67,3 +67,22 @@ def check_model_file(model_path) -> str:
         if f.read(4) != b"GGUF":
             raise ValueError(f"not a GGUF file: {path}")
     return path
+
+
+def check_rpc_servers(servers) -> str:
+    """None or llama-cpp-python's "host:port,host:port" string ("" = none); each endpoint is checked natively."""
+    if servers is None:
+        return ""
+    if not isinstance(servers, str):
+        raise TypeError(f"rpc_servers must be a string such as '127.0.0.1:50052,127.0.0.1:50053', "
+                        f"got {type(servers).__name__}")
+    return servers.strip()
+
+
+def check_tensor_split(split) -> List[float]:
+    """None or a sequence of numbers: each offload device's share of the offloaded layers (checked natively)."""
+    if split is None:
+        return []
+    if isinstance(split, (str, bytes)) or not hasattr(split, "__iter__"):
+        raise TypeError("tensor_split must be a sequence of numbers (one per offload device) or None")
+    return [check_float("tensor_split", x) for x in split]

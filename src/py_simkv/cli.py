@@ -1,4 +1,4 @@
-"""`simkv` command line: chat, generate, serve, info, profile."""
+"""`simkv` command line: chat, generate, serve, info, profile, rpc-server."""
 from __future__ import annotations
 
 import argparse
@@ -23,10 +23,7 @@ def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx,
     p.add_argument("--n-ctx", type=int, default=n_ctx_default,
                    help=n_ctx_help or f"context length in tokens (default {n_ctx_default})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
-                   help="offload the last N layers to the GPU (-1 = all, with the output layer); needs llama-cpp-python "
-                        "built with CUDA")
-    p.add_argument("--main-gpu", type=int, default=0, help="GPU device that takes the offloaded layers")
+    _add_device_options(p)
     p.add_argument("--lazy-layers", type=_layer_list, default=None, help="lazy layers, e.g. 15,16,17")
     p.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink,
                    help=f"initial tokens a lazy layer keeps (default {DEFAULTS.n_sink})")
@@ -55,6 +52,26 @@ def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx,
                    help="dynamic: choose lazy layers per prompt by attention mass > --lazy-threshold")
 
 
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="offload the last N layers to the GPU and the --rpc servers (-1 = all, with the output "
+                        "layer); needs llama-cpp-python built with CUDA or RPC")
+    p.add_argument("--main-gpu", type=int, default=0, help="GPU device that takes the offloaded layers")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="offload layers to ggml RPC servers too (`simkv rpc-server` on each host; needs "
+                        "llama-cpp-python built with -DGGML_RPC=on); give -ngl as for a GPU")
+    p.add_argument("--tensor-split", type=_float_list, default=None, metavar="A,B,...",
+                   help="shares of the offloaded layers per device, RPC servers first, then the GPU "
+                        "(default: by free memory)")
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 3,1, got {text!r}")
+
+
 def _add_ignore_eos(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true",
                    help="never end a reply with an end-of-generation token (it runs to -n or the context's end)")
@@ -71,6 +88,12 @@ def _model_path(args) -> str:
     return path
 
 
+def _devices(args) -> dict:
+    """Llama's placement arguments from the command line."""
+    return dict(n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, rpc_servers=args.rpc,
+                tensor_split=args.tensor_split)
+
+
 def _open(args, **extra):
     from . import Llama
 
@@ -78,8 +101,7 @@ def _open(args, **extra):
     kw = dict(extra)
     if args.seed is not None:
         kw["seed"] = args.seed
-    llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
-                n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k, type_v=args.type_v,
+    llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, **_devices(args), n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k, type_v=args.type_v,
                 lazy_type=args.lazy_type, lazy_residual=args.lazy_residual, lazy_prefill=args.lazy_prefill,
                 lazy_mode=args.lazy_mode, **_lazy_choice(args), **kw)
     print(f"simkv: {_lazy_summary(llm, args)}", file=sys.stderr)
@@ -217,11 +239,12 @@ def _print_stats(llm, last) -> None:
 
 def cmd_info(args) -> int:
     from . import _native
-    from .checks import check_model_file
+    from .checks import check_model_file, check_rpc_servers, check_tensor_split
     from .memory import kv_bytes, layers_that_can_be_lazy
 
     path = _model_path(args)
-    model = _native.load_model(check_model_file(path))
+    model = _native.load_model(check_model_file(path), n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
+                               rpc_servers=check_rpc_servers(args.rpc), tensor_split=check_tensor_split(args.tensor_split))
     hp = model.hparams
     md = model.metadata
     print(f"model        {md.get('general.name', os.path.basename(path))}  ({path})")
@@ -229,7 +252,9 @@ def cmd_info(args) -> int:
           f"({hp['n_head_kv']} KV heads, head size {hp['head_dim']}), n_ff {hp['n_ff']}, vocabulary {hp['n_vocab']}")
     print(f"context      trained {hp['n_ctx_train']}, shown for n_ctx {args.n_ctx}")
     print(f"weights      {model.weight_bytes / 2**20:.1f} MiB")
-    print(f"devices      CPU{''.join(', ' + d for d in _native.gpu_devices()) or ' only (llama-cpp-python without GPU support)'}")
+    others = list(_native.gpu_devices()) + [d for d in model.offload_devices if d.startswith("RPC")]
+    print(f"devices      CPU{''.join(', ' + d for d in others) or ' only (llama-cpp-python without GPU support)'}")
+    print(f"placement    {_placement_summary(model.layer_devices)}")
     # Only layers with a full history can be lazy (a model's sliding-window layers already are rings).
     can_be_lazy = layers_that_can_be_lazy(hp)
     half = can_be_lazy[len(can_be_lazy) // 2:]
@@ -252,6 +277,38 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _placement_summary(devices: List[str]) -> str:
+    """'layers 0-14 CPU, 15-29 RPC0[127.0.0.1:50052]; output CPU' from each layer's device, then the output's."""
+    runs, start = [], 0
+    layers = devices[:-1]
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or layers[i] != layers[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            runs.append(f"{span} {layers[start]}")
+            start = i
+    return f"layers {', '.join(runs)}; output {devices[-1]}"
+
+
+def cmd_rpc_server(args) -> int:
+    import signal
+
+    from . import _native
+
+    if not _native.rpc_available():
+        raise ValueError(f"cannot start an RPC server: {_native.rpc_install_hint()}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"simkv: warning: ggml's RPC protocol has no authentication or encryption: anyone who reaches "
+              f"{args.host}:{args.port} can use this machine's memory and compute; bind it only on a trusted network "
+              f"(llama.cpp's rpc-server says the same)", file=sys.stderr)
+    # ggml serves until the process ends: let SIGINT/SIGTERM end it at once (Python would wait for the call).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
+    sys.stdout.flush()
+    _native.serve_rpc(f"{args.host}:{args.port}", threads, args.cache_dir or "")
+    return 1  # ggml returns only when it could not start (it said why)
+
+
 def cmd_profile(args) -> int:
     from .lazy_profile import default_profile_path
     from .profiler import profile_model
@@ -265,7 +322,7 @@ def cmd_profile(args) -> int:
                 texts.append((os.path.basename(f), fh.read()))
     prof = profile_model(path, texts=texts, n_ctx=args.n_ctx, n_sink=args.n_sink, n_window=args.n_window,
                          w_last=args.w_last, max_samples=args.samples, loss_samples=args.loss_samples,
-                         loss_tokens=args.loss_tokens, n_threads=args.threads)
+                         loss_tokens=args.loss_tokens, n_threads=args.threads, devices=_devices(args))
     crits = ["mass", "change"] + (["loss"] if prof.default_criterion == "loss" else [])
     means = {c: prof.mean(c) for c in crits}
     print(f"{'layer':>5}" + "".join(f"  {c:>7}" for c in crits))
@@ -365,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(i)
     i.set_defaults(func=cmd_info)
 
+    r = sub.add_parser("rpc-server", help="serve this machine's CPU (or GPU) to other simkv/llama.cpp hosts over ggml RPC")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: the loopback only; the "
+                                                       "protocol has no authentication)")
+    r.add_argument("--port", type=int, default=50052)
+    r.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    r.add_argument("--cache-dir", default=None, help="cache received weights here, so a reconnecting client "
+                                                     "sends only their hashes (ggml's -c)")
+    r.set_defaults(func=cmd_rpc_server)
+
     pr = sub.add_parser("profile", help="score every layer's laziness on calibration text; save the profile")
     pr.add_argument("model", nargs="?", default=None, help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
     pr.add_argument("--calib", nargs="+", default=None, metavar="FILE",
@@ -377,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"queries probed per sample: the last W (default {DEFAULTS.w_last})")
     pr.add_argument("--samples", type=int, default=PROFILE_SAMPLES, help=f"most samples (default {PROFILE_SAMPLES})")
     pr.add_argument("--threads", type=int, default=None)
+    _add_device_options(pr)
     pr.add_argument("--loss-samples", type=int, default=PROFILE_LOSS_SAMPLES, metavar="N",
                     help="score each layer by the loss increase when it alone is trimmed on the first N samples "
                          f"(default {PROFILE_LOSS_SAMPLES}, one per kind of text; 0 = attention only)")
@@ -393,7 +460,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError, RuntimeError) as e:
         print(f"simkv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,7 +17,6 @@ from .checks import check_int
 # name: (the value simkv behaves as, why another value is ignored)
 IGNORED_ARGS: Dict[str, Tuple[object, str]] = {
     "split_mode": (1, "simkv places whole layers on devices (n_gpu_layers); it has no row split"),
-    "tensor_split": (None, "simkv places whole layers on one device (main_gpu)"),
     "use_mlock": (False, "simkv does not lock the model in RAM"),
     "kv_overrides": (None, "GGUF metadata overrides are not supported: the model's own metadata is used"),
     "rope_scaling_type": (-1, "simkv uses the model's own RoPE settings"),

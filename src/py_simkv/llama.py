@@ -19,7 +19,8 @@ from llama_cpp.llama import LlamaState
 
 from . import _native
 from .chat import ChatTemplate, chat_handler as chat_handler_for, create_chat_completion
-from .checks import check_float, check_int, check_layer_list, check_model_file, check_str
+from .checks import (check_float, check_int, check_layer_list, check_model_file, check_rpc_servers, check_str,
+                     check_tensor_split)
 from .compat import IGNORED_ARGS, cache_type_name, check_ignored, grammar_text, warn_ignored
 from .completion import create_completion
 from .engine_config import DEFAULTS, engine_config
@@ -122,6 +123,8 @@ class Llama:
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
         main_gpu: int = 0,
+        tensor_split: Optional[Sequence[float]] = None,
+        rpc_servers: Optional[str] = None,
         use_mmap: bool = True,
         type_k: Union[str, int, None] = None,
         type_v: Union[str, int, None] = None,
@@ -164,8 +167,15 @@ class Llama:
         self.vocab_only = bool(vocab_only)
         self.n_gpu_layers = 0 if self.vocab_only else check_int("n_gpu_layers", n_gpu_layers, -1)
         self.main_gpu = check_int("main_gpu", main_gpu, 0)
-        if self.n_gpu_layers != 0 and not gpu_devices():
+        # Remote devices (ggml RPC servers, "host:port,host:port") join the local GPU as offload devices;
+        # the offloaded layers are split between them by tensor_split or by their free memory.
+        self.rpc_servers = check_rpc_servers(rpc_servers)
+        self.tensor_split = check_tensor_split(tensor_split)
+        if self.n_gpu_layers != 0 and not gpu_devices() and not self.rpc_servers:
             _warn_no_gpu()
+        if self.rpc_servers and self.n_gpu_layers == 0:
+            warnings.warn("rpc_servers given with n_gpu_layers=0: no layer goes to them (offload with n_gpu_layers, "
+                          "-1 = all, as for a GPU)", RuntimeWarning, stacklevel=2)
         self.logits_all = bool(logits_all)
         # llama-cpp-python's seed: 0 means the default; each completion without a seed draws the next one
         # from it (set_seed, _call_seed), so a fresh Llama with the same seed repeats its outputs call by call.
@@ -202,7 +212,8 @@ class Llama:
                              "n_embd": int(md.get(f"{arch}.embedding_length", 0))}
         else:  # the model first: its errors (architecture, tensors) name what is wrong before the tokenizer's
             self._model = _native.load_model(self.model_path, n_gpu_layers=self.n_gpu_layers, main_gpu=self.main_gpu,
-                                             use_mmap=bool(use_mmap))
+                                             use_mmap=bool(use_mmap), rpc_servers=self.rpc_servers,
+                                             tensor_split=self.tensor_split)
             self._hparams = self._model.hparams
             self._vocab = _native.Vocab(self.model_path)
             if self._vocab.n_vocab != self._hparams["n_vocab"]:

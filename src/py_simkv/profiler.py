@@ -51,14 +51,15 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                   n_sink: int = DEFAULTS.n_sink, n_window: int = PROFILE_N_WINDOW, w_last: int = DEFAULTS.w_last,
                   max_samples: int = PROFILE_SAMPLES, loss_samples: int = PROFILE_LOSS_SAMPLES,
                   loss_tokens: Optional[int] = None, n_threads: Optional[int] = None,
-                  progress: bool = True) -> LazyProfile:
+                  progress: bool = True, devices: Optional[dict] = None) -> LazyProfile:
     """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
 
     texts: strings or (source, text) pairs; default: the calibration set shipped with simkv.
     loss_samples: how many of the samples (the first ones: samples alternate between the texts, so one of
     each kind) also measure the "loss" criterion: the loss of the sample's last loss_tokens tokens (default
     PROFILE_LOSS_TOKENS, at most half the sample) with each layer trimmed in turn, over the shared full prefix
-    (n_layer + 1 evaluations of loss_tokens each); 0 = none."""
+    (n_layer + 1 evaluations of loss_tokens each); 0 = none.
+    devices: Llama's placement arguments (n_gpu_layers, main_gpu, rpc_servers, tensor_split)."""
     check_int("n_ctx", n_ctx, 2)
     check_int("w_last", w_last, 1)
     check_int("loss_samples", loss_samples, 0)
@@ -75,7 +76,7 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
         t if isinstance(t, tuple) else (f"text{i}", t) for i, t in enumerate(texts)]
     if not pairs or not all(isinstance(t, str) and t for _, t in pairs):
         raise ValueError("calibration texts must be non-empty strings")
-    llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads)
+    llm = Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, **(devices or {}))
     samples = _samples(llm, pairs, n_ctx, max_samples)
     layers = layers_that_can_be_lazy(llm.hparams)
     n_loss = min(loss_samples, len(samples))

@@ -1,0 +1,141 @@
+"""Offloaded layers against the CPU, on every offload device this machine has: a CUDA GPU (llama-cpp-python
+built with CMAKE_ARGS="-DGGML_CUDA=on"; skipped elsewhere) and ggml RPC servers on 127.0.0.1 (built with
+-DGGML_RPC=on; .ci/run installs that build, so there they always run). On the GPU machine:
+pytest -q tests/test_offload.py
+
+An RPC server here is this machine's CPU behind a socket: a real non-CPU ggml backend to simkv (its buffers
+are not host memory, every byte crosses the protocol), so weights, KV stores, the scheduler's splits and
+the device path of the lazy rings are exercised without a GPU.
+
+Bounds: the same graph on two backends differs only in summation order and in where f16 rounding happens
+inside flash attention (the CPU kernel accumulates V in f16). That is the f16 bound of
+test_lazy_reference.py (max < 0.1, mean < 5e-3 on logits of std ~3.4), which a mask off by one key exceeds
+35-fold. On an RPC server the kernels are the CPU's with the same thread count, so wherever the device path
+computes what the CPU path computes (full layers) the logits are equal bit for bit; a lazy
+ring's gathered rows are read as f16 on a device (what a GPU's flash attention takes) and as f32 on the CPU,
+so lazy layers get the f16 bound. With q4_0 stores both backends also quantize Q for
+the dot products with K (q8_0 on the CPU, q8_1 in CUDA), so there the bound is relative: the two backends
+must agree 4x better than q4_0 moves the logits away from f16."""
+import numpy as np
+import pytest
+
+from py_simkv import Llama, gpu_devices
+
+N_PROMPT, N_DECODE, N_WINDOW = 300, 200, 64  # the decode wraps the lazy ring (capacity 512 > 300 + 200)
+
+
+@pytest.fixture(params=["cuda", "rpc"])
+def device(request):
+    """(Llama arguments that make offload devices available, the name every offloaded layer's device starts with)"""
+    if request.param == "cuda":
+        if not gpu_devices():
+            pytest.skip("no GPU in this ggml build")
+        return {}, gpu_devices()[0].split(" ")[0]
+    return {"rpc_servers": request.getfixturevalue("rpc_servers")}, "RPC"
+
+
+def _model(tiny_model, arch="llama", **kw):
+    # head size 64: ggml-cuda's flash attention has no kernel for the tiny preset's 32 and would quietly
+    # leave attention on the CPU.
+    return tiny_model(arch, weight_type="f16", head_dim=64, **kw)
+
+
+def _tokens(n, seed=0):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 49152, n)]
+
+
+def _run(path, n_ubatch=128, **kw):
+    """Prompt in ubatches, then single-token decode: logits of every position, and the engine."""
+    llm = Llama(path, n_ctx=1024, n_threads=2, n_ubatch=n_ubatch, logits_all=True, n_window=N_WINDOW, **kw)
+    seq = _tokens(N_PROMPT + N_DECODE)
+    llm.eval(seq[:N_PROMPT])
+    for t in seq[N_PROMPT:]:
+        llm.eval([t])
+    return llm.scores[: llm.n_tokens].copy(), llm
+
+
+def _assert_f16_close(dev, cpu):
+    err = np.abs(dev - cpu)
+    assert err.max() < 0.1 and err.mean() < 5e-3, (err.max(), err.mean())
+
+
+def _offloaded(llm, prefix):
+    devices = [layer["device"] for layer in llm.kv_cache_stats()["layers"]]
+    assert all(d.startswith(prefix) for d in devices), devices
+    return devices
+
+
+@pytest.mark.parametrize("lazy_prefill", ["streaming", "exact"])
+def test_full_and_lazy_offload_match_the_cpu(tiny_model, device, lazy_prefill):
+    extra, prefix = device
+    path = _model(tiny_model)
+    for lazy in ([], [1, 3]):
+        kw = dict(lazy_layers=lazy, lazy_type="f16", lazy_prefill=lazy_prefill)
+        cpu, _ = _run(path, **kw)
+        dev, llm = _run(path, n_gpu_layers=-1, **kw, **extra)
+        _assert_f16_close(dev, cpu)
+        _offloaded(llm, prefix)
+        assert llm.kv_cache_stats()["lazy_layers"] == lazy
+        if prefix == "RPC" and not lazy:  # the same CPU kernels behind the socket
+            assert np.array_equal(dev, cpu)
+
+
+@pytest.mark.parametrize("full_type,lazy_prefill", [("q8_0", "streaming"), ("f16", "exact")])
+def test_q4_0_stores_on_the_device(tiny_model, device, full_type, lazy_prefill):
+    # Quantized stores are Hadamard-rotated (kv_rotation.h); exact prefill from f16 full stores rotates the
+    # rows it moves into the q4_0 rings, on the device here.
+    extra, _ = device
+    path = _model(tiny_model)
+    kw = dict(lazy_layers=[0, 2], type_k=full_type, type_v=full_type, lazy_prefill=lazy_prefill)
+    cpu, _ = _run(path, **kw)
+    dev, _ = _run(path, n_gpu_layers=-1, **kw, **extra)
+    cpu_f16, _ = _run(path, lazy_layers=[0, 2], lazy_type="f16", lazy_prefill=lazy_prefill)
+    quant_effect = np.abs(cpu - cpu_f16).mean()
+    assert np.abs(dev - cpu).mean() < 0.25 * quant_effect, (np.abs(dev - cpu).mean(), quant_effect)
+
+
+def test_partial_offload_places_layers_as_llama_cpp_does(tiny_model, device):
+    extra, prefix = device
+    path = _model(tiny_model)
+    cpu, _ = _run(path, lazy_layers=[1, 3], lazy_type="f16")
+    for n_gpu, offloaded in ((2, [False, False, True, True, False]),   # the last 2 layers, not the output
+                             (4, [True] * 4 + [False]),
+                             (5, [True] * 5)):                         # n_layer + 1: the output layer too
+        dev, llm = _run(path, n_gpu_layers=n_gpu, lazy_layers=[1, 3], lazy_type="f16", **extra)
+        placed = llm._model.layer_devices
+        assert [d.startswith(prefix) for d in placed] == offloaded, placed
+        assert [d for d, o in zip(placed, offloaded) if not o] == ["CPU"] * offloaded.count(False)
+        assert [layer["device"] for layer in llm.kv_cache_stats()["layers"]] == placed[:4]
+        _assert_f16_close(dev, cpu)
+
+
+def test_untied_output_and_qwen_on_the_device(tiny_model, device):
+    extra, _ = device
+    for path in (_model(tiny_model, tied_embeddings=False), _model(tiny_model, "qwen3")):
+        cpu, _ = _run(path, lazy_layers=[2], lazy_type="f16")
+        dev, _ = _run(path, n_gpu_layers=-1, lazy_layers=[2], lazy_type="f16", **extra)
+        _assert_f16_close(dev, cpu)
+
+
+def test_dynamic_mode_and_masked_layers_on_the_device(tiny_model, device):
+    extra, _ = device
+    path = _model(tiny_model)
+    cpu, a = _run(path, lazy_mode="dynamic", lazy_threshold=0.0, lazy_type="f16")
+    dev, b = _run(path, lazy_mode="dynamic", lazy_threshold=0.0, lazy_type="f16", n_gpu_layers=-1, **extra)
+    assert a.kv_cache_stats()["lazy_layers"] == b.kv_cache_stats()["lazy_layers"] == [0, 1, 2, 3]
+    _assert_f16_close(dev, cpu)
+    seq = _tokens(400, seed=3)
+    out = []
+    for kw in ({}, dict(n_gpu_layers=-1, **extra)):
+        llm = Llama(path, n_ctx=512, n_threads=2, n_window=N_WINDOW, **kw)
+        llm.eval(seq[:200])
+        llm.set_masked_layers([1])
+        out.append(llm.nll(seq[200:], keep=False))
+    assert np.abs(out[0] - out[1]).max() < 0.1
+
+
+def test_bad_main_gpu(tiny_model):
+    if not gpu_devices():
+        pytest.skip("no GPU in this ggml build")
+    with pytest.raises(ValueError, match="main_gpu"):
+        Llama(_model(tiny_model), n_ctx=64, n_gpu_layers=-1, main_gpu=len(gpu_devices()))
