@@ -1,6 +1,6 @@
 """Layers on ggml RPC servers (issue #12): prefill and decode speed with every layer local, offloaded to one
 local RPC server, and split over two, at depth 0 and 4K; and the bytes that cross the sockets per decoded
-token. Beside it, llama.cpp's own RPC (llama-bench --rpc with its rpc-server, built from the pinned source by
+token. Beside it, llama.cpp's own RPC (llama-bench --rpc with its ggml-rpc-server, built from the pinned source by
 benchmarks/build_llama_cpp.sh) with the same placements.
 
     python benchmarks/bench_rpc.py --repeats 3
@@ -58,7 +58,7 @@ def start_servers(kind: str, n: int, threads: int):
         if kind == "simkv":
             cmd = [sys.executable, "-m", "py_simkv.cli", "rpc-server", "--port", str(port), "--threads", str(threads)]
         else:
-            cmd = [os.path.join(LLAMA_BIN, "rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)]
+            cmd = [os.path.join(LLAMA_BIN, "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)]
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_listening(port, p)
         procs.append(p)
@@ -164,7 +164,7 @@ def main():
     args = ap.parse_args()
     path = args.model or default_model_path()
     have_llama = (not args.no_llama_cpp and shutil.which(os.path.join(LLAMA_BIN, "llama-bench"))
-                  and shutil.which(os.path.join(LLAMA_BIN, "rpc-server")))
+                  and shutil.which(os.path.join(LLAMA_BIN, "ggml-rpc-server")))
     rows = []
     for n in args.servers:
         s = simkv_row(path, n, args.depths, args.pp, args.tg, args.repeats, args.threads)

@@ -16,6 +16,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
@@ -266,6 +267,38 @@ NB_MODULE(_native, m) {
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
+        .def("eval_stream",
+             [](Engine & e, TokenArray tokens, uint32_t first_layer,
+                std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> hidden, bool capture) {
+                 const uint32_t n = (uint32_t) tokens.shape(0);
+                 const uint32_t n_embd = e.model().hp().n_embd, n_layer = e.model().hp().n_layer;
+                 if (hidden && (hidden->shape(0) != n || hidden->shape(1) != n_embd)) {
+                     throw BadInput("hidden must be [n_tokens, n_embd] = [" + std::to_string(n) + ", " +
+                                    std::to_string(n_embd) + "]");
+                 }
+                 LayerStream stream;
+                 stream.first_layer = first_layer;
+                 stream.hidden = hidden ? hidden->data() : nullptr;
+                 std::vector<float> captured(capture ? (size_t) n_layer * n * n_embd : 0);
+                 stream.capture = capture ? captured.data() : nullptr;
+                 std::vector<float> logits;
+                 const BetweenUbatches between = signal_check_for_this_thread();
+                 {
+                     nb::gil_scoped_release release;
+                     auto busy = e.claim();
+                     on_device_thread(e.model(), [&] { logits = e.eval_stream(tokens.data(), n, stream, between); });
+                 }
+                 nb::object layers = nb::none();
+                 if (capture) {
+                     auto * heap = new std::vector<float>(std::move(captured));
+                     nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+                     layers = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<3>>(heap->data(), {n_layer, n, n_embd}, owner));
+                 }
+                 return nb::make_tuple(to_numpy(std::move(logits), n, e.out_width()), layers);
+             },
+             "tokens"_a, "first_layer"_a = 0, "hidden"_a = nb::none(), "capture"_a = false,
+             "eval() with every row's logits from layer first_layer on (hidden: the stream entering it, [n, n_embd]); "
+             "capture: also return the stream entering each layer, [n_layer, n, n_embd]")
         .def("decode",
              [](Engine & e, const std::vector<int32_t> & seqs, const std::vector<TokenArray> & tokens,
                 const std::vector<bool> & all_logits) {

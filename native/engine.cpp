@@ -190,6 +190,28 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
     return decode(batch, nullptr, 0, between);
 }
 
+std::vector<float> Engine::eval_stream(const int32_t * tokens, uint32_t n, const LayerStream & stream,
+                                       const BetweenUbatches & between) {
+    const HParams & hp = model_->hp();
+    if (n == 0) throw BadInput("eval_stream() needs at least one token");
+    if (stream.first_layer >= hp.n_layer) {
+        throw BadInput("first_layer " + std::to_string(stream.first_layer) + " is out of range (0.." +
+                       std::to_string(hp.n_layer - 1) + ")");
+    }
+    if (stream.first_layer > 0 && !stream.hidden) throw BadInput("starting at a later layer needs its input stream");
+    if (stream.first_layer > 0 && stream.capture) throw BadInput("the stream is captured from layer 0 only");
+    // A what-if on one plain context: exact prefill and several sequences rearrange cells between calls.
+    if (exact() || cfg_.n_seq_max > 1) throw BadInput("eval_stream() needs one sequence with streaming prefill");
+    if (embeddings_) throw BadInput("eval_stream() computes logits: turn embeddings off");
+    struct Reset {
+        Engine & e;
+        ~Reset() { e.stream_ = nullptr; e.stream_n_ = 0; }
+    } reset{*this};
+    stream_ = &stream;
+    stream_n_ = n;
+    return std::move(decode({SeqTokens{0, tokens, n, true}}, nullptr, 0, between)[0]);
+}
+
 void Engine::set_n_threads(int n) {
     if (n < 1) throw BadInput("n_threads must be >= 1");
     cfg_.n_threads = n;
@@ -402,7 +424,7 @@ std::vector<std::vector<float>> Engine::evaluate(const std::vector<SeqTokens> & 
                 }
             }
             if (between) between();
-            eval_ubatch(tok.data() + i, pos.data() + i, seq.data() + i, m, rows, out, n_sel, probe);
+            eval_ubatch(tok.data() + i, pos.data() + i, seq.data() + i, m, rows, out, n_sel, probe, i);
         }
     }
     if (compact_after) {
@@ -456,7 +478,7 @@ void Engine::set_masked_layers(const std::vector<int> & layers, uint32_t n_sink,
 
 void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int32_t * seq, uint32_t n,
                          const std::vector<uint32_t> & out_rows, const std::vector<float *> & out, uint32_t n_probe,
-                         const ProbeSpec * probe) {
+                         const ProbeSpec * probe, uint32_t call_row) {
     const HParams & hp = model_->hp();
     kv_->plan_ubatch(pos, seq, n);
 
@@ -465,7 +487,11 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
     const uint32_t n_rows = (uint32_t) rows.size();
     BuiltGraph & g = graph_for(n, n_rows, n_probe);
     UbatchInputs & in = g.in;
-    ggml_backend_tensor_set(in.tokens, tokens, 0, sizeof(int32_t) * n);
+    if (in.tokens) ggml_backend_tensor_set(in.tokens, tokens, 0, sizeof(int32_t) * n);
+    if (in.hidden) {
+        const size_t row = (size_t) hp.n_embd;
+        ggml_backend_tensor_set(in.hidden, stream_->hidden + (size_t) call_row * row, 0, sizeof(float) * row * n);
+    }
     ggml_backend_tensor_set(in.pos, pos, 0, sizeof(int32_t) * n);
     if (in.out_ids) {
         const std::vector<int32_t> ids(rows.begin(), rows.end());
@@ -503,6 +529,13 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
         throw std::runtime_error("graph compute failed");
     }
     if (n_probe) probe_acc_.collect(g.probe, hp.n_head, n_probe);
+    if (stream_ && stream_->capture) {  // the stream entering each layer: [layer][call row][n_embd]
+        const size_t row = (size_t) hp.n_embd;
+        for (uint32_t il = 0; il < hp.n_layer; ++il) {
+            float * dst = stream_->capture + ((size_t) il * stream_n_ + call_row) * row;
+            ggml_backend_tensor_get(in.layer_in.at(il), dst, 0, sizeof(float) * row * n);
+        }
+    }
     // The logits of consecutive rows to consecutive destinations come in one read.
     const uint32_t width = out_width();
     const size_t row_bytes = sizeof(float) * width;
@@ -538,6 +571,9 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
         }
     }
     shape.push_back(embeddings_);
+    const uint32_t first_layer = stream_ ? stream_->first_layer : 0;
+    const bool capture = stream_ && stream_->capture;
+    shape.insert(shape.end(), {first_layer, capture});
     if (graph_.ctx && graph_.shape == shape) return graph_;
 
     drop_graph(false);
@@ -546,7 +582,7 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
         g.ctx = arena_.context();
         g.gf = ggml_new_graph_custom(g.ctx.get(), arena_.n_nodes(), false);
         GraphBuild b{g.ctx.get(), g.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &g.probe : nullptr, n_probe,
-                     embeddings_};
+                     embeddings_, first_layer, capture};
         g.logits = build_graph(b);
         ggml_build_forward_expand(g.gf, g.logits);
         g.in = b.in;

@@ -66,6 +66,14 @@ constexpr int64_t kMaxContext = int64_t(1) << 26;
 constexpr int64_t kMaxSequences = 256;
 
 // Tokens to append to one sequence in a decode() call.
+// The residual stream between layers, for what-ifs that change only layers >= first_layer: the profiler
+// trims one layer at a time, and every layer below it computes what the untrimmed run computed.
+struct LayerStream {
+    uint32_t first_layer = 0;        // compute layers first_layer.. only
+    const float * hidden = nullptr;  // [n][n_embd]: the stream entering first_layer (needed when it is > 0)
+    float * capture = nullptr;       // [n_layer][n][n_embd]: the stream entering each layer (first_layer 0), or null
+};
+
 struct SeqTokens {
     int32_t seq = 0;
     const int32_t * tokens = nullptr;
@@ -93,6 +101,10 @@ public:
     // (probe.h); read the scores with probe_mass() and probe_change() (per layer, NaN where not probed).
     std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe = nullptr,
                             uint32_t n_probe = 0, const BetweenUbatches & between = {});
+    // eval() of sequence 0 with every row's logits, on a residual stream: from a later layer, or keeping what
+    // enters each layer.
+    std::vector<float> eval_stream(const int32_t * tokens, uint32_t n, const LayerStream & stream,
+                                   const BetweenUbatches & between = {});
     // Appends tokens to several sequences at once (each at most once per call): their tokens share ubatches
     // (continuous batching: one sequence's decode token beside another's prompt chunk). Returns each entry's
     // logits as eval() does. Everything is checked before anything is evaluated.
@@ -167,7 +179,7 @@ private:
     // out[j] (n_vocab floats each).
     void eval_ubatch(const int32_t * tokens, const int32_t * pos, const int32_t * seq, uint32_t n,
                      const std::vector<uint32_t> & out_rows, const std::vector<float *> & out, uint32_t n_probe,
-                     const ProbeSpec * probe);
+                     const ProbeSpec * probe, uint32_t call_row);
 
     // The last ubatch graph, kept allocated: a decode step whose shapes (tokens, outputs, viewed cells
     // per group) equal the previous one's only refreshes inputs, as llama.cpp's graph reuse does.
@@ -205,6 +217,8 @@ private:
     size_t peak_kv_bytes_ = 0;
     size_t graph_builds_ = 0;
     ProbeAccumulator probe_acc_;
+    const LayerStream * stream_ = nullptr;  // during eval_stream(): the stream and the call's token count
+    uint32_t stream_n_ = 0;
     mutable std::mutex busy_;
 };
 

@@ -50,7 +50,9 @@ struct SpanInputs {
 
 // Graph inputs, filled after the scheduler has allocated them.
 struct UbatchInputs {
-    ggml_tensor * tokens = nullptr;   // I32 [n_tokens]
+    ggml_tensor * tokens = nullptr;   // I32 [n_tokens] (null when the graph starts at a later layer)
+    ggml_tensor * hidden = nullptr;   // F32 [n_embd, n_tokens]: the stream entering GraphBuild::first_layer, if > 0
+    std::vector<ggml_tensor *> layer_in;  // with GraphBuild::capture: the stream entering each layer (outputs)
     ggml_tensor * pos = nullptr;      // I32 [n_tokens]
     ggml_tensor * out_ids = nullptr;  // I32 [n_outputs], null when every token is output
     std::vector<std::vector<SpanInputs>> spans;  // per KV group, per span
@@ -69,6 +71,10 @@ struct GraphBuild {
     ProbeGraph * probe = nullptr;  // lazy-layer probe of some rows (probe.h), or none
     uint32_t n_probe = 0;
     bool embeddings = false;       // output the final norm's rows ("result_norm"), not the logits
+    // What-ifs on the residual stream (Engine::LayerStream): compute layers first_layer.. only, from
+    // in.hidden; or keep the stream entering every layer as an output (capture).
+    uint32_t first_layer = 0;
+    bool capture = false;
 };
 
 // rms_norm(x) * w
@@ -92,5 +98,12 @@ ggml_tensor * build_graph(GraphBuild & b);         // the one for b.model's arch
 // The graph inputs every architecture shares (tokens, positions, output rows, per-group masks and write
 // indices, the probe's).
 void create_ubatch_inputs(GraphBuild & b);
+// The residual stream entering the first layer computed: embed(token rows) from layer 0, else in.hidden.
+template <class Embed>
+ggml_tensor * first_layer_input(GraphBuild & b, Embed embed) {
+    return b.first_layer ? b.in.hidden : embed();
+}
+// Called with the stream x entering layer il: kept as an output when the call captures the stream.
+void note_layer_input(GraphBuild & b, uint32_t il, ggml_tensor * x);
 
 }  // namespace simkv

@@ -20,9 +20,12 @@ ggml_tensor * build_graph_gemma3(GraphBuild & b) {
     create_ubatch_inputs(b);
     const float q_scale = 1.0f / std::sqrt((float) hp.head_dim);  // query_pre_attn_scalar = head size
 
-    ggml_tensor * x = ggml_get_rows(ctx, m.tok_embd, b.in.tokens);  // [n_embd, n]
-    x = cb(ggml_scale(ctx, x, std::sqrt((float) hp.n_embd)), "inp_scaled", -1);
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+    ggml_tensor * x = first_layer_input(b, [&] {  // [n_embd, n]
+        return cb(ggml_scale(ctx, ggml_get_rows(ctx, m.tok_embd, b.in.tokens), std::sqrt((float) hp.n_embd)),
+                  "inp_scaled", -1);
+    });
+    for (uint32_t il = b.first_layer; il < hp.n_layer; ++il) {
+        note_layer_input(b, il, x);
         const LayerWeights & L = m.layers[il];
         const bool swa = hp.is_swa(il);
         const float base = swa ? hp.rope_freq_base_swa : hp.rope_freq_base;

@@ -5,14 +5,21 @@
 #include "model.h"
 #include "probe.h"
 
+#include <algorithm>
+
 namespace simkv {
 
 void create_ubatch_inputs(GraphBuild & b) {
     ggml_context * ctx = b.ctx;
     const uint32_t n = b.n_tokens;
-    b.in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    if (b.first_layer == 0) {
+        b.in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        ggml_set_input(b.in.tokens);
+    } else {
+        b.in.hidden = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, b.model.hp().n_embd, n);
+        ggml_set_input(b.in.hidden);
+    }
     b.in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-    ggml_set_input(b.in.tokens);
     ggml_set_input(b.in.pos);
     if (b.n_outputs < n) {
         b.in.out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, b.n_outputs);
@@ -24,7 +31,9 @@ void create_ubatch_inputs(GraphBuild & b) {
         return t;
     };
     for (const KvGroup & g : b.kv.groups()) {
-        if (g.layers.empty()) {  // a group left without layers (exact prefill moved them all)
+        // A group left without layers (exact prefill moved them all), or whose layers this graph skips.
+        const bool computed = std::any_of(g.layers.begin(), g.layers.end(), [&](int il) { return (uint32_t) il >= b.first_layer; });
+        if (!computed) {
             b.in.spans.emplace_back();
             b.in.write_idx.push_back(nullptr);
             continue;
@@ -43,6 +52,13 @@ void create_ubatch_inputs(GraphBuild & b) {
         b.in.write_idx.push_back(input(GGML_TYPE_I64, n));
     }
     if (b.probe) create_probe_inputs(b);
+}
+
+void note_layer_input(GraphBuild & b, uint32_t il, ggml_tensor * x) {
+    if (!b.capture) return;
+    ggml_set_output(x);  // not overwritten by later nodes: read after the compute
+    if (b.in.layer_in.size() <= il) b.in.layer_in.resize(il + 1, nullptr);
+    b.in.layer_in[il] = x;
 }
 
 ggml_tensor * build_graph(GraphBuild & b) {

@@ -21,8 +21,11 @@ ggml_tensor * build_graph_llama(GraphBuild & b) {
                              hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
     };
 
-    ggml_tensor * x = cb(ggml_get_rows(ctx, m.tok_embd, b.in.tokens), "inp_embd", -1);  // [n_embd, n]
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+    ggml_tensor * x = first_layer_input(b, [&] {  // [n_embd, n]
+        return cb(ggml_get_rows(ctx, m.tok_embd, b.in.tokens), "inp_embd", -1);
+    });
+    for (uint32_t il = b.first_layer; il < hp.n_layer; ++il) {
+        note_layer_input(b, il, x);
         const LayerWeights & L = m.layers[il];
         ggml_tensor * cur = cb(build_rms_norm(b, x, L.attn_norm, hp.rms_eps), "attn_norm", il);
 

@@ -232,3 +232,32 @@ def test_the_shipped_profile_belongs_to_the_shipped_model(smollm_path):
     LazyProfile.load(path).check_model(smollm_path, llm._model)
     assert llm.lazy_profile_path == path and llm.lazy_layers == LazyProfile.load(path).select()
     assert Llama(smollm_path, n_ctx=256, n_threads=2).lazy_layers == []
+
+
+def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
+    # The profiler trims one layer at a time and starts each what-if at that layer, from the residual stream
+    # the untrimmed run kept: below it nothing changed, so the losses must be those of computing every layer,
+    # bit for bit (a tail of two n_batch chunks: the stream's rows are found by their place in the call).
+    llm = Llama(smollm_path, n_ctx=1024, n_threads=2, n_batch=256)
+    text = default_calibration_texts()[0][1]
+    toks = llm.tokenize(text.encode(), add_bos=True)[:700]
+    llm.eval(toks[:300])
+    tail = toks[300:]
+    with llm._use():
+        base, streams = llm._nll(tail, keep=False, capture=True)
+    assert streams.shape == (30, len(tail), 576)
+    assert np.array_equal(base, llm.nll(tail, keep=False))
+    for il in (0, 7, 29):
+        llm.set_masked_layers([il], n_sink=4, n_window=64)
+        whole = llm.nll(tail, keep=False)
+        with llm._use():
+            part = llm._nll(tail, keep=False, first_layer=il, hidden=streams[il])
+        assert np.array_equal(whole, part), il
+        assert not np.array_equal(whole, base)  # the trim does something here
+    assert llm.n_tokens == 300  # what-ifs leave the context as it was
+    with pytest.raises(ValueError, match="first_layer 30 is out of range"):
+        llm._engine.eval_stream(np.array(tail[:4], dtype=np.int32), 30, streams[0][:4], False)
+    with pytest.raises(ValueError, match="hidden must be"):
+        llm._engine.eval_stream(np.array(tail[:4], dtype=np.int32), 3, streams[0][:5], False)
+    with pytest.raises(ValueError, match="cannot be kept"):
+        llm._nll(tail, keep=True, capture=True)

@@ -501,7 +501,14 @@ class Llama:
         with self._use():
             return self._nll(tokens, keep)
 
-    def _nll(self, tokens: Sequence[int], keep: bool) -> np.ndarray:
+    def _nll(self, tokens: Sequence[int], keep: bool, first_layer: int = 0, hidden: Optional[np.ndarray] = None,
+             capture: bool = False):
+        """nll(); with first_layer / hidden / capture (what-ifs only, keep=False) on the residual stream
+        (Engine.eval_stream): only layers first_layer.. are computed, from `hidden` [n, n_embd], the stream
+        entering first_layer; or capture=True also returns the stream entering each layer, [n_layer, n, n_embd]."""
+        on_stream = first_layer or hidden is not None or capture
+        if on_stream and keep:
+            raise ValueError("a what-if on the residual stream cannot be kept")
         if self._last_logits is None:
             raise ValueError("nll() needs a context: eval() a prompt first")
         arr = self._checked_tokens(tokens)
@@ -513,9 +520,15 @@ class Llama:
         # all rows of a long call at once would be n x n_vocab floats several times over (4K tokens of
         # Gemma's 262K vocabulary: over 20 GB).
         out = np.empty(arr.size)
+        streams = []
         for s in range(0, arr.size, self.n_batch):
             part = arr[s:s + self.n_batch]
-            logits = self._engine.eval(part.astype(np.int32), True)  # every row, for this chunk only
+            if on_stream:
+                rows_in = None if hidden is None else np.ascontiguousarray(hidden[s:s + part.size], dtype=np.float32)
+                logits, entering = self._engine.eval_stream(part.astype(np.int32), first_layer, rows_in, capture)
+                streams.append(entering)
+            else:
+                logits = self._engine.eval(part.astype(np.int32), True)  # every row, for this chunk only
             self.n_evaluated += int(part.size)
             rows = np.concatenate([prev[None], logits[:-1]], axis=0)
             out[s:s + part.size] = -log_softmax(rows)[np.arange(part.size), part]
@@ -528,6 +541,8 @@ class Llama:
                 self._reset()
                 self._eval(prefix)
             self._last_logits = first
+            if capture:
+                return out, np.concatenate(streams, axis=1)
             return out
         self._last_logits = prev
         self._input_ids.extend(int(t) for t in arr)

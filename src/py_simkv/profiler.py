@@ -82,7 +82,8 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     n_loss = min(loss_samples, len(samples))
     # Work in evaluated tokens: a whole sample each, and per loss sample its scored tail once per layer
     # (plus the untrimmed one).
-    plan = [len(t) + (min(loss_tokens, len(t) - 1) * (len(layers) + 1) if k < n_loss else 0)
+    n_layer = llm.hparams["n_layer"]
+    plan = [len(t) + (_trim_work(min(loss_tokens, len(t) - 1), layers, n_layer) if k < n_loss else 0)
             for k, (_, t) in enumerate(samples)]
     meter = _Progress(sum(plan), progress)
     results = []
@@ -112,17 +113,31 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                        samples=results)
 
 
+def _trim_work(n_tail: int, layers, n_layer: int) -> float:
+    """Evaluated tokens (in whole-model units) of _trim_losses: the tail once through every layer, then once
+    per trimmed layer through that layer and those above it."""
+    return n_tail * (1 + sum(n_layer - il for il in layers) / n_layer)
+
+
 def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[float]:
     """For each layer: mean next-token loss of `tail` (after the context llm holds, every layer full) with
-    only that layer trimmed to sinks + window, minus the loss with none trimmed."""
-    base = float(llm.nll(tail, keep=False).mean())
+    only that layer trimmed to sinks + window, minus the loss with none trimmed.
+
+    Trimming layer il changes nothing below it: the residual stream entering il is the untrimmed run's, so
+    each what-if starts there, from the stream the untrimmed run kept (the same numbers as computing every
+    layer, in about half the time)."""
+    with llm._use():
+        base, streams = llm._nll(tail, keep=False, capture=True)
+    base = float(base.mean())
+    n_layer = llm.hparams["n_layer"]
     meter.add(len(tail))
     # NaN for layers that cannot be lazy (the probe, too, reports NaN for them): never selected.
-    out = [float("nan")] * llm.hparams["n_layer"]
+    out = [float("nan")] * n_layer
     for il in layers:
         llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
-        out[il] = float(llm.nll(tail, keep=False).mean()) - base
-        meter.add(len(tail))
+        with llm._use():
+            out[il] = float(llm._nll(tail, keep=False, first_layer=il, hidden=streams[il]).mean()) - base
+        meter.add(len(tail) * (n_layer - il) / n_layer)
     llm.set_masked_layers([])
     return out
 
@@ -142,12 +157,12 @@ class _Progress:
         elapsed = time.perf_counter() - self.t0
         if not self.estimated and self.done_tokens and elapsed > 0:
             self.estimated = True
-            print(f"profiling {self.total:,} tokens of evaluation: about {self.total * elapsed / self.done_tokens:.0f} s "
+            print(f"profiling {self.total:,.0f} tokens of evaluation: about {self.total * elapsed / self.done_tokens:.0f} s "
                   f"at this machine's speed", file=sys.stderr, flush=True)
         width = 30
-        filled = width * self.done_tokens // max(self.total, 1)
+        filled = int(width * self.done_tokens // max(self.total, 1))
         left = elapsed * (self.total - self.done_tokens) / max(self.done_tokens, 1)
-        print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {100 * self.done_tokens // max(self.total, 1)}%, "
+        print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {int(100 * self.done_tokens // max(self.total, 1))}%, "
               f"{elapsed:.0f} s, ~{left:.0f} s left", end="", file=sys.stderr, flush=True)
 
     def done(self) -> None:
