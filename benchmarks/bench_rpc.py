@@ -8,8 +8,8 @@ benchmarks/build_llama_cpp.sh) with the same placements.
 The servers run on this machine, so their compute shares its cores with the client: these figures are the
 cost of the RPC path (serialization, copies, round trips), not a speed-up from more hardware. pp = a 512-token
 prompt after `depth` tokens; tg = 64 single-token steps after `depth` tokens (no sampling, as llama-bench);
-medians. Bytes are counted at the servers (/proc/PID/io: what they read + wrote, i.e. every byte both ways):
-for simkv around the timed decode; for llama-bench as the difference of a 64- and a 128-token run.
+medians. Bytes per decoded token cross a counting relay in front of each server (both ways), in runs of
+their own: for simkv around 64 decode steps; for llama-bench as the difference of a 64- and a 128-token run.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from py_simkv import Llama, default_model_path
@@ -72,42 +73,97 @@ def stop(procs) -> None:
         p.wait()
 
 
-def io_bytes(procs) -> int:
-    total = 0
-    for p in procs:
-        with open(f"/proc/{p.pid}/io") as f:
-            fields = dict(line.split(": ") for line in f.read().splitlines())
-        total += int(fields["rchar"]) + int(fields["wchar"])
-    return total
+class ByteCounter:
+    """A TCP relay in front of each server that counts the bytes crossing it both ways: the clients of the
+    bytes runs connect through it (the speed runs connect directly)."""
+
+    def __init__(self, servers: str):
+        self.total = 0
+        self.lock = threading.Lock()
+        self.endpoints = []
+        for endpoint in servers.split(","):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            port = int(endpoint.rsplit(":", 1)[1])
+            threading.Thread(target=self._accept, args=(listener, port), daemon=True).start()
+            self.endpoints.append(f"127.0.0.1:{listener.getsockname()[1]}")
+
+    @property
+    def servers(self) -> str:
+        return ",".join(self.endpoints)
+
+    def _accept(self, listener, port):
+        while True:
+            client, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(1 << 20)
+                if not data:
+                    break
+                dst.sendall(data)
+                with self.lock:
+                    self.total += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def simkv_llama(path, servers, depths, n_pp, n_tg, threads):
+    return Llama(path, n_ctx=max(depths) + n_pp + n_tg + 64, n_threads=threads, n_batch=512, n_ubatch=512,
+                 rpc_servers=servers, n_gpu_layers=-1 if servers else 0)
 
 
 def simkv_row(path, n_servers, depths, n_pp, n_tg, repeats, threads):
     procs, servers = start_servers("simkv", n_servers, threads) if n_servers else ([], None)
     try:
         toks = Llama(path, vocab_only=True).tokenize(corpus_text().encode(), add_bos=False)
-        llm = Llama(path, n_ctx=max(depths) + n_pp + n_tg + 64, n_threads=threads, n_batch=512, n_ubatch=512,
-                    rpc_servers=servers, n_gpu_layers=-1 if n_servers else 0)
+        llm = simkv_llama(path, servers, depths, n_pp, n_tg, threads)
         seqs = llm.sequences
         out = {}
         for d in depths:
             seqs.clear(0)
             if d:
                 seqs.decode({0: toks[:d]})
-            pp, tg, per_token = [], [], []
+            pp, tg = [], []
             for _ in range(repeats):
                 seqs.truncate(0, d)
                 t0 = time.perf_counter()
                 seqs.decode({0: toks[d:d + n_pp]})
                 pp.append(n_pp / (time.perf_counter() - t0))
                 seqs.truncate(0, d)
-                before = io_bytes(procs)
                 t0 = time.perf_counter()
                 for i in range(n_tg):
                     seqs.decode({0: [toks[d + i]]})
                 tg.append(n_tg / (time.perf_counter() - t0))
-                per_token.append((io_bytes(procs) - before) / n_tg)
-            out[d] = (statistics.median(pp), statistics.median(tg), statistics.median(per_token) if procs else 0.0)
-        llm.close()
+            out[d] = [statistics.median(pp), statistics.median(tg), 0.0]
+        seqs = None  # it holds the engine: a server's connection closes with the last reference
+        llm.close()  # (a ggml RPC server takes one client connection at a time)
+        if servers:  # bytes per decoded token, through the counting relay
+            counter = ByteCounter(servers)
+            llm = simkv_llama(path, counter.servers, depths, n_pp, n_tg, threads)
+            seqs = llm.sequences
+            for d in depths:
+                seqs.clear(0)
+                if d:
+                    seqs.decode({0: toks[:d]})
+                before = counter.total
+                for i in range(n_tg):
+                    seqs.decode({0: [toks[d + i]]})
+                out[d][2] = (counter.total - before) / n_tg
+            seqs = None
+            llm.close()
         return out
     finally:
         stop(procs)
@@ -136,14 +192,15 @@ def llama_row(path, n_servers, depths, n_pp, n_tg, repeats, threads):
         ngl = 99 if n_servers else 0
         speeds = llama_bench(path, servers, ngl, depths, n_pp, n_tg, repeats, threads)
         out = {}
+        counter = ByteCounter(servers) if servers else None
         for d in depths:
             per_token = 0.0
-            if procs:
+            if counter:  # the same depth with 64 and with 128 tokens generated: the difference is 64 tokens'
                 sizes = []
                 for n in (n_tg, 2 * n_tg):
-                    before = io_bytes(procs)
-                    llama_bench(path, servers, ngl, [d], 0, n, 1, threads)
-                    sizes.append(io_bytes(procs) - before)
+                    before = counter.total
+                    llama_bench(path, counter.servers, ngl, [d], 0, n, 1, threads)
+                    sizes.append(counter.total - before)
                 per_token = (sizes[1] - sizes[0]) / n_tg
             out[d] = (speeds[d]["pp"], speeds[d]["tg"], per_token)
         return out

@@ -2,7 +2,8 @@
 
 Runs profile_model with each setting given (samples, scored tokens per loss sample), times it, and compares
 its loss ranking with a reference profile (default: the one shipped for the model, made before with 3
-samples each scoring its last 1,024 tokens: 11 minutes for SmolLM2 on 2 threads): Spearman's rank
+samples each scoring its last 1,024 tokens, every layer computed in each what-if: 11 minutes for SmolLM2 on 2
+threads; 5.5 since each what-if starts at its layer): Spearman's rank
 correlation of the mean per-layer loss over the layers, and the 25% / 50% lazy sets each selects.
 
     python benchmarks/profile_speed.py --settings 3:256 3:512

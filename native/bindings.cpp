@@ -238,7 +238,7 @@ NB_MODULE(_native, m) {
              [](Engine * e, std::shared_ptr<Model> model, const EngineConfig & cfg) {
                  on_device_thread(*model, [&] { new (e) Engine(std::move(model), cfg); });
              },
-             "model"_a, "config"_a)
+             "model"_a, "config"_a, nb::call_guard<nb::gil_scoped_release>())
         .def_prop_ro("config", &Engine::config)
         .def("eval",
              [](Engine & e, TokenArray tokens, bool all_logits) {
@@ -334,17 +334,23 @@ NB_MODULE(_native, m) {
                  on_device_thread(e.model(), [&] { kept = e.truncate(n_keep, seq); });
                  return kept;
              },
+             nb::call_guard<nb::gil_scoped_release>(),
              "n_keep"_a, "seq"_a = 0)
-        .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.clear(seq); }); }, "seq"_a)
+        .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.clear(seq); }); }, "seq"_a,
+             nb::call_guard<nb::gil_scoped_release>())
         .def("set_n_threads", [](Engine & e, int n) { auto busy = e.claim(); e.set_n_threads(n); }, "n"_a)
-        .def("reset", [](Engine & e) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.reset(); }); })
+        .def("reset", [](Engine & e) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.reset(); }); },
+             nb::call_guard<nb::gil_scoped_release>())
         .def("set_embeddings", [](Engine & e, bool on) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.set_embeddings(on); }); }, "on"_a,
              "Rows of the final norm's output instead of logits")
         .def("save_state",
              [](const Engine & e) {
                  auto busy = e.claim();
                  std::string s;
-                 on_device_thread(e.model(), [&] { s = e.save_state(); });
+                 {
+                     nb::gil_scoped_release release;
+                     on_device_thread(e.model(), [&] { s = e.save_state(); });
+                 }
                  return nb::bytes(s.data(), s.size());
              },
              "The context (positions, cell maps, every store's used rows) as bytes")
@@ -352,6 +358,7 @@ NB_MODULE(_native, m) {
              [](Engine & e, nb::bytes blob) {
                  auto busy = e.claim();
                  const std::string b(blob.c_str(), blob.size());
+                 nb::gil_scoped_release release;
                  on_device_thread(e.model(), [&] { e.load_state(b); });
              },
              "blob"_a, "Restore a save_state(); on a mismatch the engine is left empty")
@@ -360,7 +367,7 @@ NB_MODULE(_native, m) {
                  auto busy = e.claim();
                  on_device_thread(e.model(), [&] { e.set_masked_layers(layers, n_sink, n_window); });
              },
-             "layers"_a, "n_sink"_a, "n_window"_a)
+             "layers"_a, "n_sink"_a, "n_window"_a, nb::call_guard<nb::gil_scoped_release>())
         .def_prop_ro("n_past", [](const Engine & e) { return e.n_past(0); })
         .def("n_past_of", [](const Engine & e, int32_t seq) { return e.n_past(seq); }, "seq"_a)
         .def_prop_ro("free_cells", &Engine::free_cells)

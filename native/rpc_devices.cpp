@@ -217,8 +217,10 @@ std::vector<ggml_backend_dev_t> connect_rpc_servers(const std::string & servers)
         // not an RPC server of this protocol version never answers, or answers nonsense.
         if (!run_remote([&] { server = add_server(endpoint.c_str()); }, k_handshake_timeout)) {
             mark_failed("no handshake from " + endpoint);
-            throw RemoteFailure("the server at " + endpoint + " did not complete ggml's RPC handshake: is it an rpc-server "
-                                "of the same ggml version (llama-cpp-python 0.3.36)? This process can make no more RPC calls");
+            throw RemoteFailure("the server at " + endpoint + " did not complete ggml's RPC handshake within " +
+                                std::to_string(k_handshake_timeout.count()) + " s: is it an rpc-server of the same ggml "
+                                "version (llama-cpp-python 0.3.36), and not busy with another client (it serves one "
+                                "at a time)? This process can make no more RPC calls");
         }
         if (!server || ggml_backend_reg_dev_count(server) == 0) {
             throw RemoteFailure("the RPC server at " + endpoint + " offers no device");

@@ -198,3 +198,23 @@ def test_several_sequences_with_exact_prefill_on_the_servers(tiny_model, rpc_ser
         llm.close()
     err = np.abs(out[0] - out[1])
     assert err.max() < 0.1 and err.mean() < 5e-3, (err.max(), err.mean())  # the f16 bound of test_offload.py
+
+
+def test_close_hands_the_server_to_the_next_client(tiny_model):
+    # A ggml RPC server serves one client connection at a time, and a model holds its connection: close()
+    # must let it go, sequences included, so another process can use the server.
+    require_rpc()
+    path = _model(tiny_model)
+    server, endpoint = start_rpc_server()
+    try:
+        llm = Llama(path, n_ctx=256, n_threads=2, n_seq_max=2, rpc_servers=endpoint, n_gpu_layers=-1)
+        llm.sequences.decode({0: TOKENS[:20], 1: TOKENS[20:30]})
+        llm.close()
+        with pytest.raises(ValueError, match="closed"):
+            llm.sequences
+        code = ("import sys\nfrom py_simkv import Llama\nllm = Llama(sys.argv[1], n_ctx=64, rpc_servers=sys.argv[2], "
+                "n_gpu_layers=-1)\nllm.eval([1, 2, 3])\nprint('ok')\n")
+        out = subprocess.run([sys.executable, "-c", code, path, endpoint], capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "ok", out.stderr[-2000:]
+    finally:
+        stop_rpc_server(server)

@@ -425,6 +425,7 @@ class Llama:
     def sequences(self):
         """The n_seq_max conversations of this model's cache (sequences.Sequences). From the first use on, they
         are driven only through it: the single-conversation methods refuse."""
+        self._check_open()
         if self._sequences is None:
             self._engine.reset()  # the single conversation, if any, ends here
             self._input_ids, self._last_logits = [], None
@@ -980,5 +981,6 @@ class Llama:
         with self._lock:
             self._closed = True
             self._engine = None
+            self._sequences = None  # it holds the engine too
             self._model = None
             self._vocab = None
