@@ -16,6 +16,8 @@ import numpy as np
 import openai
 import pytest
 
+from conftest import require_rpc, start_rpc_server, stop_rpc_server
+
 from py_simkv import Llama
 
 MODEL = "smollm2"  # --model-alias
@@ -391,3 +393,27 @@ def _wait(server, cond, timeout=30):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out: {st}")
+
+
+def test_serve_with_its_layers_on_rpc_servers(local):
+    # `simkv serve --rpc ... -ngl -1`: the slots' decode steps run on two ggml RPC servers (their own, as a
+    # server takes one client at a time), and answer as the same model in process does.
+    require_rpc()
+    rpcs = [start_rpc_server() for _ in range(2)]
+    s = None
+    try:
+        s = Server("--parallel", "2", "--n-ctx", "2048", "--no-lazy", "--rpc", ",".join(e for _, e in rpcs), "-ngl", "-1")
+        status, slots = s.request("GET", "/slots")
+        assert status == 200
+        assert sorted(slots["devices"]) == sorted(f"RPC0[{e}]" for _, e in rpcs), slots["devices"]
+        client = s.client()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda m: client.chat.completions.create(model=MODEL, messages=m, temperature=0,
+                                                                        max_tokens=16, logprobs=True), CHAT[:2]))
+        for messages, r in zip(CHAT[:2], got):
+            assert_greedy(local, _chat_tokens(local, messages), _chat_pieces(r), 16)
+    finally:
+        if s is not None:
+            assert s.stop() == 0
+        for proc, _ in rpcs:
+            stop_rpc_server(proc)

@@ -144,7 +144,7 @@ class Scheduler:
         def read():
             stats = self.seqs.kv_cache_stats()
             per = {s["seq"]: s for s in stats.pop("sequences")}
-            stats.pop("layers")
+            stats["devices"] = sorted({layer["device"] for layer in stats.pop("layers")})  # where the KV lives
             stats["slots"] = [{"id": slot.seq, "state": "processing" if slot.request else "idle",
                                "n_tokens": per[slot.seq]["n_tokens"], "kv_bytes": per[slot.seq]["bytes"]}
                               for slot in self.slots]
