@@ -139,8 +139,13 @@ NB_MODULE(_native, m) {
             return out;
         })
         .def_prop_ro("offload_devices", [](const Model & md) {
+            // A remote device's label asks its server for its memory: on the remote-call thread, like every
+            // call that can reach a server (a dead one is then an error, not a wait that never ends).
             std::vector<std::string> out;
-            for (ggml_backend_dev_t d : md.placement().devices) out.push_back(device_label(d));
+            nb::gil_scoped_release release;
+            on_device_thread(md, [&] {
+                for (ggml_backend_dev_t d : md.placement().devices) out.push_back(device_label(d));
+            });
             return out;
         });
     m.def("load_model",

@@ -103,6 +103,10 @@ _CHILD = textwrap.dedent("""
         Llama(path, n_ctx=64, rpc_servers=servers, n_gpu_layers=-1)
     except ConnectionError as e:
         print("refused", repr(str(e)), flush=True)
+    try:
+        llm._model.offload_devices  # asks the dead server for its memory
+    except ConnectionError:
+        print("labels refused", flush=True)
     llm.close()
     del llm
     cpu = Llama(path, n_ctx=64, n_threads=2)  # the process goes on without RPC
@@ -133,7 +137,7 @@ def test_a_server_dying_mid_generation_is_a_python_error(tiny_model, rpc_servers
         rest = child.stdout.read().split("\n")  # to the child's end (communicate() would skip what is buffered)
         child.wait(timeout=60)
         assert rest[0].startswith("refused") and "no more RPC calls" in rest[0], rest
-        assert "closed" in rest, rest
+        assert "labels refused" in rest and "closed" in rest, rest
         assert child.returncode == 0
     finally:
         if child.poll() is None:
