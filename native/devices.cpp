@@ -1,7 +1,6 @@
 #include "devices.h"
 
 #include "errors.h"
-#include "rpc_devices.h"
 
 #include <algorithm>
 

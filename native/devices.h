@@ -19,7 +19,6 @@ struct Placement {
     std::vector<ggml_backend_dev_t> layer_device;  // per repeating layer; null = the CPU
     ggml_backend_dev_t output_device = nullptr;    // the output layer's; null = the CPU
     std::vector<ggml_backend_dev_t> devices;       // the offload devices that hold a layer, each once, in order
-    bool any_offloaded() const { return !devices.empty(); }
 };
 
 // GPU devices of this ggml build, in registry order (index = main_gpu). RPC devices are not registered.

@@ -65,7 +65,6 @@ uint32_t residual_positions(ggml_type lazy_type, int64_t lazy_residual, int64_t 
 constexpr int64_t kMaxContext = int64_t(1) << 26;
 constexpr int64_t kMaxSequences = 256;
 
-// Tokens to append to one sequence in a decode() call.
 // The residual stream between layers, for what-ifs that change only layers >= first_layer: the profiler
 // trims one layer at a time, and every layer below it computes what the untrimmed run computed.
 struct LayerStream {
@@ -74,6 +73,7 @@ struct LayerStream {
     float * capture = nullptr;       // [n_layer][n][n_embd]: the stream entering each layer (first_layer 0), or null
 };
 
+// Tokens to append to one sequence in a decode() call.
 struct SeqTokens {
     int32_t seq = 0;
     const int32_t * tokens = nullptr;

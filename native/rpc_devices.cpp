@@ -1,5 +1,7 @@
 #include "rpc_devices.h"
 
+#include "devices.h"
+
 #include <ggml.h>
 
 #include <arpa/inet.h>
@@ -242,11 +244,7 @@ void serve_rpc(const std::string & endpoint, int n_threads, const std::string & 
     if (!start) throw BadInput("this ggml's RPC backend has no ggml_backend_rpc_start_server");
     if (n_threads < 1) throw BadInput("n_threads must be >= 1");
     // The GPUs when there are, else the CPU (as llama.cpp's rpc-server chooses).
-    std::vector<ggml_backend_dev_t> devices;
-    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && !is_remote(dev)) devices.push_back(dev);
-    }
+    std::vector<ggml_backend_dev_t> devices = gpu_devices();
     if (devices.empty()) devices.push_back(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
     start(endpoint.c_str(), cache_dir.empty() ? nullptr : cache_dir.c_str(), (size_t) n_threads, devices.size(),
           devices.data());

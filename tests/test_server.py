@@ -199,6 +199,16 @@ def test_next_turn_reuses_the_slot_cache(server, local):
     assert max(s["n_tokens"] for s in slots["slots"]) >= second.usage.prompt_tokens
 
 
+def _two_concurrent_greedy_chats(client, reference, n):
+    """CHAT[0] and CHAT[1] at once, greedy, n tokens each; each answer checked against `reference` in process."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda m: client.chat.completions.create(model=MODEL, messages=m, temperature=0,
+                                                                    max_tokens=n, logprobs=True), CHAT[:2]))
+    for messages, r in zip(CHAT[:2], got):
+        assert_greedy(reference, _chat_tokens(reference, messages), _chat_pieces(r), n)
+    return got
+
+
 def test_exact_prefill_serves_several_conversations(smollm_path):
     # --lazy-prefill exact with 2 slots: each new prompt is evaluated alone with every layer full, then
     # trimmed into the shared cache. Two concurrent chats, then one's next turn (evaluated anew: its lazy
@@ -210,11 +220,7 @@ def test_exact_prefill_serves_several_conversations(smollm_path):
     try:
         exact = Llama(smollm_path, n_ctx=2048, n_threads=2, **lazy)
         client = s.client()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            got = list(pool.map(lambda m: client.chat.completions.create(model=MODEL, messages=m, temperature=0,
-                                                                        max_tokens=24, logprobs=True), CHAT[:2]))
-        for messages, r in zip(CHAT[:2], got):
-            assert_greedy(exact, _chat_tokens(exact, messages), _chat_pieces(r), 24)
+        got = _two_concurrent_greedy_chats(client, exact, 24)
         history = CHAT[0] + [{"role": "assistant", "content": got[0].choices[0].message.content},
                              {"role": "user", "content": "Say it again, shorter."}]
         second = client.chat.completions.create(model=MODEL, messages=history, temperature=0, max_tokens=16,
@@ -406,12 +412,7 @@ def test_serve_with_its_layers_on_rpc_servers(local):
         status, slots = s.request("GET", "/slots")
         assert status == 200
         assert sorted(slots["devices"]) == sorted(f"RPC0[{e}]" for _, e in rpcs), slots["devices"]
-        client = s.client()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            got = list(pool.map(lambda m: client.chat.completions.create(model=MODEL, messages=m, temperature=0,
-                                                                        max_tokens=16, logprobs=True), CHAT[:2]))
-        for messages, r in zip(CHAT[:2], got):
-            assert_greedy(local, _chat_tokens(local, messages), _chat_pieces(r), 16)
+        _two_concurrent_greedy_chats(s.client(), local, 16)
     finally:
         if s is not None:
             assert s.stop() == 0

@@ -101,9 +101,10 @@ def _open(args, **extra):
     kw = dict(extra)
     if args.seed is not None:
         kw["seed"] = args.seed
-    llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, **_devices(args), n_sink=args.n_sink, n_window=args.n_window, type_k=args.type_k, type_v=args.type_v,
-                lazy_type=args.lazy_type, lazy_residual=args.lazy_residual, lazy_prefill=args.lazy_prefill,
-                lazy_mode=args.lazy_mode, **_lazy_choice(args), **kw)
+    llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, **_devices(args), n_sink=args.n_sink,
+                n_window=args.n_window, type_k=args.type_k, type_v=args.type_v, lazy_type=args.lazy_type,
+                lazy_residual=args.lazy_residual, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode,
+                **_lazy_choice(args), **kw)
     print(f"simkv: {_lazy_summary(llm, args)}", file=sys.stderr)
     return llm
 

@@ -80,8 +80,7 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     samples = _samples(llm, pairs, n_ctx, max_samples)
     layers = layers_that_can_be_lazy(llm.hparams)
     n_loss = min(loss_samples, len(samples))
-    # Work in evaluated tokens: a whole sample each, and per loss sample its scored tail once per layer
-    # (plus the untrimmed one).
+    # Work in evaluated tokens: a whole sample each, and per loss sample its scored what-ifs (_trim_work).
     n_layer = llm.hparams["n_layer"]
     plan = [len(t) + (_trim_work(min(loss_tokens, len(t) - 1), layers, n_layer) if k < n_loss else 0)
             for k, (_, t) in enumerate(samples)]
