@@ -379,6 +379,7 @@ NB_MODULE(_native, m) {
         .def_prop_ro("compacted", [](const Engine & e) { return e.compacted(0); })
         .def("compacted_of", [](const Engine & e, int32_t seq) { return e.compacted(seq); }, nb::arg("seq"))
         .def_prop_ro("lazy_layers", &Engine::lazy_layers)
+        .def_prop_ro("prompts_alone", &Engine::prompts_alone)
         .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)
         .def_prop_ro("graph_builds", &Engine::graph_builds)
         .def("kv_layers", [](const Engine & e) { auto busy = e.claim(); return kv_stats(e); })
@@ -391,6 +392,7 @@ NB_MODULE(_native, m) {
                  std::vector<uint32_t> cells;
                  for (size_t il = 0; il < e.kv().n_layer(); ++il) cells.push_back(e.kv().seq_cells(seq, (int) il));
                  d["cells"] = cells;
+                 d["lazy_layers"] = e.lazy_layers_of(seq);
                  return d;
              },
              "seq"_a, "One sequence's share of the KV cache: tokens, cells per layer, bytes")

@@ -78,12 +78,6 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     check_at_least("w_last", c.w_last, 1);
     check_at_least("n_seq_max", c.n_seq_max, 1);
     check_at_most("n_seq_max", c.n_seq_max, kMaxSequences, "");
-    if (c.n_seq_max > 1 && c.lazy_mode == LazyMode::Dynamic) {
-        // Which layers are lazy is a property of the whole cache (one store per layer); dynamic mode would
-        // choose them per prompt, i.e. per sequence.
-        throw BadInput("dynamic mode holds one sequence: use n_seq_max=1, or static lazy layers (exact prefill "
-                       "works with several sequences)");
-    }
     if (!(c.dynamic_threshold == c.dynamic_threshold)) throw BadInput("dynamic_threshold must be a number, got NaN");
     // A batch never exceeds the context, and a window or sink set covering the context is the whole context
     // (clamping keeps every ring size far from overflow).
@@ -319,12 +313,16 @@ std::vector<float> Engine::eval_prompt(const SeqTokens & b, const BetweenUbatche
     };
     std::vector<float> logits;
     std::unique_ptr<KvCache> prompt;
+    // Dynamic mode: the probe on the prompt's last w_last tokens picks the layers lazy for this sequence.
+    const bool dynamic = cfg_.lazy_mode == LazyMode::Dynamic;
+    const ProbeSpec spec{(uint32_t) cfg_.n_sink, (uint32_t) cfg_.n_window};
     try {
         kv_ = std::make_unique<KvCache>(model_->hp(), prompt_cfg, bufts_);
-        logits = std::move(evaluate({b}, nullptr, 0, between)[0]);
+        logits = std::move(evaluate({b}, dynamic ? &spec : nullptr, dynamic ? std::min((uint32_t) cfg_.w_last, b.n) : 0,
+                                    between)[0]);
         prompt = std::move(kv_);
         peak_kv_bytes_ = std::max(peak_kv_bytes_, shared->total_bytes() + prompt->total_bytes());
-        shared->adopt_sequence(*prompt, b.seq, sched_.get(), arena_);
+        shared->adopt_sequence(*prompt, b.seq, dynamic ? dynamic_lazy_layers() : std::vector<int>{}, sched_.get(), arena_);
     } catch (...) {
         restore();  // the sequence stays empty
         throw;
@@ -571,6 +569,11 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
         }
     }
     shape.push_back(embeddings_);
+    if (kv_->layout_version() != layout_seen_) {  // layers moved between groups: another graph, planned afresh
+        layout_seen_ = kv_->layout_version();
+        groups_changed_ = true;
+        drop_graph(true);
+    }
     const uint32_t first_layer = stream_ ? stream_->first_layer : 0;
     const bool capture = stream_ && stream_->capture;
     shape.insert(shape.end(), {first_layer, capture});

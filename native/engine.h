@@ -23,7 +23,9 @@ namespace simkv {
 // ring stores (the paper's procedure; the peak is a full cache).
 enum class LazyPrefill { Streaming, Exact };
 // Which layers are lazy. Static: lazy_layers. Dynamic: exact prefill where the lazy layers are those whose
-// probed attention mass (last w_last prompt tokens) exceeds dynamic_threshold, decided per prompt.
+// probed attention mass (last w_last prompt tokens) exceeds dynamic_threshold, decided per prompt. With
+// several sequences, per sequence: each prompt is probed alone, and the layers it chose keep only that
+// sequence's sinks + window, in f16, in their shared pools (KvGroup::seq_lazy).
 enum class LazyMode { Static, Dynamic };
 
 LazyPrefill parse_lazy_prefill(const std::string & name);
@@ -137,11 +139,18 @@ public:
     // fresh exact evaluation keeps every layer full throughout, which a reused prefix would not).
     // With several sequences (each prompt evaluated alone, then taken into the shared cache): whether this
     // sequence's prompt was.
+    // (Dynamic mode chooses a sequence's lazy layers per prompt: with several sequences, always.)
     bool compacted(int32_t seq = 0) const {
-        if (lazy_layers().empty()) return false;
-        return staged() ? n_past(seq) > 0 : compacted_;
+        if (staged()) return (cfg_.lazy_mode == LazyMode::Dynamic || !lazy_layers().empty()) && n_past(seq) > 0;
+        return !lazy_layers().empty() && compacted_;
     }
     std::vector<int> lazy_layers() const { return kv_->layers_of_kind(KvKind::Lazy); }
+    // A sequence's first decode() after it was emptied is its prompt, evaluated alone in one piece (exact
+    // prefill or dynamic mode with several sequences): callers should not cut a new prompt into chunks.
+    bool prompts_alone() const { return staged(); }
+    // The layers lazy for one sequence: the lazy stores, and in dynamic mode with several sequences the
+    // full layers its prompt's probe chose (kv_cache.h: KvGroup::seq_lazy).
+    std::vector<int> lazy_layers_of(int32_t seq) const { return kv_->seq_lazy_layers((int) checked_seq(seq)); }
     size_t peak_kv_bytes() const { return peak_kv_bytes_; }
     // Compute graphs built so far: a decode step that reuses the last one's graph adds none.
     size_t graph_builds() const { return graph_builds_; }
@@ -212,8 +221,9 @@ private:
     std::vector<uint32_t> n_past_;     // per sequence
     std::vector<uint32_t> n_written_;  // per sequence: positions ever written since its last clear (ring rewinds)
     bool compacted_ = false;  // the lazy layers of this context were compacted already
-    bool groups_changed_ = false;
-    bool embeddings_ = false;  // layers moved between KV groups since the last graph: replan memory
+    bool groups_changed_ = false;  // layers moved between KV groups since the last graph: replan memory
+    uint64_t layout_seen_ = 0;     // the cache's layout_version() the cached graph was built for
+    bool embeddings_ = false;
     size_t peak_kv_bytes_ = 0;
     size_t graph_builds_ = 0;
     ProbeAccumulator probe_acc_;

@@ -38,6 +38,26 @@ uint64_t store_bytes(const HParams & hp, ggml_type type, uint64_t cells, uint64_
            residual_cells * (ggml_row_size(GGML_TYPE_F16, k) + ggml_row_size(GGML_TYPE_F16, v));
 }
 
+// Empty the cells `drop` selects and shrink the viewed range to the highest cell still in use, so the
+// next ubatch attends over as few cells as a fresh context would (llama.cpp does the same).
+template <class Drop>
+void drop_cells(KvGroup & g, Drop drop) {
+    const uint32_t C = g.policy->residual_capacity();
+    for (uint32_t c = 0; c < g.res_pos.size(); ++c) {
+        if (g.res_pos[c] >= 0 && drop((int32_t) (c / C), g.res_pos[c])) g.res_pos[c] = -1;
+    }
+    uint32_t n_used = 0;
+    for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
+        if (g.cell_pos[c] >= 0 && drop(g.cell_seq[c], g.cell_pos[c])) {
+            g.cell_pos[c] = -1;
+            g.cell_seq[c] = -1;
+            ++g.n_free;
+        }
+        if (g.cell_pos[c] >= 0) n_used = c + 1;
+    }
+    g.n_used = n_used;
+}
+
 }  // namespace
 
 std::unique_ptr<KvPolicy> lazy_policy(const KvConfig & cfg) {
@@ -51,7 +71,7 @@ uint64_t KvCache::planned_bytes(const HParams & hp, const KvConfig & cfg, uint32
 }
 
 KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer)
-    : n_seq_(cfg.n_seq_max) {
+    : n_seq_(cfg.n_seq_max), lazy_view_(make_masked_policy(cfg.n_ctx, cfg.n_sink, cfg.n_window)) {
     stores_.resize(hp.n_layer);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const int g = group_for(policy_for(hp, cfg, il));
@@ -67,6 +87,10 @@ int KvCache::group_for(std::unique_ptr<KvPolicy> policy) {
     for (size_t g = 0; g < groups_.size(); ++g) {
         if (groups_[g].policy->key() == policy->key()) return (int) g;
     }
+    return new_group(std::move(policy));
+}
+
+int KvCache::new_group(std::unique_ptr<KvPolicy> policy) {
     KvGroup grp;
     grp.policy = std::move(policy);
     const uint32_t cells = (uint32_t) cells_of(*grp.policy, n_seq_);
@@ -74,6 +98,7 @@ int KvCache::group_for(std::unique_ptr<KvPolicy> policy) {
     grp.cell_seq.assign(cells, -1);
     grp.res_pos.assign((size_t) grp.policy->residual_capacity() * n_seq_, -1);
     grp.n_free = cells;
+    grp.seq_lazy.assign(n_seq_, 0);
     groups_.push_back(std::move(grp));
     return (int) groups_.size() - 1;
 }
@@ -141,6 +166,74 @@ void KvCache::regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy>
         stores_[il].group = dst_group;
     }
     std::sort(dst.layers.begin(), dst.layers.end());
+    ++layout_version_;
+}
+
+void KvCache::make_seq_lazy(const std::vector<int> & layers, int seq) {
+    std::vector<int> touched;  // groups with a layer among `layers`
+    for (int il : layers) {
+        const int g = stores_.at(il).group;
+        if (groups_[g].policy->kind() != KvKind::Full) throw std::runtime_error("only full layers can be lazy per sequence");
+        if (std::find(touched.begin(), touched.end(), g) == touched.end()) touched.push_back(g);
+    }
+    for (int g : touched) {
+        std::vector<int> lazy, full;
+        for (int il : groups_[g].layers) {
+            (std::find(layers.begin(), layers.end(), il) != layers.end() ? lazy : full).push_back(il);
+        }
+        if (full.empty()) {
+            groups_[g].seq_lazy[seq] = 1;
+            continue;
+        }
+        // Split: the lazy part gets a group of its own with the same cell map (its stores hold the same
+        // positions in the same cells); from now on the two are written and trimmed each by its own map.
+        int h = -1;
+        for (size_t e = 0; e < groups_.size() && h < 0; ++e) {
+            if (groups_[e].layers.empty() && groups_[e].policy->key() == groups_[g].policy->key()) h = (int) e;
+        }
+        if (h < 0) h = new_group(make_full_policy(groups_[g].policy->capacity()));
+        KvGroup & src = groups_[g];
+        KvGroup & dst = groups_[h];
+        dst.cell_pos = src.cell_pos;
+        dst.cell_seq = src.cell_seq;
+        dst.res_pos = src.res_pos;
+        dst.n_used = src.n_used;
+        dst.n_free = src.n_free;
+        dst.seq_lazy = src.seq_lazy;
+        dst.seq_lazy[seq] = 1;
+        src.layers = full;
+        dst.layers = lazy;
+        for (int il : lazy) stores_[il].group = h;
+    }
+    ++layout_version_;
+}
+
+void KvCache::merge_groups() {
+    for (size_t i = 0; i < groups_.size(); ++i) {
+        KvGroup & a = groups_[i];
+        if (a.layers.empty()) continue;
+        for (size_t j = i + 1; j < groups_.size(); ++j) {
+            KvGroup & b = groups_[j];
+            if (b.layers.empty() || b.policy->key() != a.policy->key() || b.seq_lazy != a.seq_lazy ||
+                b.n_used != a.n_used || b.cell_pos != a.cell_pos || b.cell_seq != a.cell_seq || b.res_pos != a.res_pos) {
+                continue;
+            }
+            for (int il : b.layers) stores_[il].group = (int) i;
+            a.layers.insert(a.layers.end(), b.layers.begin(), b.layers.end());
+            std::sort(a.layers.begin(), a.layers.end());
+            b.layers.clear();
+            ++layout_version_;
+        }
+    }
+}
+
+std::vector<int> KvCache::seq_lazy_layers(int seq) const {
+    std::vector<int> out;
+    for (size_t il = 0; il < stores_.size(); ++il) {
+        const KvGroup & g = groups_[stores_[il].group];
+        if (g.policy->kind() == KvKind::Lazy || g.seq_lazy.at((size_t) seq)) out.push_back((int) il);
+    }
+    return out;
 }
 
 uint32_t KvCache::max_ubatch() const {
@@ -192,6 +285,13 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         const uint32_t cells = (uint32_t) g.cell_pos.size();
         // Write first: the ubatch's own keys must be visible to its queries.
         g.write_cells.resize(n_tokens);
+        // A sequence lazy in this pool (dynamic mode) first gives back the cells its queries can no longer see
+        // (the rule is monotone: a key out of the window stays out), so it holds sinks + window, as a ring.
+        for (uint32_t i = 0; i < n_tokens; ++i) {
+            if (g.seq_lazy[seq[i]] && (i == 0 || seq[i - 1] != seq[i])) {
+                drop_cells(g, [&](int32_t s, int32_t k) { return s == seq[i] && !lazy_view_->visible(pos[i], k); });
+            }
+        }
         CellCursor cursor;
         for (uint32_t i = 0; i < n_tokens; ++i) g.write_cells[i] = take_cell(g, pos[i], seq[i], cursor);
         // Lazy rings are read through a gather of their visible cells (AttnSpan); the others in place, over
@@ -210,7 +310,6 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         g.mask.clear();
         g.res_read.clear();
         g.res_dst.clear();
-        auto visible = [&p](int32_t q, int32_t k) { return p.visible(q, k); };
         for (uint32_t t0 = 0; t0 < n_tokens;) {
             uint32_t t1 = t0 + 1;
             while (t1 < n_tokens && seq[t1] == seq[t0]) ++t1;
@@ -225,6 +324,8 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
                 sp.n_kv = std::min(cells, pad_cells(hi[s] - lo[s]));
                 sp.kv_lo = std::min(lo[s], cells - sp.n_kv);
                 g.mask.resize(g.mask.size() + (size_t) sp.n_tokens * sp.n_kv);
+                const KvPolicy & v = view(g, s);
+                auto visible = [&v](int32_t q, int32_t k) { return v.visible(q, k); };
                 fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, pos + t0, seq + t0, sp.n_tokens, sp.n_kv,
                                visible, g.mask.data() + sp.mask_offset);
             }
@@ -308,44 +409,39 @@ void KvCache::plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos
     sp.n_res_write = (uint32_t) (g.res_dst.size() - sp.res_write_offset);
 }
 
-namespace {
-
-// Empty the cells `drop` selects and shrink the viewed range to the highest cell still in use, so the
-// next ubatch attends over as few cells as a fresh context would (llama.cpp does the same).
-template <class Drop>
-void drop_cells(KvGroup & g, Drop drop) {
-    const uint32_t C = g.policy->residual_capacity();
-    for (uint32_t c = 0; c < g.res_pos.size(); ++c) {
-        if (g.res_pos[c] >= 0 && drop((int32_t) (c / C), g.res_pos[c])) g.res_pos[c] = -1;
-    }
-    uint32_t n_used = 0;
-    for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
-        if (g.cell_pos[c] >= 0 && drop(g.cell_seq[c], g.cell_pos[c])) {
-            g.cell_pos[c] = -1;
-            g.cell_seq[c] = -1;
-            ++g.n_free;
-        }
-        if (g.cell_pos[c] >= 0) n_used = c + 1;
-    }
-    g.n_used = n_used;
-}
-
-}  // namespace
 
 bool KvCache::truncate(int seq, int32_t n_keep, int32_t n_written) {
     for (const auto & g : groups_) {
         if (!g.policy->can_rewind_to(n_keep, n_written)) return false;
+        // A sequence lazy in a pool keeps what its next query sees: rewinding needs what a query at n_keep sees.
+        if (!g.layers.empty() && g.seq_lazy[seq]) {
+            uint32_t needed = 0, held = 0;
+            for (int32_t k = 0; k < n_keep; ++k) needed += lazy_view_->visible(n_keep, k);
+            for (uint32_t c = 0; c < g.n_used; ++c) {
+                held += g.cell_seq[c] == seq && g.cell_pos[c] >= 0 && g.cell_pos[c] < n_keep &&
+                        lazy_view_->visible(n_keep, g.cell_pos[c]);
+            }
+            if (held != needed) return false;
+        }
     }
     for (auto & g : groups_) drop_cells(g, [&](int32_t s, int32_t p) { return s == seq && p >= n_keep; });
     return true;
 }
 
 void KvCache::clear(int seq) {
-    for (auto & g : groups_) drop_cells(g, [&](int32_t s, int32_t) { return s == seq; });
+    for (auto & g : groups_) {
+        drop_cells(g, [&](int32_t s, int32_t) { return s == seq; });
+        g.seq_lazy[seq] = 0;  // its next prompt chooses its lazy layers anew
+    }
+    merge_groups();
 }
 
 void KvCache::clear() {
-    for (auto & g : groups_) drop_cells(g, [](int32_t, int32_t) { return true; });
+    for (auto & g : groups_) {
+        drop_cells(g, [](int32_t, int32_t) { return true; });
+        std::fill(g.seq_lazy.begin(), g.seq_lazy.end(), 0);
+    }
+    merge_groups();
 }
 
 uint32_t KvCache::seq_cells(int seq, int il) const {

@@ -6,10 +6,14 @@
 // caches: each cell records the sequence and position it holds, and a query sees only its own sequence's
 // cells. A pooled group (full layers) hands out cells from one pool shared by every sequence; a ring group
 // (lazy layers) gives each sequence a region of its own (one sink + ring per conversation).
+// Dynamic mode with several sequences chooses lazy layers per sequence: there a full layer's pool keeps,
+// for a sequence it is lazy for, only the cells that sequence's next query sees (KvGroup::seq_lazy), and
+// layers lazy for different sequences are split into groups of their own.
 //
 // Where a lazy layer's cache is handled:
 //   written  - plan_ubatch() picks the cells (KvPolicy::cell_of), graph_attention.cpp writes them (set_rows)
-//   masked   - plan_ubatch() builds the group's mask (kv_mask.h: causal + KvPolicy::visible)
+//   masked   - plan_ubatch() builds the group's mask (kv_mask.h: causal + KvPolicy::visible; a sequence
+//              lazy in a pool: the lazy view's rule, after its cells out of sight went back to the pool)
 //   read     - graph_attention.cpp: one flash attention per run of a sequence's tokens (AttnSpan), over
 //              only the cells of that sequence it can see (a lazy ring's visible cells are gathered)
 //   encoded  - a quantized store (a q4_0 ring by default) holds K and V Hadamard-rotated (kv_rotation.h)
@@ -98,6 +102,11 @@ struct KvGroup {
     std::vector<int32_t> cell_pos;  // position held by each cell, -1 = empty
     std::vector<int32_t> cell_seq;  // the sequence that position belongs to (where cell_pos >= 0)
     std::vector<int32_t> res_pos;   // residual cells (n_seq * policy->residual_capacity()): position held, -1 = empty
+    // Dynamic mode with several sequences: the sequences for which this pooled group's layers are lazy.
+    // There a sequence keeps only the cells its next query can see (sinks + window: KvCache::lazy_view_),
+    // in the shared pool of the layers' full stores; every other sequence keeps all of its positions.
+    // Layers lazy for different sets of sequences are in different groups (one cell map each).
+    std::vector<uint8_t> seq_lazy;
     uint32_t n_used = 0;            // cells [0, n_used) may hold a position (the rest are empty)
     uint32_t n_free = 0;            // empty cells
     // Cells of one sequence's region (ring groups); the whole store for pooled groups.
@@ -140,7 +149,10 @@ public:
     // (every one into a pooled store; into a ring, what it keeps: sinks, the latest positions, the
     // residual), by a graph run on `sched`. The sequence must hold nothing here. Throws, changing nothing,
     // if a pool has too few free cells or the copy fails.
-    void adopt_sequence(const KvCache & prompt, int seq, ggml_backend_sched_t sched, GraphArena & arena);
+    // lazy_layers (dynamic mode): the full layers the probe found lazy for this sequence's prompt; there it
+    // joins the group's lazy sequences (seq_lazy), and a group part of whose layers are lazy for it is split.
+    void adopt_sequence(const KvCache & prompt, int seq, const std::vector<int> & lazy_layers,
+                        ggml_backend_sched_t sched, GraphArena & arena);
 
     // Move layers to the group of `policy` without touching their stores: allowed only where the store
     // already holds each of its positions in the cell the new policy would put it (e.g. full <-> masked).
@@ -160,6 +172,10 @@ public:
     uint32_t seq_cells(int seq, int il) const;
     size_t seq_bytes(int seq) const;
     uint32_t n_seq() const { return n_seq_; }
+    // The layers that are lazy for sequence seq: lazy stores, and pooled ones it is lazy in (dynamic mode).
+    std::vector<int> seq_lazy_layers(int seq) const;
+    // Changes whenever layers move between groups: a graph built before reads the wrong masks.
+    uint64_t layout_version() const { return layout_version_; }
 
     const std::vector<KvGroup> & groups() const { return groups_; }
     const KvStore & store(int il) const { return stores_[il]; }
@@ -186,6 +202,9 @@ private:
     // position is placed by take_cell as if written in order (a ring keeps what survives), and a quantized
     // ring's residual gets the last positions. Records them in g's maps and returns the rows to copy.
     CellCopy place_positions(KvGroup & g, const KvGroup & src, int32_t seq) const;
+    // The positions of seq in `src` that group g keeps (all, but what the next query sees where seq is lazy
+    // in a pool), with their source cells, in order.
+    std::vector<std::pair<int32_t, uint32_t>> kept_positions(const KvGroup & g, const KvGroup & src, int32_t seq) const;
 
     // Exact prefill of one sequence: its lazy layers' full stores become lazy ones.
     struct Conversion {
@@ -198,6 +217,17 @@ private:
     void commit_lazy(Conversion && c);
 
     int group_for(std::unique_ptr<KvPolicy> policy);
+    // A group of its own for this policy (an empty one is reused), with an empty cell map.
+    int new_group(std::unique_ptr<KvPolicy> policy);
+    // What sequence seq's queries see in group g: the group's policy, or the lazy view where it is lazy.
+    const KvPolicy & view(const KvGroup & g, int32_t seq) const {
+        return g.seq_lazy[(size_t) seq] ? *lazy_view_ : *g.policy;
+    }
+    // Dynamic mode: make `layers` (pooled, full) lazy for sequence seq, which holds nothing yet; groups
+    // whose layers are only partly among them are split (both halves keep the cell map).
+    void make_seq_lazy(const std::vector<int> & layers, int seq);
+    // Layers of groups with equal policies, lazy sequences and cell maps join one group again.
+    void merge_groups();
     static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
                                uint32_t residual_cells, ggml_backend_buffer_type_t buft);
     // Plans a gathered span's columns and mask (kv_cache.cpp), with or without a residual.
@@ -217,6 +247,8 @@ private:
     uint32_t take_cell(KvGroup & g, int32_t pos, int32_t seq, CellCursor & cursor) const;
 
     uint32_t n_seq_ = 1;
+    std::unique_ptr<KvPolicy> lazy_view_;  // a lazy sequence's view of a pooled store (sinks + window)
+    uint64_t layout_version_ = 0;
     std::vector<KvGroup> groups_;
     std::vector<KvStore> stores_;
 };

@@ -13,12 +13,25 @@
 
 namespace simkv {
 
-KvCache::CellCopy KvCache::place_positions(KvGroup & g, const KvGroup & src, int32_t seq) const {
+std::vector<std::pair<int32_t, uint32_t>> KvCache::kept_positions(const KvGroup & g, const KvGroup & src,
+                                                                  int32_t seq) const {
     std::vector<std::pair<int32_t, uint32_t>> by_pos;  // (position, source cell), in order
     for (uint32_t cell = 0; cell < src.cell_pos.size(); ++cell) {
         if (src.cell_pos[cell] >= 0 && src.cell_seq[cell] == seq) by_pos.emplace_back(src.cell_pos[cell], cell);
     }
     std::sort(by_pos.begin(), by_pos.end());
+    if (!by_pos.empty() && g.seq_lazy[seq]) {
+        // Lazy for this sequence in a pool (dynamic mode): only what its next query sees is kept.
+        const int32_t next = by_pos.back().first + 1;
+        by_pos.erase(std::remove_if(by_pos.begin(), by_pos.end(),
+                                    [&](const auto & pc) { return !view(g, seq).visible(next, pc.first); }),
+                     by_pos.end());
+    }
+    return by_pos;
+}
+
+KvCache::CellCopy KvCache::place_positions(KvGroup & g, const KvGroup & src, int32_t seq) const {
+    const std::vector<std::pair<int32_t, uint32_t>> by_pos = kept_positions(g, src, seq);
     // Write every position in order: in a ring later positions overwrite earlier ones, so what survives is
     // exactly what it would hold had it been written all along.
     std::vector<int32_t> src_of(g.cell_pos.size(), -1);
@@ -141,7 +154,8 @@ size_t KvCache::make_lazy(const HParams & hp, const KvConfig & cfg, const std::v
     return peak;
 }
 
-void KvCache::adopt_sequence(const KvCache & prompt, int seq, ggml_backend_sched_t sched, GraphArena & arena) {
+void KvCache::adopt_sequence(const KvCache & prompt, int seq, const std::vector<int> & lazy_layers,
+                             ggml_backend_sched_t sched, GraphArena & arena) {
     // Check first: the sequence is empty here, and each pool has a free cell for each position it takes.
     for (size_t gi = 0; gi < groups_.size(); ++gi) {
         const KvGroup & g = groups_[gi];
@@ -155,21 +169,28 @@ void KvCache::adopt_sequence(const KvCache & prompt, int seq, ggml_backend_sched
                 throw std::runtime_error("adopt_sequence: layers of one group here are in different groups there");
             }
         }
-        if (g.policy->pooled()) {
-            uint32_t n = 0;
-            for (uint32_t c = 0; c < src.cell_pos.size(); ++c) n += src.cell_pos[c] >= 0 && src.cell_seq[c] == seq;
-            if (n > g.n_free) throw BadInput("the KV cache is full: the prompt needs " + std::to_string(n) + " cells");
+    }
+    make_seq_lazy(lazy_layers, seq);  // undone by clear(seq) below
+    try {
+        std::vector<CellCopy> copies;
+        for (KvGroup & g : groups_) {
+            if (g.layers.empty()) continue;
+            const KvGroup & src = prompt.groups_[prompt.stores_[g.layers[0]].group];
+            const size_t n = kept_positions(g, src, seq).size();
+            if (g.policy->pooled() && n > g.n_free) {
+                throw BadInput("the KV cache is full: the prompt needs " + std::to_string(n) + " cells, " +
+                               std::to_string(g.n_free) + " are free");
+            }
         }
-    }
-    std::vector<CellCopy> copies;
-    for (KvGroup & g : groups_) {
-        if (g.layers.empty()) continue;
-        copies.push_back(place_positions(g, prompt.groups_[prompt.stores_[g.layers[0]].group], seq));
-        for (int il : g.layers) copies.back().stores.emplace_back(&prompt.stores_[il], &stores_[il]);
-    }
-    if (!copy_cells(copies, sched, arena)) {
+        for (KvGroup & g : groups_) {
+            if (g.layers.empty()) continue;
+            copies.push_back(place_positions(g, prompt.groups_[prompt.stores_[g.layers[0]].group], seq));
+            for (int il : g.layers) copies.back().stores.emplace_back(&prompt.stores_[il], &stores_[il]);
+        }
+        if (!copy_cells(copies, sched, arena)) throw std::runtime_error("failed to copy a prompt's KV into the shared cache");
+    } catch (...) {
         clear(seq);
-        throw std::runtime_error("failed to copy a prompt's KV into the shared cache");
+        throw;
     }
 }
 

@@ -6,6 +6,7 @@ import torch
 
 from py_simkv import Llama
 from test_lazy_reference import _reference, _tokens
+from torch_reference import Weights, causal_mask, forward, sink_window_mask
 
 PROMPTS = [
     "The three primary colours are",
@@ -87,6 +88,89 @@ def test_exact_prefill_per_sequence_equals_each_alone(smollm_path):
     out = seqs.decode({0: [together[0][-1]], 3: tokens})
     _, rows_a = _greedy_alone(alone_llm, PROMPTS[2])
     assert np.abs(out[3] - rows_a[0]).max() < 1e-2
+
+
+def _exact_masks(n, n_prompt, lazy):
+    """Exact prefill's masks: the prompt's rows see every earlier key; later rows of a lazy layer see only
+    the sinks and the window."""
+    masks = []
+    for il in range(4):
+        m = causal_mask(n)
+        if il in lazy:
+            m[n_prompt:] = sink_window_mask(n, 4, 64)[n_prompt:]
+        masks.append(m)
+    return masks
+
+
+def test_dynamic_mode_chooses_each_sequences_lazy_layers(tiny_model):
+    """Dynamic mode with several sequences: each prompt is probed alone and chooses its own lazy layers, which
+    then keep only that sequence's sinks + window in the shared pool, while the other sequence keeps what it
+    chose. Against the PyTorch forward with exact prefill's masks, per sequence."""
+    path = tiny_model("llama")
+    prompts = {0: _tokens(300, seed=11), 1: _tokens(200, seed=12)}
+    spec = dict(n_probe=32, n_sink=4, n_window=64)
+    mass = {s: np.array(Llama(path, n_ctx=512, n_threads=2).eval(p, probe=spec)["mass"]) for s, p in prompts.items()}
+    threshold = float(np.median(mass[0]))
+    want = {s: [il for il in range(4) if m[il] > threshold] for s, m in mass.items()}
+    assert 0 < len(want[0]) < 4 and want[0] != want[1]  # some layers lazy for one sequence only: groups split
+    llm = Llama(path, n_ctx=1024, n_seq_max=2, n_threads=2, n_ubatch=128, lazy_mode="dynamic",
+                lazy_threshold=threshold, n_sink=4, n_window=64)
+    seqs = llm.sequences
+    assert seqs.prompts_alone
+    logits = seqs.decode(prompts)  # both prompts in one call: each is evaluated (and probed) alone
+    assert [st["lazy_layers"] for st in seqs.kv_cache_stats()["sequences"]] == [want[0], want[1]]
+    tokens = {s: list(p) for s, p in prompts.items()}
+    rows = {0: [], 1: []}
+    for _ in range(40):
+        for s, lg in logits.items():
+            rows[s].append(lg.copy())
+            tokens[s].append(int(np.argmax(lg)))
+        logits = seqs.decode({s: [tokens[s][-1]] for s in tokens})
+    weights = Weights(path)
+    for s, st in enumerate(seqs.kv_cache_stats()["sequences"]):
+        n, n_prompt = len(tokens[s]), len(prompts[s])
+        want_logits = forward(weights, tokens[s], _exact_masks(n, n_prompt, want[s]), ["f16"] * 4)[n_prompt - 1:n - 1]
+        err = (torch.from_numpy(np.array(rows[s])) - want_logits).abs()
+        # test_lazy_f16_matches_reference's bounds: f16 stores, V·softmax accumulated in f16 inside flash
+        # attention. Another sequence's keys, or a trimmed key still seen, move logits by O(1).
+        assert err.max().item() < 0.1 and err.mean().item() < 5e-3, (s, err.max().item(), err.mean().item())
+        # Its lazy layers hold its sinks and the window the next query sees, its other layers every position.
+        assert st["cells"] == [4 + 64 if il in want[s] else n for il in range(4)], (s, st["cells"])
+        assert st["n_tokens"] == n
+    # A lazy layer holds no key from before the window: a rewind that needs one is refused (nothing changes);
+    # a new prompt chooses its layers anew, while sequence 0 goes on as if alone.
+    assert not seqs.truncate(1, len(tokens[1]) - 10) and seqs.n_tokens(1) == len(tokens[1])
+    assert seqs.truncate(1, len(tokens[1]) - 1)
+    new_prompt = _tokens(150, seed=13)
+    assert seqs.prepare(1, new_prompt) == new_prompt and seqs.n_tokens(1) == 0
+    out = seqs.decode({0: [tokens[0][-1]], 1: new_prompt})
+    n = len(tokens[0]) + 1
+    want_logits = forward(weights, tokens[0] + [tokens[0][-1]], _exact_masks(n, 300, want[0]), ["f16"] * 4)[n - 1]
+    assert (torch.from_numpy(out[0]) - want_logits).abs().max().item() < 0.1
+    m = np.array(Llama(path, n_ctx=512, n_threads=2).eval(new_prompt, probe=spec)["mass"])
+    assert seqs.kv_cache_stats()["sequences"][1]["lazy_layers"] == [il for il in range(4) if m[il] > threshold]
+
+
+def test_dynamic_mode_holds_more_conversations_than_the_pool_has_cells(tiny_model):
+    """Where every layer is lazy for every prompt (threshold 0: StreamingLLM), a conversation keeps sinks +
+    window: two prompts of 300 tokens live in a pool of 512 cells, each as it would alone."""
+    path = tiny_model("llama")
+    kw = dict(n_threads=2, n_ubatch=128, lazy_mode="dynamic", lazy_threshold=0.0, lazy_type="f16", n_sink=4, n_window=64)
+    llm = Llama(path, n_ctx=512, n_seq_max=2, **kw)
+    seqs = llm.sequences
+    a, b = _tokens(300, seed=14), _tokens(300, seed=15)
+    first = {0: seqs.decode({0: a})[0], 1: seqs.decode({1: b})[1]}
+    assert seqs.free_cells == 512 - 2 * (4 + 63)  # sinks, and the window of the next query but itself
+    for s, p in ((0, a), (1, b)):
+        alone = Llama(path, n_ctx=512, **kw)
+        alone.eval(p)
+        assert alone.kv_cache_stats()["lazy_layers"] == [0, 1, 2, 3]
+        # Alone, the kept keys are compacted into f16 rings read through an f32 gather (Q not rounded to f16):
+        # the same keys, another rounding of the query.
+        assert np.abs(first[s] - alone.last_logits).max() < 0.1
+    seqs.clear(0)
+    seqs.clear(1)
+    assert seqs.free_cells == 512
 
 
 def test_two_sequences_of_different_lengths_match_the_reference(tiny_model):
@@ -234,5 +318,3 @@ def test_refusals_change_nothing(tiny_model):
     assert one.sequences.decode({0: [3]})[0].shape == (one.n_vocab(),) and one.sequences.n_tokens(0) == 1
     with pytest.raises(ValueError, match="use llm.sequences"):
         one.eval([4])
-    with pytest.raises(ValueError, match="dynamic mode holds one sequence"):
-        Llama(path, n_ctx=64, n_threads=1, n_seq_max=2, lazy_mode="dynamic")

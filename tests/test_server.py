@@ -231,6 +231,26 @@ def test_exact_prefill_serves_several_conversations(smollm_path):
         assert s.stop() == 0
 
 
+def test_dynamic_mode_chooses_lazy_layers_per_slot(smollm_path):
+    # --lazy-mode dynamic with 2 slots: each new prompt is probed alone and its slot keeps the layers it
+    # chose; the other slot keeps its own. Each chat answers as a one-conversation dynamic Llama does (f16
+    # rings there, the same f16 keys kept in the pool here), and /slots says which layers each slot trims.
+    s = Server("--parallel", "2", "--n-ctx", "2048", "--lazy-mode", "dynamic", "--n-window", "16", "--lazy-type", "f16")
+    try:
+        alone = Llama(smollm_path, n_ctx=2048, n_threads=2, lazy_mode="dynamic", n_window=16, lazy_type="f16")
+        _two_concurrent_greedy_chats(s.client(), alone, 24)
+        chosen = []
+        for messages in CHAT[:2]:
+            alone.reset()
+            alone.eval(_chat_tokens(alone, messages))
+            chosen.append(alone.kv_cache_stats()["lazy_layers"])
+        assert any(chosen)  # the probe found lazy layers for these prompts
+        slots = s.request("GET", "/slots")[1]["slots"]
+        assert sorted(slot["lazy_layers"] for slot in slots) == sorted(chosen)
+    finally:
+        assert s.stop() == 0
+
+
 @pytest.mark.parametrize("body,status,match", [
     (None, 400, ""),  # malformed JSON (sent raw below)
     ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),

@@ -110,8 +110,9 @@ class Llama:
     one pool they share; each has its own sink + ring in the lazy layers). Drive them through
     `llm.sequences` (sequences.py: decoded together, continuous batching); the single-conversation methods
     (eval, generate, completions) refuse then, and once `llm.sequences` was used. Exact prefill works per
-    sequence (each prompt is evaluated alone with every layer full, then trimmed into the shared cache);
-    dynamic mode needs n_seq_max=1 (it would choose each sequence's lazy layers, which the cache shares).
+    sequence (each prompt is evaluated alone with every layer full, then trimmed into the shared cache), and
+    so does dynamic mode: each prompt's probe chooses that sequence's lazy layers, which then keep only its
+    sinks + window (in f16, in the full layers' shared pool; the other sequences keep what they chose).
     """
 
     def __init__(

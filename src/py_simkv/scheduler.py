@@ -78,9 +78,9 @@ class Scheduler:
         self.llm = llm
         self.seqs = llm.sequences
         self.slots = [Slot(s) for s in range(llm.n_seq_max)]
-        # Exact prefill evaluates a sequence's first decode() as its whole prompt (sequences.py): a new
-        # prompt then goes in one piece, not in chunks beside the other slots' tokens.
-        self.whole_prompts = llm.lazy_prefill == "exact" and bool(llm.lazy_layers)
+        # Exact prefill and dynamic mode evaluate a sequence's first decode() as its whole prompt
+        # (sequences.py): a new prompt then goes in one piece, not in chunks beside the other slots' tokens.
+        self.whole_prompts = self.seqs.prompts_alone
         self.max_queue = max_queue
         self._waiting: Deque[Request] = collections.deque()
         self._jobs: Deque[Tuple[Callable, concurrent.futures.Future]] = collections.deque()
@@ -146,7 +146,8 @@ class Scheduler:
             per = {s["seq"]: s for s in stats.pop("sequences")}
             stats["devices"] = sorted({layer["device"] for layer in stats.pop("layers")})  # where the KV lives
             stats["slots"] = [{"id": slot.seq, "state": "processing" if slot.request else "idle",
-                               "n_tokens": per[slot.seq]["n_tokens"], "kv_bytes": per[slot.seq]["bytes"]}
+                               "n_tokens": per[slot.seq]["n_tokens"], "kv_bytes": per[slot.seq]["bytes"],
+                               "lazy_layers": per[slot.seq]["lazy_layers"]}
                               for slot in self.slots]
             with self._cv:
                 stats["queued"] = len(self._waiting)

@@ -45,6 +45,12 @@ class Sequences:
         return self._last[self._seq(seq)]
 
     @property
+    def prompts_alone(self) -> bool:
+        """Whether a sequence's first decode() after it was emptied is evaluated alone, as one whole prompt
+        (exact prefill, dynamic mode): a new prompt should then be passed in one piece."""
+        return bool(self._engine.prompts_alone)
+
+    @property
     def free_cells(self) -> int:
         """Tokens the shared pool of the full layers can still take (all sequences together)."""
         return int(self._engine.free_cells)
