@@ -478,7 +478,7 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
                          const std::vector<uint32_t> & out_rows, const std::vector<float *> & out, uint32_t n_probe,
                          const ProbeSpec * probe, uint32_t call_row) {
     const HParams & hp = model_->hp();
-    kv_->plan_ubatch(pos, seq, n);
+    kv_->plan_ubatch(pos, seq, n, n_probe > 0);
 
     // A ubatch with no output still needs a graph sink: keep the last row's logits and drop them.
     const std::vector<uint32_t> rows = out_rows.empty() ? std::vector<uint32_t>{n - 1} : out_rows;

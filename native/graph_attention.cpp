@@ -30,6 +30,10 @@ ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store,
         return ggml_view_3d(ctx, store, d, sp.n_kv, hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
     }
     const bool on_cpu = ggml_backend_buffer_is_host(s.buffer.get());
+    if (b.kv.groups()[s.group].policy->pooled()) {  // scattered cells of a pooled store, rows as stored
+        ggml_tensor * rows = gather_rows_as_stored(ctx, store, in.gather, on_cpu);
+        return ggml_view_3d(ctx, rows, d, sp.n_kv, hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
+    }
     ggml_tensor * rows = nullptr;  // F32 [n_embd_gqa, n_kv], dequantized
     if (sp.residual) {
         // the ring's rows, the residual's, then the span's own as the residual would hold them (f16)

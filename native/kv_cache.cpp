@@ -11,6 +11,10 @@ namespace simkv {
 
 namespace {
 
+// Tokens from which a span over scattered cells is gathered (plan_ubatch). ggml's CPU flash attention
+// computes every column for 64 queries or more (its tiled kernel) and skips hidden ones below.
+constexpr uint32_t kGatherChunk = 32;
+
 bool is_lazy(const KvConfig & cfg, uint32_t il) {
     return std::find(cfg.lazy_layers.begin(), cfg.lazy_layers.end(), (int) il) != cfg.lazy_layers.end();
 }
@@ -276,7 +280,7 @@ uint32_t KvCache::take_cell(KvGroup & g, int32_t pos, int32_t seq, CellCursor & 
     return c;
 }
 
-void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens) {
+void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens, bool in_place) {
     // The caller (Engine::decode) refuses a call the pool cannot take before evaluating any of it.
     if (free_cells() < n_tokens) throw std::runtime_error("plan_ubatch: more tokens than free cells");
     for (auto & g : groups_) {
@@ -297,12 +301,13 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         // Lazy rings are read through a gather of their visible cells (AttnSpan); the others in place, over
         // each sequence's span of cells (it holds at least the cells just written).
         const bool gathered = p.kind() == KvKind::Lazy;
-        std::vector<uint32_t> lo(n_seq_, UINT32_MAX), hi(n_seq_, 0);
+        std::vector<uint32_t> lo(n_seq_, UINT32_MAX), hi(n_seq_, 0), held(n_seq_, 0);
         for (uint32_t c = 0; !gathered && c < g.n_used; ++c) {
             if (g.cell_pos[c] < 0) continue;
             const int32_t s = g.cell_seq[c];
             lo[s] = std::min(lo[s], c);
             hi[s] = c + 1;
+            ++held[s];
         }
         // One attention per run of consecutive tokens of one sequence, over that sequence's cells only.
         g.spans.clear();
@@ -318,8 +323,13 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             sp.t0 = t0;
             sp.n_tokens = t1 - t0;
             sp.mask_offset = g.mask.size();
+            // A chunk whose sequence's cells are scattered over a range half as large again as they are: a
+            // gather (a lone query skips hidden columns cheaply and reads in place).
+            const bool scattered = !gathered && !in_place && sp.n_tokens >= kGatherChunk && hi[s] - lo[s] > held[s] + held[s] / 2;
             if (gathered) {
                 plan_gathered_span(g, sp, pos, seq);
+            } else if (scattered) {
+                plan_pooled_gather(g, sp, pos, seq);
             } else {
                 sp.n_kv = std::min(cells, pad_cells(hi[s] - lo[s]));
                 sp.kv_lo = std::min(lo[s], cells - sp.n_kv);
@@ -331,6 +341,26 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
             }
             g.spans.push_back(sp);
             t0 = t1;
+        }
+    }
+}
+
+void KvCache::plan_pooled_gather(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const {
+    const int32_t s = seq[sp.t0];
+    std::vector<std::pair<int32_t, uint32_t>> held;  // (position, cell) of the sequence, in position order
+    for (uint32_t c = 0; c < g.n_used; ++c) {
+        if (g.cell_pos[c] >= 0 && g.cell_seq[c] == s) held.emplace_back(g.cell_pos[c], c);
+    }
+    std::sort(held.begin(), held.end());
+    sp.n_kv = pad_cells((uint32_t) held.size());  // it holds at least the cells just written
+    sp.gather_offset = (int64_t) g.gather.size();
+    for (uint32_t j = 0; j < sp.n_kv; ++j) g.gather.push_back((int32_t) held[j < held.size() ? j : 0].second);
+    const KvPolicy & v = view(g, s);
+    for (uint32_t i = 0; i < sp.n_tokens; ++i) {
+        const int32_t q = pos[sp.t0 + i];
+        for (uint32_t j = 0; j < sp.n_kv; ++j) {  // padding (j beyond the cells held) repeats a cell, hidden
+            const int32_t k = j < held.size() ? held[j].first : -1;
+            g.mask.push_back(k >= 0 && k <= q && v.visible(q, k) ? mask_visible() : mask_hidden());
         }
     }
 }

@@ -76,6 +76,10 @@ struct KvStore {
 //     per-sequence streams, without reserving a stream's cells for a sequence that does not hold them.
 //   gathered (lazy rings): only the cells some query of the run can see (sinks + window, not the ring's
 //     ubatch headroom), listed at gather_offset in the group's gather list and copied out as f32 rows.
+//     A pooled span is gathered too where a chunk's sequence holds scattered cells (it outgrew its share of
+//     the pool, or wrapped around its end): every cell it holds, in position order, copied out in the
+//     store's own type, so that the chunk computes what it would over a contiguous span, and not over the
+//     other sequences' cells in between (a chunk's flash attention computes every column, hidden or not).
 //     ggml's CPU flash attention has its fast paths (split-KV for a lone query, tiles for a chunk) only for
 //     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed (#16).
 //   with a residual (a quantized lazy ring, kv_policy_lazy.cpp), the columns are, in order: the gathered
@@ -133,7 +137,9 @@ public:
     uint32_t max_ubatch() const;
     // Choose cells for the tokens of a ubatch (token i: position pos[i] of sequence seq[i]), record them,
     // and build each group's mask. Throws, changing nothing, if a pool has fewer free cells than tokens.
-    void plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens);
+    // in_place: read pooled stores in place even where a sequence's cells are scattered (the probe reads
+    // each span's cells as one contiguous range).
+    void plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens, bool in_place = false);
     // Free cells of the fullest pool: how many more tokens the cache can take now.
     uint32_t free_cells() const;
     // Exact prefill (lazy_prefill="exact"): after the prompt, these FULL layers become LAZY. Their lazy
@@ -232,6 +238,8 @@ private:
                                uint32_t residual_cells, ggml_backend_buffer_type_t buft);
     // Plans a gathered span's columns and mask (kv_cache.cpp), with or without a residual.
     void plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
+    // A pooled span that reads its sequence's scattered cells through a gather, in position order.
+    void plan_pooled_gather(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
 
     // Pooled groups: where sequence seq starts looking for free cells. Each sequence has a home share of
     // the pool (1/n_seq of it), so conversations that fit their share stay contiguous and their spans do

@@ -57,6 +57,18 @@ void gather_q4_0(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
+// ggml custom op: dst row r = store row idx[r], byte for byte; each thread takes a contiguous share of rows.
+void gather_raw(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * store = dst->src[0];
+    const ggml_tensor * idx = dst->src[1];
+    const size_t row = ggml_row_size(store->type, store->ne[0]);
+    const int64_t n = idx->ne[0], per = (n + nth - 1) / nth;
+    for (int64_t r = ith * per; r < std::min(n, (ith + 1) * per); ++r) {
+        const int32_t cell = ((const int32_t *) idx->data)[r];
+        std::memcpy((char *) dst->data + (size_t) r * dst->nb[1], (const char *) store->data + (size_t) cell * store->nb[1], row);
+    }
+}
+
 // ggml custom op: dst = [store rows idx] [residual rows res_idx] [own rows through f16], rows split across
 // threads. src: store, idx, own[, residual, res_idx].
 void gather_span(ggml_tensor * dst, int ith, int nth, void *) {
@@ -95,6 +107,13 @@ void dequantize_q4_0(const uint8_t * blocks, float * out, size_t n_blocks) {
     if (has_avx2()) return dequantize_q4_0_avx2(blocks, out, n_blocks);
 #endif
     ggml_get_type_traits(GGML_TYPE_Q4_0)->to_float(blocks, out, (int64_t) n_blocks * 32);  // ggml's scalar loop
+}
+
+ggml_tensor * gather_rows_as_stored(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu) {
+    if (!on_cpu) return ggml_cast(ctx, ggml_get_rows(ctx, store, idx), GGML_TYPE_F16);
+    ggml_tensor * args[2] = {store, idx};
+    return ggml_custom_4d(ctx, store->type, store->ne[0], idx->ne[0], 1, 1, args, 2, gather_raw, GGML_N_TASKS_MAX,
+                          nullptr);
 }
 
 ggml_tensor * gather_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu) {

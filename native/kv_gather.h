@@ -1,4 +1,5 @@
-// Reading a lazy ring's visible cells as f32 rows for attention (AttnSpan's gathered read, kv_cache.h).
+// Reading a lazy ring's visible cells as f32 rows for attention (AttnSpan's gathered read, kv_cache.h), and a
+// pooled span's scattered cells as they are stored.
 // ggml's get_rows does it for every store type, but dequantizes q4_0 with ggml-base's scalar loop, which
 // made a q4_0 ring's decode ~12% slower than an f16 ring's. On the CPU a q4_0 store is gathered here instead,
 // with AVX2 where the CPU has it; the values are the same to the bit (d * (q - 8), as ggml computes them).
@@ -9,6 +10,10 @@
 #include <cstdint>
 
 namespace simkv {
+
+// [store->ne[0], n_rows] of the store's type: rows idx[0..n_rows) copied as they are (on the CPU; elsewhere
+// through f32 to f16, which GPU flash attention takes).
+ggml_tensor * gather_rows_as_stored(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
 
 // F32 [store->ne[0], n_rows]: rows idx[0..n_rows) of a 2-D store.
 ggml_tensor * gather_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);

@@ -258,6 +258,24 @@ def test_a_sequence_outgrowing_its_share_of_the_pool(tiny_model):
             np.testing.assert_array_equal(row, alone.last_logits)
 
 
+def test_a_chunk_over_scattered_cells_reads_them_in_order(tiny_model):
+    """A sequence that wrapped around the pool's end holds cells at both ends. A chunk of its tokens reads
+    them through a gather, in position order, as over a contiguous span (not the whole pool between them,
+    which a chunk's flash attention computes column by column, hidden or not): its logits equal the
+    sequence's alone, to the bit. (Read in place, the same cells in another order sum otherwise.)"""
+    path = tiny_model("llama")
+    kw = dict(n_threads=2, n_ubatch=128, n_batch=128)  # every chunk large enough to be gathered
+    llm = Llama(path, n_ctx=1024, n_seq_max=4, **kw)  # shares of 256 cells: sequence 3 starts at cell 768
+    seqs = llm.sequences
+    prompt, more = _tokens(384, seed=16), _tokens(128, seed=17)
+    first = seqs.decode({3: prompt}, all_logits=True)[3]  # cells 768..1023, then 0..127
+    later = seqs.decode({3: more}, all_logits=True)[3]    # cells 128..255
+    assert seqs.kv_cache_stats()["sequences"][3]["cells"][0] == 512
+    alone = Llama(path, n_ctx=1024, logits_all=True, **kw)
+    alone.eval(prompt + more)
+    np.testing.assert_array_equal(np.concatenate([first, later]), alone.scores[: alone.n_tokens])
+
+
 def test_kv_stats_per_sequence_and_in_total(tiny_model):
     path = tiny_model("llama")
     llm = Llama(path, n_ctx=1024, n_seq_max=3, n_threads=1, lazy_layers=[1], n_window=32, n_ubatch=64)

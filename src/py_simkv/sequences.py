@@ -139,7 +139,8 @@ class Sequences:
 
     def kv_cache_stats(self) -> dict:
         """The whole cache (as Llama.kv_cache_stats) plus each sequence's share: tokens held, KV bytes that
-        are its own (pooled cells it holds; its whole ring in lazy layers), cells per layer."""
+        are its own (pooled cells it holds; its whole ring in lazy layers), cells per layer, and the layers
+        that are lazy for it (the lazy stores; in dynamic mode, those its prompt chose)."""
         stats = self.llm.kv_cache_stats()
         stats["free_cells"] = self.free_cells
         stats["sequences"] = [dict(self._engine.seq_stats(s), seq=s) for s in range(self.n_seq_max)]
