@@ -117,6 +117,42 @@ def test_untied_output_and_qwen_on_the_device(tiny_model, device):
         _assert_f16_close(dev, cpu)
 
 
+def test_several_sequences_on_the_device(tiny_model, device):
+    # A sequence in the pool's last share wraps around its end: its chunks read its scattered cells through
+    # a gather, on the device through f16 rows. Then dynamic mode with two sequences, every layer lazy for
+    # both (threshold 0): each keeps its sinks + window in the device's pools.
+    extra, prefix = device
+    path = _model(tiny_model)
+    prompt, more = _tokens(384, seed=1), _tokens(128, seed=2)
+
+    def wrapped(**kw):
+        llm = Llama(path, n_ctx=1024, n_seq_max=4, n_threads=2, n_ubatch=128, n_batch=128, **kw)
+        seqs = llm.sequences
+        rows = [seqs.decode({3: prompt}, all_logits=True)[3], seqs.decode({3: more}, all_logits=True)[3]]
+        return np.concatenate(rows), llm
+
+    def dynamic(**kw):
+        llm = Llama(path, n_ctx=1024, n_seq_max=2, n_threads=2, n_ubatch=128, lazy_mode="dynamic",
+                    lazy_threshold=0.0, n_window=N_WINDOW, **kw)
+        seqs = llm.sequences
+        out = seqs.decode({0: _tokens(300, seed=3), 1: _tokens(200, seed=4)})
+        rows = [out[0], out[1]]
+        for t in _tokens(20, seed=5):
+            out = seqs.decode({0: [t], 1: [t]})
+            rows += [out[0], out[1]]
+        return np.array(rows), llm
+
+    for run in (wrapped, dynamic):
+        cpu, cpu_llm = run()
+        dev, llm = run(n_gpu_layers=-1, **extra)
+        _offloaded(llm, prefix)
+        _assert_f16_close(dev, cpu)
+        if run is dynamic:
+            assert [s["lazy_layers"] for s in llm.sequences.kv_cache_stats()["sequences"]] == [[0, 1, 2, 3]] * 2
+        cpu_llm.close()
+        llm.close()  # hands the servers back now (a Llama and its sequences hold each other until collected)
+
+
 def test_dynamic_mode_and_masked_layers_on_the_device(tiny_model, device):
     extra, _ = device
     path = _model(tiny_model)
