@@ -247,6 +247,16 @@ def test_dynamic_mode_chooses_lazy_layers_per_slot(smollm_path):
         assert any(chosen)  # the probe found lazy layers for these prompts
         slots = s.request("GET", "/slots")[1]["slots"]
         assert sorted(slot["lazy_layers"] for slot in slots) == sorted(chosen)
+        # Under load: slots taken and given back, layers split into groups and merged again as prompts come
+        # and go; every request is answered and the server stays healthy.
+        client = s.client()
+        prompts = ["Hi", "Tell me about the moon. " * 20, "List three fruits.", "Explain gravity in detail. " * 60]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda i: client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompts[i % 4]}], max_tokens=8 + 4 * (i % 3),
+                temperature=0.7, seed=i).usage.completion_tokens, range(12)))
+        assert len(got) == 12 and all(0 <= n <= 16 for n in got)
+        assert s.request("GET", "/health") == (200, {"status": "ok"})
     finally:
         assert s.stop() == 0
 

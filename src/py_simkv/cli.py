@@ -371,9 +371,11 @@ def cmd_serve(args) -> int:
     llm = _open(args, n_seq_max=args.parallel)
     stats = llm.kv_cache_stats()
     full = kv_bytes(llm.hparams, n_ctx, type_kv=args.type_k, n_seq_max=args.parallel)
-    print(f"simkv serve: {args.parallel} slots sharing {n_ctx} KV cells in the full layers; lazy layers "
-          f"{','.join(map(str, llm.lazy_layers)) or 'none'}; KV {stats['total_bytes'] / 2**20:.1f} MiB "
-          f"({stats['total_bytes'] / full:.2f}x a full cache); http://{args.host}:{args.port}/v1", file=sys.stderr)
+    lazy = ("chosen per prompt, per slot (dynamic mode)" if llm.lazy_mode == "dynamic"
+            else ",".join(map(str, llm.lazy_layers)) or "none")
+    print(f"simkv serve: {args.parallel} slots sharing {n_ctx} KV cells in the full layers; lazy layers {lazy}; "
+          f"KV {stats['total_bytes'] / 2**20:.1f} MiB ({stats['total_bytes'] / full:.2f}x a full cache); "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.queue_size,
           model_name=args.model_alias or os.path.basename(llm.model_path))
     return 0
