@@ -468,8 +468,7 @@ void Engine::set_masked_layers(const std::vector<int> & layers, uint32_t n_sink,
             throw BadInput("only full layers can be masked");
         }
     }
-    // Each change of group membership changes the graph (which mask each layer reads): rebuild it.
-    drop_graph(true);
+    // Layers that change groups read another mask: the cache's layout_version() tells graph_for to rebuild.
     kv_->regroup(kv_->layers_of_kind(KvKind::Masked), make_full_policy(kv_cfg_.n_ctx));
     kv_->regroup(layers, make_masked_policy(kv_cfg_.n_ctx, n_sink, n_window));
 }

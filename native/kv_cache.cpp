@@ -64,6 +64,15 @@ void drop_cells(KvGroup & g, Drop drop) {
 
 }  // namespace
 
+std::vector<std::pair<int32_t, uint32_t>> KvGroup::positions_of(int32_t seq) const {
+    std::vector<std::pair<int32_t, uint32_t>> out;
+    for (uint32_t c = 0; c < n_used; ++c) {
+        if (cell_pos[c] >= 0 && cell_seq[c] == seq) out.emplace_back(cell_pos[c], c);
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
 std::unique_ptr<KvPolicy> lazy_policy(const KvConfig & cfg) {
     return make_lazy_policy(cfg.n_sink, cfg.n_window, cfg.n_ubatch, cfg.n_residual);
 }
@@ -95,6 +104,18 @@ int KvCache::group_for(std::unique_ptr<KvPolicy> policy) {
 }
 
 int KvCache::new_group(std::unique_ptr<KvPolicy> policy) {
+    for (size_t g = 0; g < groups_.size(); ++g) {  // one left empty by a merge or a compaction
+        if (groups_[g].layers.empty() && groups_[g].policy->key() == policy->key()) {
+            KvGroup & e = groups_[g];
+            std::fill(e.cell_pos.begin(), e.cell_pos.end(), -1);
+            std::fill(e.cell_seq.begin(), e.cell_seq.end(), -1);
+            std::fill(e.res_pos.begin(), e.res_pos.end(), -1);
+            std::fill(e.seq_lazy.begin(), e.seq_lazy.end(), 0);
+            e.n_used = 0;
+            e.n_free = (uint32_t) e.cell_pos.size();
+            return (int) g;
+        }
+    }
     KvGroup grp;
     grp.policy = std::move(policy);
     const uint32_t cells = (uint32_t) cells_of(*grp.policy, n_seq_);
@@ -191,11 +212,7 @@ void KvCache::make_seq_lazy(const std::vector<int> & layers, int seq) {
         }
         // Split: the lazy part gets a group of its own with the same cell map (its stores hold the same
         // positions in the same cells); from now on the two are written and trimmed each by its own map.
-        int h = -1;
-        for (size_t e = 0; e < groups_.size() && h < 0; ++e) {
-            if (groups_[e].layers.empty() && groups_[e].policy->key() == groups_[g].policy->key()) h = (int) e;
-        }
-        if (h < 0) h = new_group(make_full_policy(groups_[g].policy->capacity()));
+        const int h = new_group(make_full_policy(groups_[g].policy->capacity()));
         KvGroup & src = groups_[g];
         KvGroup & dst = groups_[h];
         dst.cell_pos = src.cell_pos;
@@ -291,11 +308,16 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
         g.write_cells.resize(n_tokens);
         // A sequence lazy in this pool (dynamic mode) first gives back the cells its queries can no longer see
         // (the rule is monotone: a key out of the window stays out), so it holds sinks + window, as a ring.
-        for (uint32_t i = 0; i < n_tokens; ++i) {
-            if (g.seq_lazy[seq[i]] && (i == 0 || seq[i - 1] != seq[i])) {
-                drop_cells(g, [&](int32_t s, int32_t k) { return s == seq[i] && !lazy_view_->visible(pos[i], k); });
+        // Its first query here decides; one pass over the pool for every such sequence of the ubatch.
+        std::vector<int32_t> first_q(n_seq_, -1);
+        bool evict = false;
+        for (uint32_t i = n_tokens; i-- > 0;) {
+            if (g.seq_lazy[seq[i]]) {
+                first_q[seq[i]] = pos[i];
+                evict = true;
             }
         }
+        if (evict) drop_cells(g, [&](int32_t s, int32_t k) { return first_q[s] >= 0 && !lazy_view_->visible(first_q[s], k); });
         CellCursor cursor;
         for (uint32_t i = 0; i < n_tokens; ++i) g.write_cells[i] = take_cell(g, pos[i], seq[i], cursor);
         // Lazy rings are read through a gather of their visible cells (AttnSpan); the others in place, over
@@ -347,11 +369,7 @@ void KvCache::plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_t
 
 void KvCache::plan_pooled_gather(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const {
     const int32_t s = seq[sp.t0];
-    std::vector<std::pair<int32_t, uint32_t>> held;  // (position, cell) of the sequence, in position order
-    for (uint32_t c = 0; c < g.n_used; ++c) {
-        if (g.cell_pos[c] >= 0 && g.cell_seq[c] == s) held.emplace_back(g.cell_pos[c], c);
-    }
-    std::sort(held.begin(), held.end());
+    const std::vector<std::pair<int32_t, uint32_t>> held = g.positions_of(s);
     sp.n_kv = pad_cells((uint32_t) held.size());  // it holds at least the cells just written
     sp.gather_offset = (int64_t) g.gather.size();
     for (uint32_t j = 0; j < sp.n_kv; ++j) g.gather.push_back((int32_t) held[j < held.size() ? j : 0].second);
@@ -447,10 +465,7 @@ bool KvCache::truncate(int seq, int32_t n_keep, int32_t n_written) {
         if (!g.layers.empty() && g.seq_lazy[seq]) {
             uint32_t needed = 0, held = 0;
             for (int32_t k = 0; k < n_keep; ++k) needed += lazy_view_->visible(n_keep, k);
-            for (uint32_t c = 0; c < g.n_used; ++c) {
-                held += g.cell_seq[c] == seq && g.cell_pos[c] >= 0 && g.cell_pos[c] < n_keep &&
-                        lazy_view_->visible(n_keep, g.cell_pos[c]);
-            }
+            for (const auto & [k, cell] : g.positions_of(seq)) held += k < n_keep && lazy_view_->visible(n_keep, k);
             if (held != needed) return false;
         }
     }

@@ -115,6 +115,8 @@ struct KvGroup {
     uint32_t n_free = 0;            // empty cells
     // Cells of one sequence's region (ring groups); the whole store for pooled groups.
     uint32_t region() const { return policy->capacity(); }
+    // (position, cell) of every position sequence seq holds here, in position order.
+    std::vector<std::pair<int32_t, uint32_t>> positions_of(int32_t seq) const;
     // Plan of the current ubatch (filled by plan_ubatch).
     std::vector<int64_t> write_cells;  // cell for each token of the ubatch
     std::vector<AttnSpan> spans;       // the ubatch's attentions, in token order

@@ -15,11 +15,7 @@ namespace simkv {
 
 std::vector<std::pair<int32_t, uint32_t>> KvCache::kept_positions(const KvGroup & g, const KvGroup & src,
                                                                   int32_t seq) const {
-    std::vector<std::pair<int32_t, uint32_t>> by_pos;  // (position, source cell), in order
-    for (uint32_t cell = 0; cell < src.cell_pos.size(); ++cell) {
-        if (src.cell_pos[cell] >= 0 && src.cell_seq[cell] == seq) by_pos.emplace_back(src.cell_pos[cell], cell);
-    }
-    std::sort(by_pos.begin(), by_pos.end());
+    std::vector<std::pair<int32_t, uint32_t>> by_pos = src.positions_of(seq);  // (position, source cell)
     if (!by_pos.empty() && g.seq_lazy[seq]) {
         // Lazy for this sequence in a pool (dynamic mode): only what its next query sees is kept.
         const int32_t next = by_pos.back().first + 1;
@@ -129,6 +125,7 @@ void KvCache::commit_lazy(Conversion && c) {
         dst.layers.push_back(il);
     }
     std::sort(dst.layers.begin(), dst.layers.end());
+    ++layout_version_;
 }
 
 size_t KvCache::make_lazy(const HParams & hp, const KvConfig & cfg, const std::vector<int> & layers,
