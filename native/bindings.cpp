@@ -274,8 +274,12 @@ NB_MODULE(_native, m) {
              "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
         .def("eval_stream",
              [](Engine & e, TokenArray tokens, uint32_t first_layer,
-                std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> hidden, bool capture) {
+                std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> hidden, bool capture,
+                std::optional<TokenArray> targets) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
+                 if (targets && targets->shape(0) != n) {
+                     throw BadInput("targets must have one token per row (" + std::to_string(n) + ")");
+                 }
                  const uint32_t n_embd = e.model().hp().n_embd, n_layer = e.model().hp().n_layer;
                  if (hidden && (hidden->shape(0) != n || hidden->shape(1) != n_embd)) {
                      throw BadInput("hidden must be [n_tokens, n_embd] = [" + std::to_string(n) + ", " +
@@ -286,6 +290,8 @@ NB_MODULE(_native, m) {
                  stream.hidden = hidden ? hidden->data() : nullptr;
                  std::vector<float> captured(capture ? (size_t) n_layer * n * n_embd : 0);
                  stream.capture = capture ? captured.data() : nullptr;
+                 stream.targets = targets ? targets->data() : nullptr;
+                 const uint32_t width = targets ? 1 : e.out_width();
                  std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
                  {
@@ -299,11 +305,14 @@ NB_MODULE(_native, m) {
                      nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
                      layers = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<3>>(heap->data(), {n_layer, n, n_embd}, owner));
                  }
-                 return nb::make_tuple(to_numpy(std::move(logits), n, e.out_width()), layers);
+                 nb::object rows = nb::cast(to_numpy(std::move(logits), n, width));
+                 if (targets) rows = rows.attr("reshape")(n);  // one loss per row
+                 return nb::make_tuple(rows, layers);
              },
-             "tokens"_a, "first_layer"_a = 0, "hidden"_a = nb::none(), "capture"_a = false,
+             "tokens"_a, "first_layer"_a = 0, "hidden"_a = nb::none(), "capture"_a = false, "targets"_a = nb::none(),
              "eval() with every row's logits from layer first_layer on (hidden: the stream entering it, [n, n_embd]); "
-             "capture: also return the stream entering each layer, [n_layer, n, n_embd]")
+             "capture: also return the stream entering each layer, [n_layer, n, n_embd]; targets ([n] token ids): "
+             "return each row's loss on its target, -log softmax(row)[target] (0 for target -1), instead of its logits")
         .def("decode",
              [](Engine & e, const std::vector<int32_t> & seqs, const std::vector<TokenArray> & tokens,
                 const std::vector<bool> & all_logits) {

@@ -197,6 +197,12 @@ std::vector<float> Engine::eval_stream(const int32_t * tokens, uint32_t n, const
     // A what-if on one plain context: exact prefill and several sequences rearrange cells between calls.
     if (exact() || cfg_.n_seq_max > 1) throw BadInput("eval_stream() needs one sequence with streaming prefill");
     if (embeddings_) throw BadInput("eval_stream() computes logits: turn embeddings off");
+    for (uint32_t i = 0; stream.targets && i < n; ++i) {
+        if (stream.targets[i] < -1 || stream.targets[i] >= (int64_t) hp.n_vocab) {
+            throw BadInput("target " + std::to_string(stream.targets[i]) + " is not a token id (0.." +
+                           std::to_string(hp.n_vocab - 1) + ", or -1: none)");
+        }
+    }
     struct Reset {
         Engine & e;
         ~Reset() { e.stream_ = nullptr; e.stream_n_ = 0; }
@@ -490,6 +496,7 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
         ggml_backend_tensor_set(in.hidden, stream_->hidden + (size_t) call_row * row, 0, sizeof(float) * row * n);
     }
     ggml_backend_tensor_set(in.pos, pos, 0, sizeof(int32_t) * n);
+    if (in.targets) ggml_backend_tensor_set(in.targets, stream_->targets + call_row, 0, sizeof(int32_t) * n_rows);
     if (in.out_ids) {
         const std::vector<int32_t> ids(rows.begin(), rows.end());
         ggml_backend_tensor_set(in.out_ids, ids.data(), 0, sizeof(int32_t) * n_rows);
@@ -533,14 +540,27 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
             ggml_backend_tensor_get(in.layer_in.at(il), dst, 0, sizeof(float) * row * n);
         }
     }
-    // The logits of consecutive rows to consecutive destinations come in one read.
     const uint32_t width = out_width();
-    const size_t row_bytes = sizeof(float) * width;
-    for (size_t j = 0; j < out.size();) {
-        size_t run = 1;
-        while (j + run < out.size() && out[j + run] == out[j] + (size_t) run * width) ++run;
-        ggml_backend_tensor_get(g.logits, out[j], j * row_bytes, run * row_bytes);
-        j += run;
+    if (stream_ && stream_->targets && !g.scores_rows) {
+        // Rows to score here (graph_token_nll.cpp): read back a few rows of logits at a time.
+        const size_t vocab = hp.n_vocab, block = 32;
+        std::vector<float> logits(block * vocab);
+        for (size_t j0 = 0; j0 < out.size(); j0 += block) {
+            const size_t m = std::min(block, out.size() - j0);  // rows j0.. are consecutive in g.logits
+            ggml_backend_tensor_get(g.logits, logits.data(), j0 * vocab * sizeof(float), m * vocab * sizeof(float));
+            for (size_t j = j0; j < j0 + m; ++j) {
+                out[j][0] = token_nll(logits.data() + (j - j0) * vocab, (int64_t) vocab, stream_->targets[call_row + rows[j]]);
+            }
+        }
+    } else {
+        // The rows of consecutive outputs to consecutive destinations come in one read.
+        const size_t row_bytes = sizeof(float) * width;
+        for (size_t j = 0; j < out.size();) {
+            size_t run = 1;
+            while (j + run < out.size() && out[j + run] == out[j] + (size_t) run * width) ++run;
+            ggml_backend_tensor_get(g.logits, out[j], j * row_bytes, run * row_bytes);
+            j += run;
+        }
     }
     for (uint32_t i = 0; i < n; ++i) {
         n_past_[seq[i]] = std::max<uint32_t>(n_past_[seq[i]], (uint32_t) pos[i] + 1);
@@ -575,7 +595,8 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     }
     const uint32_t first_layer = stream_ ? stream_->first_layer : 0;
     const bool capture = stream_ && stream_->capture;
-    shape.insert(shape.end(), {first_layer, capture});
+    const bool scored = stream_ && stream_->targets;
+    shape.insert(shape.end(), {first_layer, capture, scored});
     if (graph_.ctx && graph_.shape == shape) return graph_;
 
     drop_graph(false);
@@ -586,6 +607,13 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
         GraphBuild b{g.ctx.get(), g.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &g.probe : nullptr, n_probe,
                      embeddings_, first_layer, capture};
         g.logits = build_graph(b);
+        // Rows are scored in the graph where the vocabulary projection runs on the CPU (graph_token_nll.cpp).
+        if (scored && ggml_backend_buffer_is_host(model_->output->buffer)) {
+            b.in.targets = cb(ggml_new_tensor_1d(b.ctx, GGML_TYPE_I32, n_rows), "targets", -1);
+            ggml_set_input(b.in.targets);
+            g.logits = build_token_nll(b.ctx, g.logits, b.in.targets);
+            g.scores_rows = true;
+        }
         ggml_build_forward_expand(g.gf, g.logits);
         g.in = b.in;
     };

@@ -73,6 +73,9 @@ struct LayerStream {
     uint32_t first_layer = 0;        // compute layers first_layer.. only
     const float * hidden = nullptr;  // [n][n_embd]: the stream entering first_layer (needed when it is > 0)
     float * capture = nullptr;       // [n_layer][n][n_embd]: the stream entering each layer (first_layer 0), or null
+    // [n]: score row i on token targets[i] and return its loss, -log p(targets[i]), instead of its logits
+    // (one float per row instead of n_vocab; 0 for a row whose target is -1: none); or null.
+    const int32_t * targets = nullptr;
 };
 
 // Tokens to append to one sequence in a decode() call.
@@ -103,8 +106,8 @@ public:
     // (probe.h); read the scores with probe_mass() and probe_change() (per layer, NaN where not probed).
     std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe = nullptr,
                             uint32_t n_probe = 0, const BetweenUbatches & between = {});
-    // eval() of sequence 0 with every row's logits, on a residual stream: from a later layer, or keeping what
-    // enters each layer.
+    // eval() of sequence 0 with every row's logits (or, with stream.targets, every row's loss), on a residual
+    // stream: from a later layer, or keeping what enters each layer.
     std::vector<float> eval_stream(const int32_t * tokens, uint32_t n, const LayerStream & stream,
                                    const BetweenUbatches & between = {});
     // Appends tokens to several sequences at once (each at most once per call): their tokens share ubatches
@@ -130,7 +133,11 @@ public:
     // Embeddings mode (Llama(embedding=True).embed): each output row is the model's last hidden state after
     // its final norm ([n_embd]) instead of the logits ([n_vocab]).
     void set_embeddings(bool on);
-    uint32_t out_width() const { return embeddings_ ? model_->hp().n_embd : model_->hp().n_vocab; }
+    // Floats per output row: an embedding, a row's loss (during eval_stream with targets), or its logits.
+    uint32_t out_width() const {
+        if (embeddings_) return model_->hp().n_embd;
+        return stream_ && stream_->targets ? 1 : model_->hp().n_vocab;
+    }
     void load_state(const std::string & blob);
 
     uint32_t n_past(int32_t seq = 0) const { return n_past_.at(checked_seq(seq)); }
@@ -195,7 +202,8 @@ private:
     struct BuiltGraph {
         ggml_context_ptr ctx;
         ggml_cgraph * gf = nullptr;
-        ggml_tensor * logits = nullptr;
+        ggml_tensor * logits = nullptr;  // the output rows: logits, embeddings, or each row's loss (out_width())
+        bool scores_rows = false;        // logits is each row's loss already (else, with targets, the engine scores)
         UbatchInputs in;
         ProbeGraph probe;
         std::vector<uint32_t> shape;  // n_tokens, n_rows, n_probe, each group's spans

@@ -55,6 +55,7 @@ struct UbatchInputs {
     std::vector<ggml_tensor *> layer_in;  // with GraphBuild::capture: the stream entering each layer (outputs)
     ggml_tensor * pos = nullptr;      // I32 [n_tokens]
     ggml_tensor * out_ids = nullptr;  // I32 [n_outputs], null when every token is output
+    ggml_tensor * targets = nullptr;  // I32 [n_outputs]: the token each output row is scored on (Engine::LayerStream)
     std::vector<std::vector<SpanInputs>> spans;  // per KV group, per span
     std::vector<ggml_tensor *> write_idx;        // per KV group: I64 [n_tokens]
     RotationInputs rotations;                    // H of each size the quantized stores rotate by
@@ -95,6 +96,10 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
 ggml_tensor * build_graph_llama(GraphBuild & b);   // llama, qwen2, qwen3
 ggml_tensor * build_graph_gemma3(GraphBuild & b);  // gemma3
 ggml_tensor * build_graph(GraphBuild & b);         // the one for b.model's architecture
+// A row's next-token loss, -log softmax(logits)[target], or 0 where target is -1 (graph_token_nll.cpp).
+float token_nll(const float * logits, int64_t n_vocab, int32_t target);
+// F32 [1, n_rows]: token_nll of each row of logits (F32 [n_vocab, n_rows]), as a CPU-only node.
+ggml_tensor * build_token_nll(ggml_context * ctx, ggml_tensor * logits, ggml_tensor * targets);
 // The graph inputs every architecture shares (tokens, positions, output rows, per-group masks and write
 // indices, the probe's).
 void create_ubatch_inputs(GraphBuild & b);

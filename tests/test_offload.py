@@ -165,8 +165,14 @@ def test_dynamic_mode_and_masked_layers_on_the_device(tiny_model, device):
     for kw in ({}, dict(n_gpu_layers=-1, **extra)):
         llm = Llama(path, n_ctx=512, n_threads=2, n_window=N_WINDOW, **kw)
         llm.eval(seq[:200])
+        with llm._use():  # the profiler's what-if: the stream kept on the device, the loss scored in the graph
+            _, streams = llm._what_if_nll(seq[200:], capture=True)
         llm.set_masked_layers([1])
         out.append(llm.nll(seq[200:], keep=False))
+        with llm._use():
+            from_layer = llm._what_if_nll(seq[200:], first_layer=1, hidden=streams[1])
+        # the engine's float32 loss against numpy's float64 one (test_profile.py's bound)
+        np.testing.assert_allclose(from_layer, out[-1], rtol=0, atol=1e-5)
     assert np.abs(out[0] - out[1]).max() < 0.1
 
 

@@ -237,27 +237,42 @@ def test_the_shipped_profile_belongs_to_the_shipped_model(smollm_path):
 def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     # The profiler trims one layer at a time and starts each what-if at that layer, from the residual stream
     # the untrimmed run kept: below it nothing changed, so the losses must be those of computing every layer,
-    # bit for bit (a tail of two n_batch chunks: the stream's rows are found by their place in the call).
+    # bit for bit (a tail of two ubatches: the stream's rows are found by their place in the call).
     llm = Llama(smollm_path, n_ctx=1024, n_threads=2, n_batch=256)
     text = default_calibration_texts()[0][1]
     toks = llm.tokenize(text.encode(), add_bos=True)[:700]
     llm.eval(toks[:300])
     tail = toks[300:]
     with llm._use():
-        base, streams = llm._nll(tail, keep=False, capture=True)
+        base, streams = llm._what_if_nll(tail, capture=True)
     assert streams.shape == (30, len(tail), 576)
-    assert np.array_equal(base, llm.nll(tail, keep=False))
+    # The engine scores each row itself (graph_token_nll.cpp): against numpy's float64 log-softmax of the
+    # logits nll() takes, it differs by the rounding of its float32 result (a loss below 32: 2^-19) and of the
+    # float32 exponentials it sums (a relative 2^-23 each): 1e-5 bounds both.
+    reference = llm.nll(tail, keep=False)
+    assert base[0] == reference[0]  # the first token from the context's logits, in numpy either way
+    np.testing.assert_allclose(base, reference, rtol=0, atol=1e-5)
+    assert np.abs(base - reference).max() > 0  # the engine's own numbers, not numpy's
     for il in (0, 7, 29):
         llm.set_masked_layers([il], n_sink=4, n_window=64)
-        whole = llm.nll(tail, keep=False)
         with llm._use():
-            part = llm._nll(tail, keep=False, first_layer=il, hidden=streams[il])
+            whole = llm._what_if_nll(tail)
+            part = llm._what_if_nll(tail, first_layer=il, hidden=streams[il])
         assert np.array_equal(whole, part), il
         assert not np.array_equal(whole, base)  # the trim does something here
+    llm.set_masked_layers([])
     assert llm.n_tokens == 300  # what-ifs leave the context as it was
+    rows = np.array(tail[:4], dtype=np.int32)
     with pytest.raises(ValueError, match="first_layer 30 is out of range"):
-        llm._engine.eval_stream(np.array(tail[:4], dtype=np.int32), 30, streams[0][:4], False)
+        llm._engine.eval_stream(rows, 30, streams[0][:4], False)
     with pytest.raises(ValueError, match="hidden must be"):
-        llm._engine.eval_stream(np.array(tail[:4], dtype=np.int32), 3, streams[0][:5], False)
-    with pytest.raises(ValueError, match="cannot be kept"):
-        llm._nll(tail, keep=True, capture=True)
+        llm._engine.eval_stream(rows, 3, streams[0][:5], False)
+    with pytest.raises(ValueError, match="not a token id"):
+        llm._engine.eval_stream(rows, 3, streams[3][:4], False, np.array([1, 2, -2, 3], dtype=np.int32))
+    with pytest.raises(ValueError, match="not a token id"):
+        llm._engine.eval_stream(rows, 3, streams[3][:4], False, np.array([1, 2, 49152, 3], dtype=np.int32))
+    with pytest.raises(ValueError, match="one token per row"):
+        llm._engine.eval_stream(rows, 3, streams[3][:4], False, rows[:3].copy())
+    assert llm._engine.n_past == 300  # nothing was evaluated
+    with llm._use():
+        assert np.array_equal(llm._what_if_nll(tail), base)  # and it still works

@@ -503,14 +503,7 @@ class Llama:
         with self._use():
             return self._nll(tokens, keep)
 
-    def _nll(self, tokens: Sequence[int], keep: bool, first_layer: int = 0, hidden: Optional[np.ndarray] = None,
-             capture: bool = False):
-        """nll(); with first_layer / hidden / capture (what-ifs only, keep=False) on the residual stream
-        (Engine.eval_stream): only layers first_layer.. are computed, from `hidden` [n, n_embd], the stream
-        entering first_layer; or capture=True also returns the stream entering each layer, [n_layer, n, n_embd]."""
-        on_stream = first_layer or hidden is not None or capture
-        if on_stream and keep:
-            raise ValueError("a what-if on the residual stream cannot be kept")
+    def _nll(self, tokens: Sequence[int], keep: bool) -> np.ndarray:
         if self._last_logits is None:
             raise ValueError("nll() needs a context: eval() a prompt first")
         arr = self._checked_tokens(tokens)
@@ -522,15 +515,9 @@ class Llama:
         # all rows of a long call at once would be n x n_vocab floats several times over (4K tokens of
         # Gemma's 262K vocabulary: over 20 GB).
         out = np.empty(arr.size)
-        streams = []
         for s in range(0, arr.size, self.n_batch):
             part = arr[s:s + self.n_batch]
-            if on_stream:
-                rows_in = None if hidden is None else np.ascontiguousarray(hidden[s:s + part.size], dtype=np.float32)
-                logits, entering = self._engine.eval_stream(part.astype(np.int32), first_layer, rows_in, capture)
-                streams.append(entering)
-            else:
-                logits = self._engine.eval(part.astype(np.int32), True)  # every row, for this chunk only
+            logits = self._engine.eval(part.astype(np.int32), True)  # every row, for this chunk only
             self.n_evaluated += int(part.size)
             rows = np.concatenate([prev[None], logits[:-1]], axis=0)
             out[s:s + part.size] = -log_softmax(rows)[np.arange(part.size), part]
@@ -538,17 +525,44 @@ class Llama:
                 self._scores_all[self.n_tokens + s : self.n_tokens + s + part.size] = logits
             prev = logits[-1]
         if not keep:
-            if not self._engine.truncate(self.n_tokens):  # a lazy ring overwrote the context: rebuild it
-                prefix = list(self._input_ids)
-                self._reset()
-                self._eval(prefix)
-            self._last_logits = first
-            if capture:
-                return out, np.concatenate(streams, axis=1)
+            self._forget_what_if(first)
             return out
         self._last_logits = prev
         self._input_ids.extend(int(t) for t in arr)
         return out
+
+    def _what_if_nll(self, tokens: Sequence[int], first_layer: int = 0, hidden: Optional[np.ndarray] = None,
+                     capture: bool = False):
+        """nll(tokens, keep=False) on the residual stream (Engine.eval_stream), for the profiler's what-ifs:
+        only layers first_layer.. are computed, from `hidden` [n, n_embd], the stream entering first_layer;
+        or capture=True also returns the stream entering each layer, [n_layer, n, n_embd]. The engine scores
+        each row on the next token itself: one float per row comes back, not n_vocab. (Every token is
+        evaluated, the last one too, though nothing scores it: the same ubatches as nll() computes, so the
+        same logits to the bit.)"""
+        if self._last_logits is None:
+            raise ValueError("nll() needs a context: eval() a prompt first")
+        arr = self._checked_tokens(tokens)
+        if arr.size == 0:
+            return (np.zeros(0), None) if capture else np.zeros(0)
+        self._sync()
+        first = self._last_logits
+        out = np.empty(arr.size)
+        out[0] = -log_softmax(first)[arr[0]]  # the first token from the context's last logits
+        rows_in = None if hidden is None else np.ascontiguousarray(hidden, dtype=np.float32)
+        targets = np.append(arr[1:], -1).astype(np.int32)  # each row's next token; the last row has none
+        losses, entering = self._engine.eval_stream(arr.astype(np.int32), first_layer, rows_in, capture, targets)
+        out[1:] = losses[:-1]
+        self.n_evaluated += int(arr.size)
+        self._forget_what_if(first)
+        return (out, entering) if capture else out
+
+    def _forget_what_if(self, last_logits: np.ndarray) -> None:
+        """Drop what a what-if evaluated after the context, which keeps its last logits."""
+        if not self._engine.truncate(self.n_tokens):  # a lazy ring overwrote the context: rebuild it
+            prefix = list(self._input_ids)
+            self._reset()
+            self._eval(prefix)
+        self._last_logits = last_logits
 
     def set_masked_layers(self, layers: Sequence[int], n_sink: int = DEFAULTS.n_sink, n_window: Optional[int] = None) -> None:
         """Trimming as a what-if (the profiler's "loss" criterion): from now on these layers attend only to

@@ -126,7 +126,7 @@ def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[f
     each what-if starts there, from the stream the untrimmed run kept (the same numbers as computing every
     layer, in about half the time)."""
     with llm._use():
-        base, streams = llm._nll(tail, keep=False, capture=True)
+        base, streams = llm._what_if_nll(tail, capture=True)
     base = float(base.mean())
     n_layer = llm.hparams["n_layer"]
     meter.add(len(tail))
@@ -135,7 +135,7 @@ def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[f
     for il in layers:
         llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
         with llm._use():
-            out[il] = float(llm._nll(tail, keep=False, first_layer=il, hidden=streams[il]).mean()) - base
+            out[il] = float(llm._what_if_nll(tail, first_layer=il, hidden=streams[il]).mean()) - base
         meter.add(len(tail) * (n_layer - il) / n_layer)
     llm.set_masked_layers([])
     return out
