@@ -57,9 +57,9 @@ def rounded(x: torch.Tensor, kind: str, rotate: int) -> torch.Tensor:
 
 
 class Variant:
-    def __init__(self, name, k_type, v_type, f16_sinks=False, f16_recent=0):
+    def __init__(self, name, k_type, v_type, f16_sinks=False, f16_recent=0, rotated=True):
         self.name, self.k_type, self.v_type = name, k_type, v_type
-        self.f16_sinks, self.f16_recent = f16_sinks, f16_recent
+        self.f16_sinks, self.f16_recent, self.rotated = f16_sinks, f16_recent, rotated
 
     def ring_bits(self, n_sink, n_window):
         """Bits per (K+V) position of the ring, averaged over its cells (the f16 parts counted apart)."""
@@ -149,7 +149,7 @@ def scored_nll(w, tokens, n_prompt, prompt_kv, lazy, variant, n_sink, n_window):
         f16_cells |= kpos < n_sink
     if variant and variant.f16_recent:
         f16_cells |= (qpos - kpos) < variant.f16_recent
-    rot = tr.rotation_sizes("q4_0", w.head_dim)
+    rot = tr.rotation_sizes("q4_0", w.head_dim) if variant is None or variant.rotated else (0, 0)
     x = embed(w, tokens[n_prompt:])
     for il in range(w.n_layer):
         q, k_new, v_new = qkv(w, il, x, pos)
@@ -184,6 +184,7 @@ def main():
     ap.add_argument("--texts", nargs="+", default=["prose", "code", "dialogue"])
     ap.add_argument("--recent", type=int, nargs="+", default=[32, 128], help="R values of the f16 residual")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only the variants named so")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
@@ -198,6 +199,12 @@ def main():
     variants += [Variant("K q8_0 / V q4_0", "q8_0", "q4_0"), Variant("K q5_0 / V q4_0", "q5_0", "q4_0"),
                  Variant("K q4_0 / V q8_0", "q4_0", "q8_0"),
                  Variant("K q5_0 / V q4_0, f16 sinks", "q5_0", "q4_0", f16_sinks=True)]
+    # the engine's ring (sinks in 4 bits, the last 32 positions in f16), with and without the rotation
+    variants += [Variant("q4_0 ring + last 32 f16", "q4_0", "q4_0", False, 32),
+                 Variant("q4_0 ring + last 32 f16, unrotated", "q4_0", "q4_0", False, 32, rotated=False),
+                 Variant("q4_0 ring, unrotated", "q4_0", "q4_0", rotated=False)]
+    if args.only:
+        variants = [v for v in variants if v.name in args.only]
     rows = {}
     for name, text in heldout_texts():
         if name not in args.texts:
