@@ -276,3 +276,30 @@ def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     assert llm._engine.n_past == 300  # nothing was evaluated
     with llm._use():
         assert np.array_equal(llm._what_if_nll(tail), base)  # and it still works
+
+
+def test_the_time_estimate_counts_the_vocabulary_projection(capsys):
+    # simkv profile prints its total time once two what-ifs ran: what-ifs start at their layer, so a token's
+    # cost is a share of the layers plus the vocabulary projection, whose cost (in layers) the top and the
+    # bottom layer's what-ifs measure. Here k = 1 ms per token-layer and the projection costs 3 layers: 100
+    # tokens take 3.3 s from layer 0 (30 layers), 0.4 s from layer 29.
+    from py_simkv.profiler import _Progress, _Work
+
+    total = _Work()
+    total.add(100, 30)  # the untrimmed tail
+    for il in range(30):
+        total.add(100, 30 - il)  # the what-ifs
+    meter = _Progress(total, on=True, calibrates=True)
+    meter.add(100, 30)
+    assert "about" not in capsys.readouterr().err  # no estimate before the calibration
+    meter.add(100, 1)  # from layer 29
+    meter.calibrate(100, 30, (29, 0.4), (0, 3.3))
+    assert meter.per_unit == pytest.approx(1e-3) and meter.head == pytest.approx(3.0)
+    meter.add(100, 30)  # from layer 0
+    # left: the what-ifs from layers 1..28, 100 tokens each through (30 - il) + 3 layers, at 1 ms each
+    left = sum(100 * (30 - il + 3) for il in range(1, 29)) * 1e-3
+    assert f"~{left:.0f} s left" in capsys.readouterr().err
+    # a profile without what-ifs estimates from its first evaluation
+    meter = _Progress(total, on=True, calibrates=False)
+    meter.add(100, 30)
+    assert "tokens of evaluation: about" in capsys.readouterr().err

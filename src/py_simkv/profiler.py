@@ -44,7 +44,10 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
 # prefill window of the paper scaled to the sample), three samples scored by loss (one per kind of text),
 # each on its second half. (Scoring only the last 256 tokens takes a third of the time but ranked the layers
 # with a Spearman correlation of 0.85 to this: benchmarks/profile_speed.py, README "Choosing lazy layers".)
-PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS = 2048, 256, 8, 3, 1024
+# No samples beyond the loss samples: five more fed only the probe's criteria (mass, change), which are not
+# the default where loss is measured, for about a minute; the shipped profiles and the README's quality
+# tables were made with these three. (--samples adds them.)
+PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS = 2048, 256, 3, 3, 1024
 
 
 def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = PROFILE_N_CTX,
@@ -80,11 +83,17 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     samples = _samples(llm, pairs, n_ctx, max_samples)
     layers = layers_that_can_be_lazy(llm.hparams)
     n_loss = min(loss_samples, len(samples))
-    # Work in evaluated tokens: a whole sample each, and per loss sample its scored what-ifs (_trim_work).
+    # The work: a whole sample each, and per loss sample its scored what-ifs (_Work).
     n_layer = llm.hparams["n_layer"]
-    plan = [len(t) + (_trim_work(min(loss_tokens, len(t) - 1), layers, n_layer) if k < n_loss else 0)
-            for k, (_, t) in enumerate(samples)]
-    meter = _Progress(sum(plan), progress)
+    total = _Work()
+    for k, (_, t) in enumerate(samples):
+        total.add(len(t), n_layer)
+        if k < n_loss:
+            tail = min(loss_tokens, len(t) - 1)
+            total.add(tail, n_layer)  # the untrimmed tail
+            for il in layers:
+                total.add(tail, n_layer - il)
+    meter = _Progress(total, progress, calibrates=n_loss > 0 and len(layers) > 1)
     results = []
     for k, (source, toks) in enumerate(samples):
         probe = {"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window}
@@ -95,13 +104,13 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
             tail = min(loss_tokens, len(toks) - 1)
             prefix = len(toks) - tail
             llm.eval(toks[:prefix])
-            meter.add(prefix)
+            meter.add(prefix, n_layer)
             result = {"loss": _trim_losses(llm, toks[prefix:], layers, n_sink, n_window, meter)}
             scores = llm.eval(toks[prefix:], probe=dict(probe, n_probe=min(w_last, tail)))
-            meter.add(tail)
+            meter.add(tail, n_layer)
         else:
             scores = llm.eval(toks, probe=probe)
-            meter.add(len(toks))
+            meter.add(len(toks), n_layer)
             result = {}
         results.append({"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
                         "change": scores["change"].tolist(), **result})
@@ -112,57 +121,93 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                        samples=results)
 
 
-def _trim_work(n_tail: int, layers, n_layer: int) -> float:
-    """Evaluated tokens (in whole-model units) of _trim_losses: the tail once through every layer, then once
-    per trimmed layer through that layer and those above it."""
-    return n_tail * (1 + sum(n_layer - il for il in layers) / n_layer)
-
-
 def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[float]:
     """For each layer: mean next-token loss of `tail` (after the context llm holds, every layer full) with
     only that layer trimmed to sinks + window, minus the loss with none trimmed.
 
     Trimming layer il changes nothing below it: the residual stream entering il is the untrimmed run's, so
     each what-if starts there, from the stream the untrimmed run kept (the same numbers as computing every
-    layer, in about half the time)."""
+    layer, in about half the time). The highest and the lowest layer go first: their times tell the meter
+    what a layer and what the rest (the vocabulary projection) cost."""
+    n_layer = llm.hparams["n_layer"]
     with llm._use():
         base, streams = llm._what_if_nll(tail, capture=True)
     base = float(base.mean())
-    n_layer = llm.hparams["n_layer"]
-    meter.add(len(tail))
+    meter.add(len(tail), n_layer)
     # NaN for layers that cannot be lazy (the probe, too, reports NaN for them): never selected.
     out = [float("nan")] * n_layer
-    for il in layers:
+    order = sorted(layers, reverse=True)
+    timed = []  # (layer, seconds) of the first two what-ifs
+    for il in order[:1] + order[-1:] + order[1:-1]:
+        t0 = time.perf_counter()
         llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
         with llm._use():
             out[il] = float(llm._what_if_nll(tail, first_layer=il, hidden=streams[il]).mean()) - base
-        meter.add(len(tail) * (n_layer - il) / n_layer)
+        timed.append((il, time.perf_counter() - t0))
+        if len(timed) == 2:
+            meter.calibrate(len(tail), n_layer, *timed)
+        meter.add(len(tail), n_layer - il)
     llm.set_masked_layers([])
     return out
 
 
+class _Work:
+    """Evaluation work as tokens times the layers they go through, and the tokens that go through the
+    vocabulary projection (each evaluated token does); in seconds once the projection's cost is known in
+    layers (_Progress.calibrate)."""
+
+    def __init__(self):
+        self.tokens, self.token_layers = 0, 0
+
+    def add(self, n_tokens: int, n_layers: int) -> None:
+        self.tokens += n_tokens
+        self.token_layers += n_tokens * n_layers
+
+    def units(self, head: float) -> float:
+        """In token-layers, the projection counted as `head` layers."""
+        return self.token_layers + head * self.tokens
+
+
 class _Progress:
-    """A progress bar over evaluated tokens, with the total time estimated from the speed so far (printed
-    once the first sample's prefix is done, and kept up to date on the bar)."""
+    """A progress bar over the profile's work (_Work), with the time left; and the total time, printed once
+    it can be told: after the first two what-ifs, which measure what a layer and what the vocabulary
+    projection cost (calibrate); without them, after the first evaluation."""
 
-    def __init__(self, total: int, on: bool):
-        self.total, self.done_tokens, self.on, self.t0 = total, 0, on, time.perf_counter()
-        self.estimated = False
+    def __init__(self, total: _Work, on: bool, calibrates: bool):
+        self.total, self.so_far, self.on, self.calibrates = total, _Work(), on, calibrates
+        self.t0 = time.perf_counter()
+        self.head = 0.0       # the projection's cost in layers, once calibrated
+        self.per_unit = None  # seconds per token-layer, once calibrated
+        self.estimated = self.drawn = False
 
-    def add(self, n: int) -> None:
-        self.done_tokens += n
+    def calibrate(self, n_tokens: int, n_layer: int, a: Tuple[int, float], b: Tuple[int, float]) -> None:
+        """What-ifs of n_tokens from layers a[0] and b[0] took a[1] and b[1] seconds: with t = k * n_tokens *
+        (layers from il up + head), the two solve for k and head. (Once: the first profiled sample's.)"""
+        (il_a, t_a), (il_b, t_b) = sorted([a, b])
+        if self.per_unit is not None or il_a == il_b or t_a <= t_b:
+            return
+        self.per_unit = (t_a - t_b) / (n_tokens * (il_b - il_a))
+        self.head = max(0.0, t_b / (self.per_unit * n_tokens) - (n_layer - il_b))
+
+    def add(self, n_tokens: int, n_layers: int) -> None:
+        self.so_far.add(n_tokens, n_layers)
         if not self.on:
             return
         elapsed = time.perf_counter() - self.t0
-        if not self.estimated and self.done_tokens and elapsed > 0:
+        total, done = self.total.units(self.head), self.so_far.units(self.head)
+        if self.per_unit is not None:  # at the speed of the scored tails, not of the shallower prefix
+            left = (total - done) * self.per_unit
+        else:
+            left = elapsed * (total - done) / max(done, 1)
+        if not self.estimated and (self.per_unit is not None or not self.calibrates):
             self.estimated = True
-            print(f"profiling {self.total:,.0f} tokens of evaluation: about {self.total * elapsed / self.done_tokens:.0f} s "
-                  f"at this machine's speed", file=sys.stderr, flush=True)
+            print(f"{chr(10) if self.drawn else ''}profiling {self.total.tokens:,} tokens of evaluation: about "
+                  f"{elapsed + left:.0f} s at this machine's speed", file=sys.stderr, flush=True)
         width = 30
-        filled = int(width * self.done_tokens // max(self.total, 1))
-        left = elapsed * (self.total - self.done_tokens) / max(self.done_tokens, 1)
-        print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {int(100 * self.done_tokens // max(self.total, 1))}%, "
+        filled = int(width * done // max(total, 1))
+        print(f"\rprofiling [{'#' * filled}{'.' * (width - filled)}] {int(100 * done // max(total, 1))}%, "
               f"{elapsed:.0f} s, ~{left:.0f} s left", end="", file=sys.stderr, flush=True)
+        self.drawn = True
 
     def done(self) -> None:
         if self.on:
