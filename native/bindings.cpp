@@ -275,7 +275,7 @@ NB_MODULE(_native, m) {
         .def("eval_stream",
              [](Engine & e, TokenArray tokens, uint32_t first_layer,
                 std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> hidden, bool capture,
-                std::optional<TokenArray> targets) {
+                std::optional<TokenArray> targets, uint32_t n_sink, uint32_t n_window, uint32_t n_probe) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
                  if (targets && targets->shape(0) != n) {
                      throw BadInput("targets must have one token per row (" + std::to_string(n) + ")");
@@ -297,7 +297,8 @@ NB_MODULE(_native, m) {
                  {
                      nb::gil_scoped_release release;
                      auto busy = e.claim();
-                     on_device_thread(e.model(), [&] { logits = e.eval_stream(tokens.data(), n, stream, between); });
+                     const ProbeSpec spec{n_sink, n_window};
+                     on_device_thread(e.model(), [&] { logits = e.eval_stream(tokens.data(), n, stream, &spec, n_probe, between); });
                  }
                  nb::object layers = nb::none();
                  if (capture) {
@@ -310,9 +311,11 @@ NB_MODULE(_native, m) {
                  return nb::make_tuple(rows, layers);
              },
              "tokens"_a, "first_layer"_a = 0, "hidden"_a = nb::none(), "capture"_a = false, "targets"_a = nb::none(),
+             "n_sink"_a = 0, "n_window"_a = 1, "n_probe"_a = 0,
              "eval() with every row's logits from layer first_layer on (hidden: the stream entering it, [n, n_embd]); "
              "capture: also return the stream entering each layer, [n_layer, n, n_embd]; targets ([n] token ids): "
-             "return each row's loss on its target, -log softmax(row)[target] (0 for target -1), instead of its logits")
+             "return each row's loss on its target, -log softmax(row)[target] (0 for target -1), instead of its logits; "
+             "n_probe > 0: probe the last n_probe tokens as eval_probed does (first_layer 0)")
         .def("decode",
              [](Engine & e, const std::vector<int32_t> & seqs, const std::vector<TokenArray> & tokens,
                 const std::vector<bool> & all_logits) {

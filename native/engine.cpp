@@ -185,7 +185,7 @@ std::vector<std::vector<float>> Engine::decode(const std::vector<SeqTokens> & ba
 }
 
 std::vector<float> Engine::eval_stream(const int32_t * tokens, uint32_t n, const LayerStream & stream,
-                                       const BetweenUbatches & between) {
+                                       const ProbeSpec * probe, uint32_t n_probe, const BetweenUbatches & between) {
     const HParams & hp = model_->hp();
     if (n == 0) throw BadInput("eval_stream() needs at least one token");
     if (stream.first_layer >= hp.n_layer) {
@@ -194,6 +194,7 @@ std::vector<float> Engine::eval_stream(const int32_t * tokens, uint32_t n, const
     }
     if (stream.first_layer > 0 && !stream.hidden) throw BadInput("starting at a later layer needs its input stream");
     if (stream.first_layer > 0 && stream.capture) throw BadInput("the stream is captured from layer 0 only");
+    if (stream.first_layer > 0 && probe && n_probe) throw BadInput("the probe needs every layer computed (first_layer 0)");
     // A what-if on one plain context: exact prefill and several sequences rearrange cells between calls.
     if (exact() || cfg_.n_seq_max > 1) throw BadInput("eval_stream() needs one sequence with streaming prefill");
     if (embeddings_) throw BadInput("eval_stream() computes logits: turn embeddings off");
@@ -209,7 +210,7 @@ std::vector<float> Engine::eval_stream(const int32_t * tokens, uint32_t n, const
     } reset{*this};
     stream_ = &stream;
     stream_n_ = n;
-    return std::move(decode({SeqTokens{0, tokens, n, true}}, nullptr, 0, between)[0]);
+    return std::move(decode({SeqTokens{0, tokens, n, true}}, probe, n_probe, between)[0]);
 }
 
 void Engine::set_n_threads(int n) {

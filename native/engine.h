@@ -107,8 +107,10 @@ public:
     std::vector<float> eval(const int32_t * tokens, uint32_t n, bool all_logits, const ProbeSpec * probe = nullptr,
                             uint32_t n_probe = 0, const BetweenUbatches & between = {});
     // eval() of sequence 0 with every row's logits (or, with stream.targets, every row's loss), on a residual
-    // stream: from a later layer, or keeping what enters each layer.
+    // stream: from a later layer, or keeping what enters each layer. A probe (first_layer 0 only) scores
+    // the last n_probe tokens as eval()'s does.
     std::vector<float> eval_stream(const int32_t * tokens, uint32_t n, const LayerStream & stream,
+                                   const ProbeSpec * probe = nullptr, uint32_t n_probe = 0,
                                    const BetweenUbatches & between = {});
     // Appends tokens to several sequences at once (each at most once per call): their tokens share ubatches
     // (continuous batching: one sequence's decode token beside another's prompt chunk). Returns each entry's

@@ -243,8 +243,10 @@ def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     toks = llm.tokenize(text.encode(), add_bos=True)[:700]
     llm.eval(toks[:300])
     tail = toks[300:]
+    probe = {"n_probe": 32, "n_sink": 4, "n_window": 64}
     with llm._use():
-        base, streams = llm._what_if_nll(tail, capture=True)
+        base, streams = llm._what_if_nll(tail, capture=True, probe=probe)
+        scores = llm._probe_scores()
     assert streams.shape == (30, len(tail), 576)
     # The engine scores each row itself (graph_token_nll.cpp): against numpy's float64 log-softmax of the
     # logits nll() takes, it differs by the rounding of its float32 result (a loss below 32: 2^-19) and of the
@@ -276,6 +278,13 @@ def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     assert llm._engine.n_past == 300  # nothing was evaluated
     with llm._use():
         assert np.array_equal(llm._what_if_nll(tail), base)  # and it still works
+    with pytest.raises(ValueError, match="every layer computed"):
+        with llm._use():
+            llm._what_if_nll(tail, first_layer=3, hidden=streams[3], probe=probe)
+    # The probe watching the untrimmed what-if scores what it scores on an eval of the same tokens.
+    probed = llm.eval(tail, probe=probe)
+    for key in ("mass", "change"):
+        assert np.array_equal(scores[key], probed[key], equal_nan=True), key
 
 
 def test_the_time_estimate_counts_the_vocabulary_projection(capsys):

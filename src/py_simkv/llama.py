@@ -472,13 +472,7 @@ class Llama:
             return None
         self._sync()
         if probe is not None:
-            n_probe = check_int("n_probe", probe.get("n_probe", DEFAULTS.w_last), 1)
-            if n_probe > arr.size:
-                raise ValueError(f"cannot probe {n_probe} tokens of an eval of {arr.size}")
-            logits = self._engine.eval_probed(arr.astype(np.int32), self.logits_all,
-                                              n_sink=check_int("n_sink", probe.get("n_sink", DEFAULTS.n_sink), 0),
-                                              n_window=check_int("n_window", probe.get("n_window", DEFAULTS.n_window), 1),
-                                              n_probe=n_probe)
+            logits = self._engine.eval_probed(arr.astype(np.int32), self.logits_all, **self._probe_args(probe, arr.size))
         else:
             logits = self._engine.eval(arr.astype(np.int32), self.logits_all)
         self.n_evaluated += int(arr.size)
@@ -486,9 +480,20 @@ class Llama:
             self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
         self._last_logits = logits[-1]
         self._input_ids.extend(int(t) for t in arr)
-        if probe is not None:
-            return {"mass": np.array(self._engine.probe_mass()), "change": np.array(self._engine.probe_change())}
-        return None
+        return None if probe is None else self._probe_scores()
+
+    @staticmethod
+    def _probe_args(probe: dict, n_tokens: int) -> dict:
+        """eval()'s probe dict, checked, as the engine's n_sink / n_window / n_probe."""
+        n_probe = check_int("n_probe", probe.get("n_probe", DEFAULTS.w_last), 1)
+        if n_probe > n_tokens:
+            raise ValueError(f"cannot probe {n_probe} tokens of an eval of {n_tokens}")
+        return {"n_sink": check_int("n_sink", probe.get("n_sink", DEFAULTS.n_sink), 0),
+                "n_window": check_int("n_window", probe.get("n_window", DEFAULTS.n_window), 1), "n_probe": n_probe}
+
+    def _probe_scores(self) -> dict:
+        """The last probed evaluation's scores per layer."""
+        return {"mass": np.array(self._engine.probe_mass()), "change": np.array(self._engine.probe_change())}
 
     def _sync(self) -> None:
         """Re-align the engine with our token list after an interrupted eval (Ctrl-C lands in Python right
@@ -532,13 +537,13 @@ class Llama:
         return out
 
     def _what_if_nll(self, tokens: Sequence[int], first_layer: int = 0, hidden: Optional[np.ndarray] = None,
-                     capture: bool = False):
+                     capture: bool = False, probe: Optional[dict] = None):
         """nll(tokens, keep=False) on the residual stream (Engine.eval_stream), for the profiler's what-ifs:
         only layers first_layer.. are computed, from `hidden` [n, n_embd], the stream entering first_layer;
         or capture=True also returns the stream entering each layer, [n_layer, n, n_embd]. The engine scores
         each row on the next token itself: one float per row comes back, not n_vocab. (Every token is
         evaluated, the last one too, though nothing scores it: the same ubatches as nll() computes, so the
-        same logits to the bit.)"""
+        same logits to the bit.) probe: as eval()'s (every layer computed); its scores: _probe_scores()."""
         if self._last_logits is None:
             raise ValueError("nll() needs a context: eval() a prompt first")
         arr = self._checked_tokens(tokens)
@@ -550,7 +555,9 @@ class Llama:
         out[0] = -log_softmax(first)[arr[0]]  # the first token from the context's last logits
         rows_in = None if hidden is None else np.ascontiguousarray(hidden, dtype=np.float32)
         targets = np.append(arr[1:], -1).astype(np.int32)  # each row's next token; the last row has none
-        losses, entering = self._engine.eval_stream(arr.astype(np.int32), first_layer, rows_in, capture, targets)
+        probed = {} if probe is None else self._probe_args(probe, arr.size)
+        losses, entering = self._engine.eval_stream(arr.astype(np.int32), first_layer, rows_in, capture, targets,
+                                                    **probed)
         out[1:] = losses[:-1]
         self.n_evaluated += int(arr.size)
         self._forget_what_if(first)

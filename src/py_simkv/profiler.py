@@ -90,7 +90,6 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
         total.add(len(t), n_layer)
         if k < n_loss:
             tail = min(loss_tokens, len(t) - 1)
-            total.add(tail, n_layer)  # the untrimmed tail
             for il in layers:
                 total.add(tail, n_layer - il)
     meter = _Progress(total, progress, calibrates=n_loss > 0 and len(layers) > 1)
@@ -99,15 +98,15 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
         probe = {"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window}
         llm.reset()
         if k < n_loss:
-            # The prefix once; then the tail scored untrimmed and with each layer trimmed (what-ifs that leave
-            # the prefix in place); then the tail evaluated with the probe, which sees the whole sample.
+            # The prefix once; then the tail scored untrimmed, which the probe watches (it sees the whole
+            # sample), and with each layer trimmed (what-ifs that leave the prefix in place).
             tail = min(loss_tokens, len(toks) - 1)
             prefix = len(toks) - tail
             llm.eval(toks[:prefix])
             meter.add(prefix, n_layer)
-            result = {"loss": _trim_losses(llm, toks[prefix:], layers, n_sink, n_window, meter)}
-            scores = llm.eval(toks[prefix:], probe=dict(probe, n_probe=min(w_last, tail)))
-            meter.add(tail, n_layer)
+            losses, scores = _trim_losses(llm, toks[prefix:], layers, n_sink, n_window, meter,
+                                          dict(probe, n_probe=min(w_last, tail)))
+            result = {"loss": losses}
         else:
             scores = llm.eval(toks, probe=probe)
             meter.add(len(toks), n_layer)
@@ -121,9 +120,10 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                        samples=results)
 
 
-def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[float]:
+def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter, probe: dict) -> Tuple[List[float], dict]:
     """For each layer: mean next-token loss of `tail` (after the context llm holds, every layer full) with
-    only that layer trimmed to sinks + window, minus the loss with none trimmed.
+    only that layer trimmed to sinks + window, minus the loss with none trimmed; and the probe's scores of
+    the untrimmed tail.
 
     Trimming layer il changes nothing below it: the residual stream entering il is the untrimmed run's, so
     each what-if starts there, from the stream the untrimmed run kept (the same numbers as computing every
@@ -131,7 +131,8 @@ def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[f
     what a layer and what the rest (the vocabulary projection) cost."""
     n_layer = llm.hparams["n_layer"]
     with llm._use():
-        base, streams = llm._what_if_nll(tail, capture=True)
+        base, streams = llm._what_if_nll(tail, capture=True, probe=probe)
+        scores = llm._probe_scores()
     base = float(base.mean())
     meter.add(len(tail), n_layer)
     # NaN for layers that cannot be lazy (the probe, too, reports NaN for them): never selected.
@@ -148,7 +149,7 @@ def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter) -> List[f
             meter.calibrate(len(tail), n_layer, *timed)
         meter.add(len(tail), n_layer - il)
     llm.set_masked_layers([])
-    return out
+    return out, scores
 
 
 class _Work:
