@@ -139,7 +139,7 @@ def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter, probe: di
     out = [float("nan")] * n_layer
     order = sorted(layers, reverse=True)
     timed = []  # (layer, seconds) of the first two what-ifs
-    for il in order[:1] + order[-1:] + order[1:-1]:
+    for il in order[:1] + order[1:][-1:] + order[1:-1]:  # each layer once, the top and the bottom first
         t0 = time.perf_counter()
         llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
         with llm._use():
