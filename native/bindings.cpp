@@ -291,7 +291,6 @@ NB_MODULE(_native, m) {
                  std::vector<float> captured(capture ? (size_t) n_layer * n * n_embd : 0);
                  stream.capture = capture ? captured.data() : nullptr;
                  stream.targets = targets ? targets->data() : nullptr;
-                 const uint32_t width = targets ? 1 : e.out_width();
                  std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
                  {
@@ -306,6 +305,7 @@ NB_MODULE(_native, m) {
                      nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
                      layers = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<3>>(heap->data(), {n_layer, n, n_embd}, owner));
                  }
+                 const size_t width = logits.size() / n;  // the engine's out_width() during the call
                  nb::object rows = nb::cast(to_numpy(std::move(logits), n, width));
                  if (targets) rows = rows.attr("reshape")(n);  // one loss per row
                  return nb::make_tuple(rows, layers);

@@ -542,8 +542,8 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
         }
     }
     const uint32_t width = out_width();
-    if (stream_ && stream_->targets && !g.scores_rows) {
-        // Rows to score here (graph_token_nll.cpp): read back a few rows of logits at a time.
+    if (stream_ && stream_->targets && !in.targets) {
+        // Rows to score here, not in the graph (graph_token_nll.cpp): read back a few rows of logits at a time.
         const size_t vocab = hp.n_vocab, block = 32;
         std::vector<float> logits(block * vocab);
         for (size_t j0 = 0; j0 < out.size(); j0 += block) {
@@ -613,7 +613,6 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
             b.in.targets = cb(ggml_new_tensor_1d(b.ctx, GGML_TYPE_I32, n_rows), "targets", -1);
             ggml_set_input(b.in.targets);
             g.logits = build_token_nll(b.ctx, g.logits, b.in.targets);
-            g.scores_rows = true;
         }
         ggml_build_forward_expand(g.gf, g.logits);
         g.in = b.in;

@@ -204,8 +204,7 @@ private:
     struct BuiltGraph {
         ggml_context_ptr ctx;
         ggml_cgraph * gf = nullptr;
-        ggml_tensor * logits = nullptr;  // the output rows: logits, embeddings, or each row's loss (out_width())
-        bool scores_rows = false;        // logits is each row's loss already (else, with targets, the engine scores)
+        ggml_tensor * logits = nullptr;  // the output rows: logits, embeddings, or (with in.targets) each row's loss
         UbatchInputs in;
         ProbeGraph probe;
         std::vector<uint32_t> shape;  // n_tokens, n_rows, n_probe, each group's spans
