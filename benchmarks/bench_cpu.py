@@ -3,7 +3,7 @@
 Every configuration is loaded side by side and filled to each depth once; at that depth we time
   pp = eval of a 512-token chunk (then rewound), and
   tg = 64 single-token evals (then rewound),
-`--runs` times each (configurations taking turns within a run), and report medians (tok/s) and the ratio to llama-cpp-python with f16 KV.
+`--runs` times each (configurations taking turns within a run, each run starting one later), and report medians (tok/s) and the ratio to llama-cpp-python with f16 KV.
 KV bytes: simkv's kv_cache_stats(); llama.cpp's from its allocation rule (n_ctx cells per layer,
 every layer, K and V of type_k/type_v).
 
@@ -98,7 +98,11 @@ class Reference:
 
 
 def measure_all(runners, tokens, depths, runs):
-    """Configurations take turns within each run, so drift in machine load hits them all alike."""
+    """Configurations take turns within each run, so drift in machine load hits them all alike; each run
+    starts one configuration later, so each takes each place in the turn equally often (with `runs` a
+    multiple of the configurations). In a fixed order the same configuration always came right after the
+    same other one, and in-process A/Bs in a fixed order put the q4_0 ring 5% behind the f16 ring at depth,
+    where rotating the order put them within 1%."""
     out = {r.label: {} for r in runners}
     for depth in depths:
         base = max(depth, 1)
@@ -106,8 +110,8 @@ def measure_all(runners, tokens, depths, runs):
             if r.n_tokens() < base:
                 r.eval(tokens[r.n_tokens():base])
         samples = {r.label: ([], []) for r in runners}
-        for _ in range(runs):
-            for r in runners:
+        for run in range(runs):
+            for r in runners[run % len(runners):] + runners[:run % len(runners)]:
                 pp, tg = samples[r.label]
                 chunk = tokens[base:base + PP_CHUNK]
                 t0 = time.perf_counter()
