@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--settings", nargs="+", default=["3:256"], metavar="SAMPLES:LOSS_TOKENS")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", default=None, metavar="PREFIX", help="also save each profile as PREFIX-S-T.json")
+    ap.add_argument("--no-race", dest="race", action="store_false",
+                    help="measure every layer on every loss sample (default: racing, as `simkv profile`)")
     args = ap.parse_args()
     path = args.model or default_model_path()
     ref = LazyProfile.load(args.reference or shipped_profile(path))
@@ -41,7 +43,7 @@ def main():
         samples, tokens = (int(x) for x in setting.split(":"))
         t0 = time.perf_counter()
         prof = profile_model(path, max_samples=samples, loss_samples=samples, loss_tokens=tokens,
-                             n_threads=args.threads, progress=False)
+                             n_threads=args.threads, progress=False, race=args.race)
         secs = time.perf_counter() - t0
         if args.save:
             prof.save(f"{args.save}-{samples}-{tokens}.json")

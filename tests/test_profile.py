@@ -312,3 +312,39 @@ def test_the_time_estimate_counts_the_vocabulary_projection(capsys):
     meter = _Progress(total, on=True, calibrates=False)
     meter.add(100, 30)
     assert "tokens of evaluation: about" in capsys.readouterr().err
+
+
+def test_racing_re_measures_only_the_layers_still_in_the_running(tiny_model):
+    # Later loss samples skip the what-ifs of layers already ranked among the worst (profiler.py,
+    # PROFILE_RACE_KEEP); the what-ifs that do run are the same evaluations, so the same numbers to the bit.
+    kw = dict(texts=TEXTS, n_ctx=256, n_window=32, w_last=16, max_samples=3, loss_samples=3, n_threads=2,
+              progress=False)
+    raced = profile_model(tiny_model("llama"), **kw)
+    every = profile_model(tiny_model("llama"), race=False, **kw)
+    assert all(x is not None for s in every.samples for x in s["loss"])
+    first, second, third = (s["loss"] for s in raced.samples)
+    assert first == every.samples[0]["loss"]  # the first sample measures every layer
+    # The second re-measures the ceil(0.55 * 4) = 3 lowest by the first sample's loss, the third the
+    # ceil(0.4 * 4) = 2 lowest of those by the mean of the two.
+    by_first = sorted(range(4), key=lambda il: first[il])
+    assert [il for il in range(4) if second[il] is not None] == sorted(by_first[:3])
+    mean2 = {il: (first[il] + second[il]) / 2 for il in by_first[:3]}
+    assert [il for il in range(4) if third[il] is not None] == sorted(sorted(mean2, key=mean2.get)[:2])
+    for s_raced, s_every in zip(raced.samples, every.samples):
+        assert [x for x in s_raced["loss"] if x is not None] == \
+            [y for x, y in zip(s_raced["loss"], s_every["loss"]) if x is not None]
+    # A layer's loss is the mean over the samples that measured it.
+    want = [np.mean([s["loss"][il] for s in raced.samples if s["loss"][il] is not None]) for il in range(4)]
+    np.testing.assert_allclose(raced.mean("loss"), want, rtol=1e-12)
+    assert raced.select(ratio=0.5) == sorted(sorted(range(4), key=lambda il: want[il])[:2])
+
+
+def test_a_layer_never_measured_is_a_damaged_profile(tmp_path):
+    prof = _fake([0.9, 0.8, 0.7], loss=[0.01, None, 0.02])
+    path = prof.save(str(tmp_path / "p.json"))
+    with pytest.raises(ValueError, match="layer 1 has no 'loss' score in any sample"):
+        LazyProfile.load(path)
+    prof.samples.insert(0, dict(prof.samples[0], loss=[0.01, 0.03, 0.02]))
+    back = LazyProfile.load(prof.save(path))
+    np.testing.assert_allclose(back.mean("loss"), [0.01, 0.03, 0.02])
+    assert back.select(ratio=1 / 3) == [0]

@@ -101,11 +101,22 @@ def family_threshold(identity: dict) -> float:
     return DEFAULT_MASS_THRESHOLD
 
 
+def mean_of_measured(scores: np.ndarray) -> np.ndarray:
+    """Per-layer mean of [n_samples, n_layer] scores over the samples that measured the layer. A "loss" entry
+    is null (NaN here) where a sample did not re-measure the layer (profiler.py: later samples re-measure
+    only the layers still in the running); a layer that cannot be lazy is NaN in every sample, and stays NaN."""
+    measured = ~np.isnan(scores)
+    n = measured.sum(axis=0)
+    total = np.where(measured, scores, 0.0).sum(axis=0)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
 @dataclasses.dataclass
 class LazyProfile:
     model: dict       # model_identity()
     params: dict      # n_ctx, n_sink, n_window, w_last
     samples: List[dict]  # {"source", "n_tokens", "mass": [n_layer], "change": [n_layer], "loss"?: [n_layer]}
+    # (a "loss" entry is None where that sample did not re-measure the layer: mean_of_measured)
 
     # --- scores ------------------------------------------------------------------------------------
     @property
@@ -128,7 +139,7 @@ class LazyProfile:
         return np.array(rows, dtype=np.float64)
 
     def mean(self, criterion: Optional[str] = None) -> np.ndarray:
-        return self.scores(criterion).mean(axis=0)
+        return mean_of_measured(self.scores(criterion))
 
     def default_threshold(self, criterion: Optional[str] = None) -> Optional[float]:
         criterion = self._criterion(criterion)
@@ -244,11 +255,11 @@ class LazyProfile:
         if threshold is None:
             threshold = self.default_threshold(criterion)
         fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(max(6, self.n_layer * 0.3), 7), sharex=True)
-        im = ax0.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
+        im = ax0.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")  # blank: not measured
         ax0.set_ylabel("sample")
         ax0.set_title(f"{self.model.get('name')}: '{criterion}' ({CRITERIA[criterion]})")
         fig.colorbar(im, ax=ax0)
-        ax1.bar(range(self.n_layer), scores.mean(axis=0))
+        ax1.bar(range(self.n_layer), self.mean(criterion))
         if threshold is not None:
             ax1.axhline(threshold, color="red", linestyle="--", label=f"threshold {threshold}")
             ax1.legend()
@@ -262,7 +273,8 @@ class LazyProfile:
 
 def _problem(data: dict) -> Optional[str]:
     """What is wrong with a loaded profile's structure and scores, or None. Scores are numbers; NaN marks a
-    layer that cannot be lazy (a model's own sliding-window layers) and must be NaN in every sample."""
+    layer that cannot be lazy (a model's own sliding-window layers) and must be NaN in every sample. "loss"
+    scores may be null for a layer a sample did not re-measure, never for all of a layer's samples."""
     model, params, samples = data.get("model"), data.get("params"), data.get("samples")
     if not isinstance(model, dict) or not isinstance(params, dict) or not isinstance(samples, list) or not samples:
         return "it needs 'model', 'params' and a non-empty list of 'samples'"
@@ -270,7 +282,7 @@ def _problem(data: dict) -> Optional[str]:
     if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
         return "model.n_layer must be a positive int"
     for c in CRITERIA:
-        pattern = None
+        pattern, ever = None, None
         for i, sample in enumerate(samples):
             if not isinstance(sample, dict):
                 return f"sample {i} is not an object"
@@ -279,14 +291,19 @@ def _problem(data: dict) -> Optional[str]:
             scores = sample[c]
             if not isinstance(scores, list) or len(scores) != n_layer:
                 return f"sample {i} has no list of {n_layer} '{c}' scores"
+            if c == "loss":  # null: not re-measured by this sample
+                ever = [e or x is not None for e, x in zip(ever or [False] * n_layer, scores)]
+                scores = [x for x in scores if x is not None]
             if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
                 return f"sample {i} has a '{c}' score that is not a number"
             if any(math.isinf(x) for x in scores):
                 return f"sample {i} has an infinite '{c}' score"
-            nans = [math.isnan(x) for x in scores]
+            nans = [x is not None and math.isnan(x) for x in sample[c]]
             if all(nans) or (pattern is not None and nans != pattern):
                 return f"the '{c}' scores are NaN for other layers than those that cannot be lazy"
             pattern = nans
+        if ever is not None and not all(ever):
+            return f"layer {ever.index(False)} has no '{c}' score in any sample"
     if "mass" not in samples[0]:
         return "samples have no 'mass' scores"
     return None

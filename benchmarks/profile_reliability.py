@@ -1,0 +1,106 @@
+"""How reproducible the profile's loss ranking is, i.e. what any cheaper profile can hope to agree with
+(#16 part 4: "Spearman >= 0.9 with today's loss ranking").
+
+The profile's `loss` of a layer is a mean over scored tokens of (nll with the layer trimmed - nll with none
+trimmed). This script keeps those per-token differences instead of their means, for 2 x N samples (the
+profile's settings: n_ctx 2048, the second half scored, window 256), and asks:
+- split-half: rank the layers on one half of each sample's scored tokens (even positions, or the first
+  half) and on the other half; how well do the two rankings agree?
+- subsets: rank the layers on a random fraction f of the scored tokens (the exact per-token values, as if
+  a cheaper method computed them perfectly); how well does that agree with the ranking on all of them?
+- retest: the same profile on the next N samples of the calibration text (same method, same cost) against
+  the first N.
+
+    python benchmarks/profile_reliability.py [--samples 3] [--save deltas.npz | --load deltas.npz]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from py_simkv import default_model_path
+from py_simkv.llama import Llama
+from py_simkv.memory import layers_that_can_be_lazy
+from py_simkv.profiler import (PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, _samples,
+                               default_calibration_texts)
+
+
+def spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def per_token_deltas(path: str, n_samples: int, threads: int):
+    """[sample][layer] -> per-token loss differences (tail tokens), and the layers measured."""
+    llm = Llama(path, n_ctx=PROFILE_N_CTX, n_threads=threads, verbose=False)
+    layers = layers_that_can_be_lazy(llm.hparams)
+    out = []
+    for source, toks in _samples(llm, default_calibration_texts(), PROFILE_N_CTX, n_samples):
+        t0 = time.perf_counter()
+        tail_n = min(PROFILE_LOSS_TOKENS, len(toks) - 1)
+        llm.reset()
+        llm.eval(toks[:len(toks) - tail_n])
+        tail = toks[len(toks) - tail_n:]
+        with llm._use():
+            base, streams = llm._what_if_nll(tail, capture=True)
+        rows = []
+        for il in layers:
+            llm.set_masked_layers([il], n_sink=4, n_window=PROFILE_N_WINDOW)
+            with llm._use():
+                rows.append(llm._what_if_nll(tail, first_layer=il, hidden=streams[il]) - base)
+        llm.set_masked_layers([])
+        out.append(np.array(rows))
+        print(f"{source}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return np.array(out), np.array(layers)  # [samples, layers, tokens]
+
+
+def ranking(d: np.ndarray, cols=None) -> np.ndarray:
+    """The profile's criterion: per sample the mean over (these) tokens, then the mean over samples."""
+    return (d if cols is None else d[:, :, cols]).mean(axis=2).mean(axis=0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=3, help="samples per profile (the retest profiles as many more)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draws", type=int, default=200, help="random subsets per fraction")
+    ap.add_argument("--save", default=None)
+    ap.add_argument("--load", default=None)
+    args = ap.parse_args()
+    if args.load:
+        z = np.load(args.load)
+        d, layers = z["deltas"], z["layers"]
+    else:
+        d, layers = per_token_deltas(default_model_path(), 2 * args.samples, args.threads)
+        if args.save:
+            np.savez_compressed(args.save, deltas=d, layers=layers)
+    n = args.samples
+    first, retest = d[:n], d[n:]
+    ref = ranking(first)
+    t = first.shape[2]
+    rng = np.random.default_rng(0)
+    print(f"\n{len(layers)} layers, {n} samples x {t} scored tokens; reference: the ranking on all of them\n")
+    print("| ranking from | Spearman vs the reference | vs each other |")
+    print("|---|---|---|")
+    halves = {"even / odd tokens": (np.arange(0, t, 2), np.arange(1, t, 2)),
+              "first / second half of the tail": (np.arange(t // 2), np.arange(t // 2, t))}
+    for name, (a, b) in halves.items():
+        ra, rb = ranking(first, a), ranking(first, b)
+        print(f"| {name} | {spearman(ra, ref):.3f} / {spearman(rb, ref):.3f} | {spearman(ra, rb):.3f} |")
+    for f in (0.25, 0.5, 0.6, 0.75, 0.9):
+        rhos = [spearman(ranking(first, np.sort(rng.choice(t, int(f * t), replace=False))), ref)
+                for _ in range(args.draws)]
+        lo, med = np.percentile(rhos, [10, 50])
+        print(f"| a random {f:.0%} of the tokens ({args.draws} draws) | median {med:.3f}, 10th percentile {lo:.3f} | |")
+    if len(retest):
+        print(f"| the next {len(retest)} samples (a retest: same method, same cost, other text) | "
+              f"{spearman(ranking(retest), ref):.3f} | |")
+        for k in range(n):
+            others = np.delete(np.arange(n), k)
+            print(f"| sample {k} alone vs the other {n - 1} | {spearman(ranking(first[[k]]), ranking(first[others])):.3f} | |")
+
+
+if __name__ == "__main__":
+    main()
