@@ -123,8 +123,8 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
         results.append({"source": source, "n_tokens": len(toks), "mass": scores["mass"].tolist(),
                         "change": scores["change"].tolist(), **result})
         if k + 1 < n_loss:
-            keep = PROFILE_RACE_KEEP[min(k, 1)] if race else 1.0
-            chosen.append(_still_running([r["loss"] for r in results], chosen[k], len(layers), keep))
+            n_next = _n_running(k + 1, len(layers)) if race else len(layers)
+            chosen.append(_still_running([r["loss"] for r in results], chosen[k], n_next))
             meter.total = _planned_work(samples, n_loss, loss_tokens, layers, n_layer, race, chosen)
     meter.done()
     return LazyProfile(model=llm.model_identity(),
@@ -133,17 +133,23 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                        samples=results)
 
 
-def _still_running(losses: List[List[Optional[float]]], running: List[int], n_layers: int, keep: float) -> List[int]:
-    """Of the layers the last sample measured, the ceil(keep * n_layers) with the lowest loss so far."""
+def _n_running(k: int, n_layers: int) -> int:
+    """How many of n_layers lazy-able layers loss sample k (k >= 1) re-measures when racing."""
+    keep = PROFILE_RACE_KEEP[min(k - 1, len(PROFILE_RACE_KEEP) - 1)]
+    return min(n_layers, math.ceil(keep * n_layers))
+
+
+def _still_running(losses: List[List[Optional[float]]], running: List[int], n: int) -> List[int]:
+    """Of the layers the last sample measured (running), the n with the lowest loss so far."""
     mean = mean_of_measured(np.array(losses, dtype=np.float64))
-    return sorted(sorted(running, key=lambda il: mean[il])[:math.ceil(keep * n_layers)])
+    return sorted(sorted(running, key=lambda il: mean[il])[:n])
 
 
 def _planned_work(samples, n_loss: int, loss_tokens: int, layers: List[int], n_layer: int, race: bool,
                   chosen: Sequence[List[int]]) -> "_Work":
     """The profile's work (_Work): a whole sample each, and per loss sample its what-ifs: of the layers in
-    chosen[k] where known, else (racing) of as many layers as PROFILE_RACE_KEEP keeps, at the average
-    layer's cost."""
+    chosen[k] where known, else (racing) of as many layers as it will re-measure, at the average layer's
+    cost."""
     total = _Work()
     average = sum(n_layer - il for il in layers) / max(len(layers), 1)
     for k, (_, t) in enumerate(samples):
@@ -154,7 +160,7 @@ def _planned_work(samples, n_loss: int, loss_tokens: int, layers: List[int], n_l
         if k < len(chosen) or not race:
             depths = [n_layer - il for il in (chosen[k] if k < len(chosen) else layers)]
         else:
-            depths = [average] * min(len(layers), math.ceil(PROFILE_RACE_KEEP[min(k - 1, 1)] * len(layers)))
+            depths = [average] * _n_running(k, len(layers))
         for depth in depths:
             total.add(tail, depth)
     return total
