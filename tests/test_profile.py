@@ -151,6 +151,8 @@ def test_cli_profile(tiny_model, tmp_path):
     assert "laziest half by mass" in r.stdout and "laziest half by loss" in r.stdout and "profiling [" in r.stderr
     prof = LazyProfile.load(str(out))
     assert len(prof.samples) == 2 and prof.params["n_ctx"] == 128
+    # the default choice is by the loss budget, and the line says so
+    assert f"lazy by the default loss budget (summed loss <= 0.005 nats): {prof.select()}" in r.stdout
     r = subprocess.run([shutil.which("simkv"), "generate", tiny_model("llama"), "-p", "hi", "-n", "2",
                         "--lazy-profile", str(out), "--lazy-ratio", "0.5", "--n-ctx", "64"],
                        capture_output=True, text=True, cwd=tempfile.gettempdir())

@@ -311,7 +311,7 @@ def cmd_rpc_server(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .lazy_profile import default_profile_path
+    from .lazy_profile import DEFAULT_LOSS_BUDGET, default_profile_path
     from .profiler import profile_model
 
     path = _model_path(args)
@@ -332,7 +332,10 @@ def cmd_profile(args) -> int:
         print(f"{il:5d}" + "".join(f"  {means[c][il]:7.3f}" for c in crits))
     print(f"lazy by the paper's threshold (mass > {prof.default_threshold('mass')}): {prof.select(criterion='mass')}")
     if "loss" in crits:
-        print(f"lazy by the default loss threshold (< {prof.default_threshold('loss')}): {prof.select(criterion='loss')}")
+        # select()'s default for "loss" is the budget (the laziest layers while their summed loss fits), not
+        # a per-layer threshold
+        print(f"lazy by the default loss budget (summed loss <= {DEFAULT_LOSS_BUDGET} nats): "
+              f"{prof.select(criterion='loss')}")
     for c in crits:
         print(f"laziest half by {c + ':':<22}{prof.select(ratio=0.5, criterion=c)}")
     out = args.output or default_profile_path(path)
