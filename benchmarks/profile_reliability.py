@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from py_simkv import default_model_path
+from py_simkv.engine_config import DEFAULTS
 from py_simkv.llama import Llama
 from py_simkv.memory import layers_that_can_be_lazy
 from py_simkv.profiler import (PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, _samples,
@@ -47,7 +48,7 @@ def per_token_deltas(path: str, n_samples: int, threads: int):
             base, streams = llm._what_if_nll(tail, capture=True)
         rows = []
         for il in layers:
-            llm.set_masked_layers([il], n_sink=4, n_window=PROFILE_N_WINDOW)
+            llm.set_masked_layers([il], n_sink=DEFAULTS.n_sink, n_window=PROFILE_N_WINDOW)
             with llm._use():
                 rows.append(llm._what_if_nll(tail, first_layer=il, hidden=streams[il]) - base)
         llm.set_masked_layers([])
@@ -99,7 +100,8 @@ def main():
               f"{spearman(ranking(retest), ref):.3f} | |")
         for k in range(n):
             others = np.delete(np.arange(n), k)
-            print(f"| sample {k} alone vs the other {n - 1} | {spearman(ranking(first[[k]]), ranking(first[others])):.3f} | |")
+            rho = spearman(ranking(first[[k]]), ranking(first[others]))
+            print(f"| sample {k} alone vs the other {n - 1} | {rho:.3f} | |")
 
 
 if __name__ == "__main__":

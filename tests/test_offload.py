@@ -165,7 +165,8 @@ def test_dynamic_mode_and_masked_layers_on_the_device(tiny_model, device):
     for kw in ({}, dict(n_gpu_layers=-1, **extra)):
         llm = Llama(path, n_ctx=512, n_threads=2, n_window=N_WINDOW, **kw)
         llm.eval(seq[:200])
-        with llm._use():  # the profiler's what-if: the stream kept on the device, the loss scored in the graph
+        # the profiler's what-if: the loss scored in the graph on the CPU, from the logits read back on the device
+        with llm._use():
             _, streams = llm._what_if_nll(seq[200:], capture=True)
         llm.set_masked_layers([1])
         out.append(llm.nll(seq[200:], keep=False))

@@ -52,12 +52,12 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
 # tables were made with these three. (--samples adds them.)
 PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS = 2048, 256, 3, 3, 1024
 # Racing (successive elimination): a layer whose loss on the first samples ranks it among the worst is
-# unlikely to be among the laziest half, so it is not measured again. The first loss sample measures every layer; the second
-# re-measures the lowest 55% of them by loss so far, each later one the lowest 40% (of all lazy-able
-# layers, among those the sample before measured). A layer's loss is the mean over the samples that
-# measured it (LazyProfile.mean). On SmolLM2 it took two thirds of the work and chose the default (budget)
-# set and the 25% set as measuring every layer did, 14 of the 50% set's 15 layers, Spearman 0.96 over the
-# layers; the same on three other samples of the calibration text (README, "Profile speed";
+# unlikely to be among the laziest half, so it is not measured again. The first loss sample measures every
+# layer; the second re-measures the lowest 55% by loss so far, each later one the lowest 40% (of all
+# lazy-able layers, among those the sample before measured). A layer's loss is the mean over the samples
+# that measured it (LazyProfile.mean). On SmolLM2 it took two thirds of the work and chose the default
+# (budget) set and the 25% set as measuring every layer did, 14 of the 50% set's 15 layers, Spearman 0.96
+# over the layers; the same on three other samples of the calibration text (README, "Profile speed";
 # benchmarks/profile_reliability.py). race=False measures every layer on every loss sample.
 PROFILE_RACE_KEEP = (0.55, 0.4)
 
@@ -157,9 +157,11 @@ def _planned_work(samples, n_loss: int, loss_tokens: int, layers: List[int], n_l
         if k >= n_loss:
             continue
         tail = min(loss_tokens, len(t) - 1)
-        if k < len(chosen) or not race:
-            depths = [n_layer - il for il in (chosen[k] if k < len(chosen) else layers)]
-        else:
+        if k < len(chosen):
+            depths = [n_layer - il for il in chosen[k]]
+        elif not race:
+            depths = [n_layer - il for il in layers]
+        else:  # not chosen yet
             depths = [average] * _n_running(k, len(layers))
         for depth in depths:
             total.add(tail, depth)
