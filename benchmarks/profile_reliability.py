@@ -10,8 +10,13 @@ profile's settings: n_ctx 2048, the second half scored, window 256), and asks:
   a cheaper method computed them perfectly); how well does that agree with the ranking on all of them?
 - retest: the same profile on the next N samples of the calibration text (same method, same cost) against
   the first N.
+- racing: what `simkv profile`'s racing (profiler.py: _n_running, _still_running) would measure and choose on
+  the first N samples and on the next N, from the kept per-token values (exact: a what-if's losses do not
+  depend on which others ran), against measuring every layer: its what-if work, Spearman, and the layers it
+  shares with every-layer's default (budget) set and 25% / 50% / 75% sets. --keep tries other fractions.
 
     python benchmarks/profile_reliability.py [--samples 3] [--save deltas.npz | --load deltas.npz]
+                                             [--keep 0.55 0.4] [--head-layers 2]
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ import numpy as np
 
 from py_simkv import default_model_path
 from py_simkv.engine_config import DEFAULTS
+from py_simkv.lazy_profile import LazyProfile
 from py_simkv.llama import Llama
 from py_simkv.memory import layers_that_can_be_lazy
-from py_simkv.profiler import (PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, _samples,
-                               default_calibration_texts)
+from py_simkv.profiler import (PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_RACE_KEEP,
+                               _n_running, _samples, _still_running, default_calibration_texts)
 
 
 def spearman(a, b) -> float:
@@ -62,6 +68,49 @@ def ranking(d: np.ndarray, cols=None) -> np.ndarray:
     return (d if cols is None else d[:, :, cols]).mean(axis=2).mean(axis=0)
 
 
+def raced(d: np.ndarray, layers: np.ndarray, n_layer: int, keep, head: float):
+    """Racing on these samples' per-token deltas [samples, layers, tokens]: the per-sample losses it would
+    record (None where a sample does not re-measure a layer) and its what-if work, each what-if counted as
+    the layers it computes plus `head` for the vocabulary projection."""
+    running, rows, work = [int(il) for il in layers], [], 0.0
+    where = {int(il): j for j, il in enumerate(layers)}
+    for k in range(d.shape[0]):
+        row = [None] * n_layer
+        for il in running:
+            row[il] = float(d[k, where[il]].mean())
+            work += (n_layer - il + head) * d.shape[2]
+        rows.append(row)
+        if k + 1 < d.shape[0]:
+            running = _still_running(rows, running, _n_running(k + 1, len(layers), keep))
+    return rows, work
+
+
+def chosen_sets(rows, n_layer: int) -> dict:
+    """The sets LazyProfile chooses from these per-sample losses: the default (budget) set and by ratio."""
+    prof = LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in rows])
+    return {"default": prof.select(), **{f"{r:.0%}": prof.select(ratio=r) for r in (0.25, 0.5, 0.75)}}
+
+
+def racing_table(d: np.ndarray, layers: np.ndarray, n: int, keep, head: float) -> None:
+    n_layer = int(layers.max()) + 1
+    print(f"\nracing (keep {tuple(keep)}) against every layer measured; what-if work with the vocabulary "
+          f"projection as {head} layers\n")
+    print("| samples | what-if work | Spearman | default set | 25% | 50% | 75% | 50%: not chosen / chosen instead |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, part in (("first", d[:n]), ("next", d[n:2 * n])):
+        if not len(part):
+            continue
+        every, every_work = raced(part, layers, n_layer, [1.0], head)
+        rows, work = raced(part, layers, n_layer, keep, head)
+        ref, got = chosen_sets(every, n_layer), chosen_sets(rows, n_layer)
+        mean_ref = LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in every]).mean()
+        mean_got = LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in rows]).mean()
+        shared = " | ".join(f"{len(set(ref[k]) & set(got[k]))} of {len(ref[k])}" for k in ref)
+        lost, added = sorted(set(ref["50%"]) - set(got["50%"])), sorted(set(got["50%"]) - set(ref["50%"]))
+        print(f"| {name} {len(part)} | {work / every_work:.2f} | {spearman(mean_got[layers], mean_ref[layers]):.3f} | "
+              f"{shared} | {lost} / {added} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=3, help="samples per profile (the retest profiles as many more)")
@@ -69,6 +118,10 @@ def main():
     ap.add_argument("--draws", type=int, default=200, help="random subsets per fraction")
     ap.add_argument("--save", default=None)
     ap.add_argument("--load", default=None)
+    ap.add_argument("--keep", type=float, nargs="+", default=list(PROFILE_RACE_KEEP),
+                    help="racing's keep fractions (default: simkv profile's)")
+    ap.add_argument("--head-layers", type=float, default=2.0,
+                    help="the vocabulary projection's cost in layers, for the work column (SmolLM2: about 2)")
     args = ap.parse_args()
     if args.load:
         z = np.load(args.load)
@@ -102,6 +155,7 @@ def main():
             others = np.delete(np.arange(n), k)
             rho = spearman(ranking(first[[k]]), ranking(first[others]))
             print(f"| sample {k} alone vs the other {n - 1} | {rho:.3f} | |")
+    racing_table(d, layers, n, args.keep, args.head_layers)
 
 
 if __name__ == "__main__":

@@ -133,10 +133,9 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                        samples=results)
 
 
-def _n_running(k: int, n_layers: int) -> int:
+def _n_running(k: int, n_layers: int, keep: Sequence[float] = PROFILE_RACE_KEEP) -> int:
     """How many of n_layers lazy-able layers loss sample k (k >= 1) re-measures when racing."""
-    keep = PROFILE_RACE_KEEP[min(k - 1, len(PROFILE_RACE_KEEP) - 1)]
-    return min(n_layers, math.ceil(keep * n_layers))
+    return min(n_layers, math.ceil(keep[min(k - 1, len(keep) - 1)] * n_layers))
 
 
 def _still_running(losses: List[List[Optional[float]]], running: List[int], n: int) -> List[int]:
