@@ -2,6 +2,7 @@
 // (BadInput -> ValueError) and the Python layer; nothing here decides policy.
 #include "engine.h"
 #include "errors.h"
+#include "graph.h"
 #include "kv_gather.h"
 #include "kv_policy.h"
 #include "logging.h"
@@ -227,6 +228,16 @@ NB_MODULE(_native, m) {
               return nb::ndarray<nb::numpy, float, nb::ndim<1>>(out, {nb * 32}, owner);
           },
           "blocks"_a, "q4_0 blocks -> float32 values");
+    // The per-token loss the profiler's what-ifs score in the graph (graph_token_nll.cpp), for a test against
+    // numpy's float64 log-softmax over every vocabulary size's leftover lanes.
+    m.def("token_nll",
+          [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits, int32_t target) {
+              const auto n = (int64_t) logits.shape(0);
+              if (n == 0) throw BadInput("token_nll needs at least one logit");
+              if (target < -1 || target >= n) throw BadInput("target must be -1 or the index of a logit");
+              return token_nll(logits.data(), n, target);
+          },
+          "logits"_a, "target"_a, "-log softmax(logits)[target] (float32 logits); 0 for target -1");
     m.def("ggml_type_name",
           [](int64_t type) {
               if (type < 0 || type >= GGML_TYPE_COUNT || ggml_type_size((ggml_type) type) == 0) {

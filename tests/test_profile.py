@@ -236,6 +236,31 @@ def test_the_shipped_profile_belongs_to_the_shipped_model(smollm_path):
     assert Llama(smollm_path, n_ctx=256, n_threads=2).lazy_layers == []
 
 
+def test_the_per_token_loss_matches_a_float64_log_softmax():
+    # native/graph_token_nll.cpp sums e^x from a polynomial over vector lanes, and the logits left over after
+    # the last whole vector one by one: vocabularies of every remainder, logits spread narrow to wide, and
+    # logits far below the rest (clamped at e^-87 each). Against numpy in float64 the result may differ by
+    # its own float32 rounding (2^-24 relative; 2^-23 allowed) and by the polynomial's error carried into
+    # the log (3e-7 at most; 1e-6 allowed).
+    from py_simkv import _native
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 1000, 49152, 49155):
+        for scale in (0.01, 1.0, 8.0, 40.0):
+            x = (rng.standard_normal(n) * scale).astype(np.float32)
+            if n > 3:
+                x[1::3] = -1e30
+            for target in {0, n - 1, int(rng.integers(n))}:
+                x64 = x.astype(np.float64)
+                top = x64.max()
+                ref = np.log(np.exp(x64 - top).sum()) + top - x64[target]
+                got = _native.token_nll(x, target)
+                assert abs(got - ref) <= 1e-6 + 2.0 ** -23 * abs(ref), (n, scale, target, got, ref)
+    assert _native.token_nll(np.zeros(5, np.float32), -1) == 0.0  # a row with no next token
+    with pytest.raises(ValueError, match="target must be"):
+        _native.token_nll(np.zeros(5, np.float32), 5)
+
+
 def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     # The profiler trims one layer at a time and starts each what-if at that layer, from the residual stream
     # the untrimmed run kept: below it nothing changed, so the losses must be those of computing every layer,
