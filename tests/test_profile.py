@@ -237,11 +237,11 @@ def test_the_shipped_profile_belongs_to_the_shipped_model(smollm_path):
 
 
 def test_the_per_token_loss_matches_a_float64_log_softmax():
-    # native/graph_token_nll.cpp sums e^x from a polynomial over vector lanes, and the logits left over after
-    # the last whole vector one by one: vocabularies of every remainder, logits spread narrow to wide, and
-    # logits far below the rest (clamped at e^-87 each). Against numpy in float64 the result may differ by
-    # its own float32 rounding (2^-24 relative; 2^-23 allowed) and by the polynomial's error carried into
-    # the log (3e-7 at most; 1e-6 allowed).
+    # native/graph_token_nll.cpp sums e^x with ggml-cpu's vector code, over whole vectors and then the logits
+    # left over one by one: vocabularies of every remainder, logits spread narrow to wide, and logits far
+    # below the rest (their e^x underflows to 0). Against numpy in float64 the result may differ by its own
+    # float32 rounding (2^-24 relative; 2^-23 allowed) and by ggml's vector expf error (under 2 ulp, 2.4e-7
+    # relative) carried into the log (1e-6 allowed).
     from py_simkv import _native
 
     rng = np.random.default_rng(0)
@@ -277,8 +277,8 @@ def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     assert streams.shape == (30, len(tail), 576)
     # The engine scores each row itself (graph_token_nll.cpp): against numpy's float64 log-softmax of the
     # logits nll() takes, it differs by the rounding of its float32 result (a loss below 32: 2^-19) and by the
-    # error of the float32 exponentials it sums (its own polynomial: a relative 3e-7 at most, so as much in
-    # the log): 1e-5 bounds both.
+    # error of the float32 exponentials it sums (ggml's vector expf: under 2 ulp, so about 2.4e-7 in the
+    # log): 1e-5 bounds both.
     reference = llm.nll(tail, keep=False)
     assert base[0] == reference[0]  # the first token from the context's logits, in numpy either way
     np.testing.assert_allclose(base, reference, rtol=0, atol=1e-5)
