@@ -85,9 +85,8 @@ def raced(d: np.ndarray, layers: np.ndarray, n_layer: int, keep, head: float):
     return rows, work
 
 
-def chosen_sets(rows, n_layer: int) -> dict:
-    """The sets LazyProfile chooses from these per-sample losses: the default (budget) set and by ratio."""
-    prof = LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in rows])
+def chosen_sets(prof: LazyProfile) -> dict:
+    """The sets the profile chooses: the default (budget) set and by ratio."""
     return {"default": prof.select(), **{f"{r:.0%}": prof.select(ratio=r) for r in (0.25, 0.5, 0.75)}}
 
 
@@ -100,11 +99,11 @@ def racing_table(d: np.ndarray, layers: np.ndarray, n: int, keep, head: float) -
     for name, part in (("first", d[:n]), ("next", d[n:2 * n])):
         if not len(part):
             continue
-        every, every_work = raced(part, layers, n_layer, [1.0], head)
-        rows, work = raced(part, layers, n_layer, keep, head)
-        ref, got = chosen_sets(every, n_layer), chosen_sets(rows, n_layer)
-        mean_ref = LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in every]).mean()
-        mean_got = LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in rows]).mean()
+        (every, every_work), (rows, work) = (raced(part, layers, n_layer, k, head) for k in ([1.0], keep))
+        prof_ref, prof_got = (LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in x])
+                              for x in (every, rows))
+        ref, got = chosen_sets(prof_ref), chosen_sets(prof_got)
+        mean_ref, mean_got = prof_ref.mean(), prof_got.mean()
         shared = " | ".join(f"{len(set(ref[k]) & set(got[k]))} of {len(ref[k])}" for k in ref)
         lost, added = sorted(set(ref["50%"]) - set(got["50%"])), sorted(set(got["50%"]) - set(ref["50%"]))
         print(f"| {name} {len(part)} | {work / every_work:.2f} | {spearman(mean_got[layers], mean_ref[layers]):.3f} | "
