@@ -14,6 +14,8 @@ profile's settings: n_ctx 2048, the second half scored, window 256), and asks:
   the first N samples and on the next N, from the kept per-token values (exact: a what-if's losses do not
   depend on which others ran), against measuring every layer: its what-if work, Spearman, and the layers it
   shares with every-layer's default (budget) set and 25% / 50% / 75% sets. --keep tries other fractions.
+- retest sets: the sets every layer measured on the next N samples, and on all 2N, chooses, against the
+  first N's (eval_quality.py measures what a set costs held out).
 
     python benchmarks/profile_reliability.py [--samples 3] [--save deltas.npz | --load deltas.npz]
                                              [--keep 0.55 0.4] [--head-layers 2]
@@ -110,6 +112,25 @@ def racing_table(d: np.ndarray, layers: np.ndarray, n: int, keep, head: float) -
               f"{shared} | {lost} / {added} |")
 
 
+def retest_sets(d: np.ndarray, layers: np.ndarray, n: int) -> None:
+    """The sets chosen with every layer measured on the next n samples, and on all 2n, against the first n's:
+    how far a profile made the shipped way moves on other text of the same kinds."""
+    n_layer = int(layers.max()) + 1
+    profiles = {name: LazyProfile(model={"n_layer": n_layer}, params={},
+                                  samples=[{"loss": r} for r in raced(part, layers, n_layer, [1.0], 0.0)[0]])
+                for name, part in (("first", d[:n]), ("next", d[n:2 * n]), ("all", d[:2 * n]))}
+    ref = chosen_sets(profiles["first"])
+    print(f"\nevery layer measured, against the first {n} samples' sets (layers shared; 50%: the layers each set "
+          "chooses, to measure held out with eval_quality.py)\n")
+    print("| samples | Spearman | default set | 25% | 50% | 75% | 50% set |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("first", "next", "all"):
+        got = chosen_sets(profiles[name])
+        shared = " | ".join(f"{len(set(ref[k]) & set(got[k]))} of {len(ref[k])}" for k in ref)
+        rho = spearman(profiles[name].mean()[layers], profiles["first"].mean()[layers])
+        print(f"| {name} {n if name != 'all' else 2 * n} | {rho:.3f} | {shared} | {sorted(got['50%'])} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=3, help="samples per profile (the retest profiles as many more)")
@@ -155,6 +176,8 @@ def main():
             rho = spearman(ranking(first[[k]]), ranking(first[others]))
             print(f"| sample {k} alone vs the other {n - 1} | {rho:.3f} | |")
     racing_table(d, layers, n, args.keep, args.head_layers)
+    if len(retest) >= n:
+        retest_sets(d, layers, n)
 
 
 if __name__ == "__main__":
