@@ -48,8 +48,9 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
 # each on its second half. (Scoring only the last 256 tokens takes a third of the time but ranked the layers
 # with a Spearman correlation of 0.85 to this: benchmarks/profile_speed.py, README "Choosing lazy layers".)
 # No samples beyond the loss samples: five more fed only the probe's criteria (mass, change), which are not
-# the default where loss is measured, for about a minute; the shipped profiles and the README's quality
-# tables were made with these three. (--samples adds them.)
+# the default where loss is measured, for about a minute; the README's quality tables were made with these
+# three. (--samples adds samples, --loss-samples scores them: the shipped SmolLM2 profile has 6, which chose
+# better sets on held-out text, for about three times this default's time; profiles/README.md.)
 PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS = 2048, 256, 3, 3, 1024
 # Racing (successive elimination): a layer whose loss on the first samples ranks it among the worst is
 # unlikely to be among the laziest half, so it is not measured again. The first loss sample measures every
