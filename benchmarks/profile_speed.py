@@ -1,9 +1,10 @@
 """How fast `simkv profile` is, and whether a faster profile ranks layers as the slow one did (#16 part 4).
 
 Runs profile_model with each setting given (samples, scored tokens per loss sample), times it, and compares
-its loss ranking with a reference profile (default: the one shipped for the model, made before with 3
-samples each scoring its last 1,024 tokens, every layer computed in each what-if: 11 minutes for SmolLM2 on 2
-threads; 5.5 since each what-if starts at its layer): Spearman's rank
+its loss ranking with a reference profile (default: the one shipped for the model; SmolLM2's has 6 samples
+since session 14. The README's table compares with the 3-sample profile shipped before, each sample scoring its
+last 1,024 tokens with every layer measured: pass `--reference` with `git show
+fc9399d:src/py_simkv/profiles/SmolLM2-135M-Instruct.Q4_1.gguf.simkv.json` to repeat it): Spearman's rank
 correlation of the mean per-layer loss over the layers, and the 25% / 50% lazy sets each selects.
 
     python benchmarks/profile_speed.py --settings 3:256 3:512
