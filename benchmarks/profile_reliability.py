@@ -33,7 +33,7 @@ from py_simkv.lazy_profile import LazyProfile
 from py_simkv.llama import Llama
 from py_simkv.memory import layers_that_can_be_lazy
 from py_simkv.profiler import (PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_RACE_KEEP,
-                               _n_running, _samples, _still_running, default_calibration_texts)
+                               _n_running, _samples, _still_running, _what_if, default_calibration_texts)
 
 
 def spearman(a, b) -> float:
@@ -54,11 +54,7 @@ def per_token_deltas(path: str, n_samples: int, threads: int):
         tail = toks[len(toks) - tail_n:]
         with llm._use():
             base, streams = llm._what_if_nll(tail, capture=True)
-        rows = []
-        for il in layers:
-            llm.set_masked_layers([il], n_sink=DEFAULTS.n_sink, n_window=PROFILE_N_WINDOW)
-            with llm._use():
-                rows.append(llm._what_if_nll(tail, first_layer=il, hidden=streams[il]) - base)
+        rows = [_what_if(llm, tail, il, streams, DEFAULTS.n_sink, PROFILE_N_WINDOW) - base for il in layers]
         llm.set_masked_layers([])
         out.append(np.array(rows))
         print(f"{source}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -87,6 +83,16 @@ def raced(d: np.ndarray, layers: np.ndarray, n_layer: int, keep, head: float):
     return rows, work
 
 
+def loss_profile(rows, n_layer: int) -> LazyProfile:
+    """A profile holding only per-sample losses (rows: raced's), to choose sets from."""
+    return LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in rows])
+
+
+def shared(ref: dict, got: dict) -> str:
+    """Table cells: how many of each of ref's sets got's same set shares."""
+    return " | ".join(f"{len(set(ref[k]) & set(got[k]))} of {len(ref[k])}" for k in ref)
+
+
 def chosen_sets(prof: LazyProfile) -> dict:
     """The sets the profile chooses: the default (budget) set and by ratio."""
     return {"default": prof.select(), **{f"{r:.0%}": prof.select(ratio=r) for r in (0.25, 0.5, 0.75)}}
@@ -102,22 +108,19 @@ def racing_table(d: np.ndarray, layers: np.ndarray, n: int, keep, head: float) -
         if not len(part):
             continue
         (every, every_work), (rows, work) = (raced(part, layers, n_layer, k, head) for k in ([1.0], keep))
-        prof_ref, prof_got = (LazyProfile(model={"n_layer": n_layer}, params={}, samples=[{"loss": r} for r in x])
-                              for x in (every, rows))
+        prof_ref, prof_got = loss_profile(every, n_layer), loss_profile(rows, n_layer)
         ref, got = chosen_sets(prof_ref), chosen_sets(prof_got)
         mean_ref, mean_got = prof_ref.mean(), prof_got.mean()
-        shared = " | ".join(f"{len(set(ref[k]) & set(got[k]))} of {len(ref[k])}" for k in ref)
         lost, added = sorted(set(ref["50%"]) - set(got["50%"])), sorted(set(got["50%"]) - set(ref["50%"]))
         print(f"| {name} {len(part)} | {work / every_work:.2f} | {spearman(mean_got[layers], mean_ref[layers]):.3f} | "
-              f"{shared} | {lost} / {added} |")
+              f"{shared(ref, got)} | {lost} / {added} |")
 
 
 def retest_sets(d: np.ndarray, layers: np.ndarray, n: int) -> None:
     """The sets chosen with every layer measured on the next n samples, and on all 2n, against the first n's:
     how far a profile made the shipped way moves on other text of the same kinds."""
     n_layer = int(layers.max()) + 1
-    profiles = {name: LazyProfile(model={"n_layer": n_layer}, params={},
-                                  samples=[{"loss": r} for r in raced(part, layers, n_layer, [1.0], 0.0)[0]])
+    profiles = {name: loss_profile(raced(part, layers, n_layer, [1.0], 0.0)[0], n_layer)
                 for name, part in (("first", d[:n]), ("next", d[n:2 * n]), ("all", d[:2 * n]))}
     ref = chosen_sets(profiles["first"])
     print(f"\nevery layer measured, against the first {n} samples' sets (layers shared; 50%: the layers each set "
@@ -126,9 +129,8 @@ def retest_sets(d: np.ndarray, layers: np.ndarray, n: int) -> None:
     print("|---|---|---|---|---|---|---|")
     for name in ("first", "next", "all"):
         got = chosen_sets(profiles[name])
-        shared = " | ".join(f"{len(set(ref[k]) & set(got[k]))} of {len(ref[k])}" for k in ref)
         rho = spearman(profiles[name].mean()[layers], profiles["first"].mean()[layers])
-        print(f"| {name} {n if name != 'all' else 2 * n} | {rho:.3f} | {shared} | {sorted(got['50%'])} |")
+        print(f"| {name} {n if name != 'all' else 2 * n} | {rho:.3f} | {shared(ref, got)} | {sorted(got['50%'])} |")
 
 
 def main():

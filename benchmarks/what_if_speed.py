@@ -15,7 +15,8 @@ import numpy as np
 from py_simkv import default_model_path
 from py_simkv.engine_config import DEFAULTS
 from py_simkv.llama import Llama
-from py_simkv.profiler import PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, _samples, default_calibration_texts
+from py_simkv.profiler import (PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, _samples, _what_if,
+                               default_calibration_texts)
 
 
 def main():
@@ -34,10 +35,8 @@ def main():
     seconds, loss = {il: [] for il in args.layers}, {}
     for _ in range(args.reps):
         for il in args.layers:
-            llm.set_masked_layers([il], n_sink=DEFAULTS.n_sink, n_window=PROFILE_N_WINDOW)
             t0 = time.perf_counter()
-            with llm._use():
-                loss[il] = float(llm._what_if_nll(tail, first_layer=il, hidden=streams[il]).mean() - base.mean())
+            loss[il] = float(_what_if(llm, tail, il, streams, DEFAULTS.n_sink, PROFILE_N_WINDOW).mean() - base.mean())
             seconds[il].append(time.perf_counter() - t0)
     print(args.label, "  ".join(f"from layer {il}: {np.median(s):.3f} s (loss {loss[il]:+.9f})"
                                 for il, s in seconds.items()))

@@ -189,15 +189,22 @@ def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter, probe: di
     timed = []  # (layer, seconds) of the first two what-ifs
     for il in order[:1] + order[1:][-1:] + order[1:-1]:  # each layer once, the top and the bottom first
         t0 = time.perf_counter()
-        llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
-        with llm._use():
-            out[il] = float(llm._what_if_nll(tail, first_layer=il, hidden=streams[il]).mean()) - base
+        out[il] = float(_what_if(llm, tail, il, streams, n_sink, n_window).mean()) - base
         timed.append((il, time.perf_counter() - t0))
         if len(timed) == 2:
             meter.calibrate(len(tail), n_layer, *timed)
         meter.add(len(tail), n_layer - il)
     llm.set_masked_layers([])
     return out, scores
+
+
+def _what_if(llm, tail, il: int, streams, n_sink: int, n_window: int) -> np.ndarray:
+    """Per-token next-token losses of `tail` (after the context llm holds) with only layer il trimmed to sinks +
+    window, computed from layer il up, from the stream the untrimmed run captured entering it (streams[il]).
+    Leaves layer il masked: the caller unmasks (set_masked_layers([])) when its what-ifs are done."""
+    llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
+    with llm._use():
+        return llm._what_if_nll(tail, first_layer=il, hidden=streams[il])
 
 
 class _Work:
