@@ -119,6 +119,33 @@ nb::list kv_stats(const Engine & e) {
     return layers;
 }
 
+// What layer il's store holds, for a reference to recompute its attention from (tests): K and V rows as
+// stored (bytes, [capacity] rows of the store's type), the f16 residual's rows, and the cell maps.
+nb::dict kv_store_contents(const Engine & e, int il) {
+    const KvCache & kv = e.kv();
+    if (il < 0 || (size_t) il >= kv.n_layer()) throw BadInput("layer " + std::to_string(il) + " is out of range");
+    const KvStore & s = kv.store(il);
+    const KvGroup & g = kv.groups()[s.group];
+    auto bytes_of = [](const ggml_tensor * t) -> nb::object {
+        if (!t) return nb::none();
+        std::string buf(ggml_nbytes(t), '\0');
+        ggml_backend_tensor_get(t, buf.data(), 0, buf.size());
+        return nb::bytes(buf.data(), buf.size());
+    };
+    nb::dict d;
+    d["type"] = std::string(ggml_type_name(s.type));
+    d["kind"] = kv_kind_name(kv.kind_of(il));
+    d["k"] = bytes_of(s.k);
+    d["v"] = bytes_of(s.v);
+    d["k_residual"] = bytes_of(s.k_res);
+    d["v_residual"] = bytes_of(s.v_res);
+    d["cell_pos"] = g.cell_pos;
+    d["cell_seq"] = g.cell_seq;
+    d["residual_pos"] = g.res_pos;
+    d["residual_capacity"] = g.policy->residual_capacity();
+    return d;
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -217,17 +244,17 @@ NB_MODULE(_native, m) {
               return make_lazy_policy(0, 1, 1, r)->residual_capacity();
           },
           "lazy_type"_a, "lazy_residual"_a, "n_window"_a, "F16 cells per sequence beside a lazy ring of this type");
-    // The ring gather's q4_0 kernel (kv_gather.h), for a test against gguf's own dequantizer.
-    m.def("dequantize_q4_0",
+    // The ring gather's q4_0 kernel (kv_gather.h), for a test against gguf's own dequantizer: f16 bits.
+    m.def("dequantize_q4_0_f16",
           [](nb::bytes blocks) {
               if (blocks.size() % 18 != 0) throw BadInput("q4_0 data is a whole number of 18-byte blocks");
               const size_t nb = blocks.size() / 18;
-              float * out = new float[nb * 32];
-              dequantize_q4_0((const uint8_t *) blocks.c_str(), out, nb);
-              nb::capsule owner(out, [](void * p) noexcept { delete[] (float *) p; });
-              return nb::ndarray<nb::numpy, float, nb::ndim<1>>(out, {nb * 32}, owner);
+              auto * out = new uint16_t[nb * 32];
+              dequantize_q4_0_f16((const uint8_t *) blocks.c_str(), (ggml_fp16_t *) out, nb);
+              nb::capsule owner(out, [](void * p) noexcept { delete[] (uint16_t *) p; });
+              return nb::ndarray<nb::numpy, uint16_t, nb::ndim<1>>(out, {nb * 32}, owner);
           },
-          "blocks"_a, "q4_0 blocks -> float32 values");
+          "blocks"_a, "q4_0 blocks -> their values as float16 bits (uint16)");
     // The per-token loss the profiler's what-ifs score in the graph (graph_token_nll.cpp), for a test against
     // numpy's float64 log-softmax over every vocabulary size's leftover lanes.
     m.def("token_nll",
@@ -327,6 +354,27 @@ NB_MODULE(_native, m) {
              "capture: also return the stream entering each layer, [n_layer, n, n_embd]; targets ([n] token ids): "
              "return each row's loss on its target, -log softmax(row)[target] (0 for target -1), instead of its logits; "
              "n_probe > 0: probe the last n_probe tokens as eval_probed does (first_layer 0)")
+        .def("eval_attention_tap",
+             [](Engine & e, TokenArray tokens, int32_t layer) {
+                 const uint32_t n = (uint32_t) tokens.shape(0);
+                 const size_t width = (size_t) e.model().hp().n_head * e.model().hp().head_dim;
+                 std::vector<float> q((size_t) n * width), out((size_t) n * width);
+                 LayerStream stream;
+                 stream.tap_layer = layer;
+                 stream.tap_q = q.data();
+                 stream.tap_out = out.data();
+                 {
+                     nb::gil_scoped_release release;
+                     auto busy = e.claim();
+                     on_device_thread(e.model(), [&] { e.eval_stream(tokens.data(), n, stream); });
+                 }
+                 return nb::make_tuple(to_numpy(std::move(q), n, width), to_numpy(std::move(out), n, width));
+             },
+             "tokens"_a, "layer"_a,
+             "eval() that also returns layer `layer`'s attention query rows (after RoPE, before a store's rotation) "
+             "and output rows (rotated back), each [n, n_head * head_dim], for a reference to check them against")
+        .def("kv_store_contents", [](const Engine & e, int il) { auto busy = e.claim(); return kv_store_contents(e, il); },
+             "layer"_a, "What layer il's store holds: K/V rows as stored (bytes), the f16 residual's, the cell maps")
         .def("decode",
              [](Engine & e, const std::vector<int32_t> & seqs, const std::vector<TokenArray> & tokens,
                 const std::vector<bool> & all_logits) {

@@ -194,6 +194,9 @@ std::vector<float> Engine::eval_stream(const int32_t * tokens, uint32_t n, const
     }
     if (stream.first_layer > 0 && !stream.hidden) throw BadInput("starting at a later layer needs its input stream");
     if (stream.first_layer > 0 && stream.capture) throw BadInput("the stream is captured from layer 0 only");
+    if (stream.tap_layer >= (int64_t) hp.n_layer || (stream.tap_layer >= 0 && (uint32_t) stream.tap_layer < stream.first_layer)) {
+        throw BadInput("tap_layer " + std::to_string(stream.tap_layer) + " is not a layer this call computes");
+    }
     if (stream.first_layer > 0 && probe && n_probe) throw BadInput("the probe needs every layer computed (first_layer 0)");
     // A what-if on one plain context: exact prefill and several sequences rearrange cells between calls.
     if (exact() || cfg_.n_seq_max > 1) throw BadInput("eval_stream() needs one sequence with streaming prefill");
@@ -541,6 +544,11 @@ void Engine::eval_ubatch(const int32_t * tokens, const int32_t * pos, const int3
             ggml_backend_tensor_get(in.layer_in.at(il), dst, 0, sizeof(float) * row * n);
         }
     }
+    if (stream_ && stream_->tap_layer >= 0) {
+        const size_t row = (size_t) hp.n_head * hp.head_dim;
+        ggml_backend_tensor_get(in.tap_q, stream_->tap_q + (size_t) call_row * row, 0, sizeof(float) * row * n);
+        ggml_backend_tensor_get(in.tap_out, stream_->tap_out + (size_t) call_row * row, 0, sizeof(float) * row * n);
+    }
     const uint32_t width = out_width();
     if (stream_ && stream_->targets && !in.targets) {
         // Rows to score here, not in the graph (graph_token_nll.cpp): read back a few rows of logits at a time.
@@ -597,7 +605,13 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
     const uint32_t first_layer = stream_ ? stream_->first_layer : 0;
     const bool capture = stream_ && stream_->capture;
     const bool scored = stream_ && stream_->targets;
-    shape.insert(shape.end(), {first_layer, capture, scored});
+    const int32_t tap_layer = stream_ ? stream_->tap_layer : -1;
+    shape.insert(shape.end(), {first_layer, capture, scored, (uint32_t) tap_layer});
+    // Captured and tapped tensors are outputs, kept until the graph ends; the allocator's plan for a graph
+    // with the same nodes but other outputs would let later nodes overwrite them: plan afresh (below).
+    const std::pair<bool, int32_t> outputs = {capture, tap_layer};
+    if (outputs != planned_outputs_) groups_changed_ = true;
+    planned_outputs_ = outputs;
     if (graph_.ctx && graph_.shape == shape) return graph_;
 
     drop_graph(false);
@@ -606,7 +620,7 @@ Engine::BuiltGraph & Engine::graph_for(uint32_t n_tokens, uint32_t n_rows, uint3
         g.ctx = arena_.context();
         g.gf = ggml_new_graph_custom(g.ctx.get(), arena_.n_nodes(), false);
         GraphBuild b{g.ctx.get(), g.gf, *model_, *kv_, n_tokens, n_rows, {}, n_probe ? &g.probe : nullptr, n_probe,
-                     embeddings_, first_layer, capture};
+                     embeddings_, first_layer, capture, tap_layer};
         g.logits = build_graph(b);
         // Rows are scored in the graph where the vocabulary projection runs on the CPU (graph_token_nll.cpp).
         if (scored && ggml_backend_buffer_is_host(model_->output->buffer)) {

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace simkv {
@@ -76,6 +77,11 @@ struct LayerStream {
     // [n]: score row i on token targets[i] and return its loss, -log p(targets[i]), instead of its logits
     // (one float per row instead of n_vocab; 0 for a row whose target is -1: none); or null.
     const int32_t * targets = nullptr;
+    // Layer tap_layer's attention, for a reference to check it against (tests): its query rows as they enter
+    // (after RoPE, before a store's rotation) and its output rows (rotated back), [n][n_head * head_dim] each.
+    int32_t tap_layer = -1;
+    float * tap_q = nullptr;
+    float * tap_out = nullptr;
 };
 
 // Tokens to append to one sequence in a decode() call.
@@ -232,6 +238,7 @@ private:
     bool compacted_ = false;  // the lazy layers of this context were compacted already
     bool groups_changed_ = false;  // layers moved between KV groups since the last graph: replan memory
     uint64_t layout_seen_ = 0;     // the cache's layout_version() the cached graph was built for
+    std::pair<bool, int32_t> planned_outputs_{false, -1};  // capture and tap_layer of the last planned graph
     bool embeddings_ = false;
     size_t peak_kv_bytes_ = 0;
     size_t graph_builds_ = 0;

@@ -53,6 +53,8 @@ struct UbatchInputs {
     ggml_tensor * tokens = nullptr;   // I32 [n_tokens] (null when the graph starts at a later layer)
     ggml_tensor * hidden = nullptr;   // F32 [n_embd, n_tokens]: the stream entering GraphBuild::first_layer, if > 0
     std::vector<ggml_tensor *> layer_in;  // with GraphBuild::capture: the stream entering each layer (outputs)
+    ggml_tensor * tap_q = nullptr;    // with GraphBuild::tap_layer: that layer's query and attention output (outputs)
+    ggml_tensor * tap_out = nullptr;
     ggml_tensor * pos = nullptr;      // I32 [n_tokens]
     ggml_tensor * out_ids = nullptr;  // I32 [n_outputs], null when every token is output
     ggml_tensor * targets = nullptr;  // I32 [n_outputs]: the token each output row is scored on (Engine::LayerStream)
@@ -76,6 +78,7 @@ struct GraphBuild {
     // in.hidden; or keep the stream entering every layer as an output (capture).
     uint32_t first_layer = 0;
     bool capture = false;
+    int32_t tap_layer = -1;  // keep this layer's attention query and output as outputs (Engine::LayerStream)
 };
 
 // rms_norm(x) * w

@@ -16,10 +16,10 @@ namespace simkv {
 namespace {
 
 // What a span reads of one of a store's tensors (K or V), as [head_dim, n_kv, n_head_kv] (kv_cache.h,
-// AttnSpan): a view of its cells in place, or its gathered cells copied out as f32 rows (then, with a
-// residual, the residual's rows and the span's own rows `cur` after them). On a GPU gathered rows become
-// f16, which its flash attention takes. With a residual, the span's last positions are written to it here:
-// from the rows just read, so the write comes after the read of the cells it overwrites.
+// AttnSpan): a view of its cells in place, or its gathered cells copied out as f16 rows on every backend
+// (kv_gather.h says why), then, with a residual, the residual's rows and the span's own rows `cur` after
+// them. With a residual, the span's last positions are written to it here: from the rows just read, so the
+// write comes after the read of the cells it overwrites.
 ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store, ggml_tensor * residual,
                          const AttnSpan & sp, const SpanInputs & in, ggml_tensor * cur) {
     ggml_context * ctx = b.ctx;
@@ -30,24 +30,21 @@ ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store,
         return ggml_view_3d(ctx, store, d, sp.n_kv, hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
     }
     const bool on_cpu = ggml_backend_buffer_is_host(s.buffer.get());
+    ggml_tensor * rows = nullptr;
     if (b.kv.groups()[s.group].policy->pooled()) {  // scattered cells of a pooled store, rows as stored
-        ggml_tensor * rows = gather_rows_as_stored(ctx, store, in.gather, on_cpu);
-        return ggml_view_3d(ctx, rows, d, sp.n_kv, hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
-    }
-    ggml_tensor * rows = nullptr;  // F32 [n_embd_gqa, n_kv], dequantized
-    if (sp.residual) {
-        // the ring's rows, the residual's, then the span's own as the residual would hold them (f16)
+        rows = gather_rows_as_stored(ctx, store, in.gather, on_cpu);
+    } else if (sp.residual) {
+        // the ring's rows, the residual's, then the span's own as the residual holds them (f16)
         ggml_tensor * own = ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1]);
-        rows = gather_span_rows_f32(ctx, store, in.gather, residual, in.res_read, own, on_cpu);
+        rows = gather_span_rows_f16(ctx, store, in.gather, residual, in.res_read, own, on_cpu);
         if (in.res_dst) {  // the span's last n_res_write rows (its own, the last columns)
             ggml_tensor * last = ggml_view_2d(ctx, rows, rows->ne[0], sp.n_res_write, rows->nb[1],
                                               (sp.n_kv - sp.n_res_write) * rows->nb[1]);
             ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, residual, last, in.res_dst));
         }
     } else {
-        rows = gather_rows_f32(ctx, store, in.gather, on_cpu);
+        rows = gather_rows_f16(ctx, store, in.gather, on_cpu);
     }
-    if (!on_cpu) rows = ggml_cast(ctx, rows, GGML_TYPE_F16);
     return ggml_view_3d(ctx, rows, d, sp.n_kv, hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
 }
 
@@ -60,6 +57,11 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     const KvStore & s = b.kv.store(il);
     const KvGroup & g = b.kv.groups()[s.group];
     const int64_t d = hp.head_dim, n_embd_gqa = hp.n_embd_k_gqa();
+    const bool tap = b.tap_layer == il;
+    if (tap) {
+        ggml_set_output(q_cur);  // not overwritten by later nodes: read after the compute
+        b.in.tap_q = q_cur;
+    }
 
     // A quantized store holds K and V rotated (kv_rotation.h): Q turns with K, the output turns back below.
     ggml_tensor * rot_k = s.rot.k ? b.in.rotations.get(ctx, s.rot.k) : nullptr;
@@ -97,7 +99,12 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
         out = out ? ggml_concat(ctx, out, o, 2) : o;
     }
     out = ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);
-    return rot_v ? rotate(ctx, out, rot_v) : out;
+    if (rot_v) out = rotate(ctx, out, rot_v);
+    if (tap) {
+        ggml_set_output(out);
+        b.in.tap_out = out;
+    }
+    return out;
 }
 
 }  // namespace simkv

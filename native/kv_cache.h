@@ -75,7 +75,7 @@ struct KvStore {
 //     sequence alone: one span from cell 0, as llama.cpp's single stream; several: one each, as llama.cpp's
 //     per-sequence streams, without reserving a stream's cells for a sequence that does not hold them.
 //   gathered (lazy rings): only the cells some query of the run can see (sinks + window, not the ring's
-//     ubatch headroom), listed at gather_offset in the group's gather list and copied out as f32 rows.
+//     ubatch headroom), listed at gather_offset in the group's gather list and copied out as f16 rows.
 //     A pooled span is gathered too where a chunk's sequence holds scattered cells (it outgrew its share of
 //     the pool, or wrapped around its end): every cell it holds, in position order, copied out in the
 //     store's own type, so that the chunk computes what it would over a contiguous span, and not over the

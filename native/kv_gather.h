@@ -1,8 +1,16 @@
-// Reading a lazy ring's visible cells as f32 rows for attention (AttnSpan's gathered read, kv_cache.h), and a
-// pooled span's scattered cells as they are stored.
-// ggml's get_rows does it for every store type, but dequantizes q4_0 with ggml-base's scalar loop, which
-// made a q4_0 ring's decode ~12% slower than an f16 ring's. On the CPU a q4_0 store is gathered here instead,
-// with AVX2 where the CPU has it; the values are the same to the bit (d * (q - 8), as ggml computes them).
+// Reading a lazy ring's visible cells for attention (AttnSpan's gathered read, kv_cache.h), and a pooled
+// span's scattered cells as they are stored.
+//
+// A ring's gathered cells reach flash attention as f16 rows on every backend. A GPU's flash attention takes
+// f16; on the CPU the same rows keep the CPU and a device computing the same attention. With f32 rows on
+// the CPU, the one f16 rounding of the dequantized values that a device makes and the CPU did not was
+// amplified by every later quantization (of the next lazy layers' K and V, of the activations entering
+// q4/q8 weights) into logits up to 7.7 apart on SmolLM2-135M. The rounding itself (2^-11 relative) is 30x
+// below q4_0's step and 4x below q8_0's.
+//
+// ggml's get_rows dequantizes q4_0 with ggml-base's scalar loop and returns f32; on the CPU a ring is
+// gathered here instead, straight to f16, with AVX2 where the CPU has it: the values are ggml's
+// (d * (q - 8), rounded to nearest even as ggml's f32 -> f16 conversion rounds).
 #pragma once
 #include <ggml.h>
 
@@ -15,17 +23,17 @@ namespace simkv {
 // through f32 to f16, which GPU flash attention takes).
 ggml_tensor * gather_rows_as_stored(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
 
-// F32 [store->ne[0], n_rows]: rows idx[0..n_rows) of a 2-D store.
-ggml_tensor * gather_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
+// F16 [store->ne[0], n_rows]: rows idx[0..n_rows) of a 2-D store.
+ggml_tensor * gather_rows_f16(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
 
-// A span's rows beside a residual (kv_cache.h, AttnSpan), F32 [store->ne[0], n_idx + n_res + n_own]: rows
+// A span's rows beside a residual (kv_cache.h, AttnSpan), F16 [store->ne[0], n_idx + n_res + n_own]: rows
 // idx of the store, then rows res_idx of the f16 residual (res_idx may be null: none), then the rows of
 // `own` (F32) rounded to f16. On the CPU one pass writes them in place (ggml's concat copies element by
 // element: two of them per K and V made a q4_0 ring decode at a third of its speed); elsewhere ggml ops.
-ggml_tensor * gather_span_rows_f32(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, ggml_tensor * residual,
+ggml_tensor * gather_span_rows_f16(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, ggml_tensor * residual,
                                    ggml_tensor * res_idx, ggml_tensor * own, bool on_cpu);
 
-// n q4_0 blocks (18 bytes each: f16 scale, 16 bytes of nibbles) -> 32 * n floats.
-void dequantize_q4_0(const uint8_t * blocks, float * out, size_t n_blocks);
+// n q4_0 blocks (18 bytes each: f16 scale, 16 bytes of nibbles) -> 32 * n f16 values.
+void dequantize_q4_0_f16(const uint8_t * blocks, ggml_fp16_t * out, size_t n_blocks);
 
 }  // namespace simkv

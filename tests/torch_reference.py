@@ -129,10 +129,14 @@ def sink_window_mask(n, n_sink, n_window):
 
 
 @torch.no_grad()
-def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gathered=(), residual=None):
+def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gathered=(), residual=None,
+            one_query=False):
     """Logits [n, n_vocab] for `tokens` at positions 0..n-1. masks[il]: bool [n, n] (query, key);
     kv_types[il]: how layer il stores K and V ("f16", "q8_0", "q4_0"); layers in `gathered` are read through
-    an f32 copy of their cells (simkv's lazy rings on the CPU), so their Q is not rounded to K's dot type.
+    an f16 copy of their cells (simkv's lazy rings), so their K and V are rounded to f16 after the store's
+    type and their Q is not rounded to a quantized K's dot type (ggml's batched kernel keeps Q in f32; its
+    single-query kernel rounds Q to f16 and accumulates V in f16: one_query=True rounds their Q to f16 too,
+    for ubatches of one token; the f16 accumulation is left out).
 
     residual=R, or (R, rows): gathered layers of a quantized type also keep their latest keys in f16: a query
     at q reads a key at k in f16 iff q - k < R (and every key, for the rows selected by the bool tensor
@@ -177,7 +181,9 @@ def forward(w: Weights, tokens, masks, kv_types, probe=None, rotate=True, gather
             k_res, v_res = k.half().float(), v.half().float()
         k = _round_rows(k.reshape(n, Hkv * D), kind).view(n, Hkv, D)
         v = _round_rows(v.reshape(n, Hkv * D), kind).view(n, Hkv, D)
-        q = _round_rows(q, "f32" if il in gathered else _Q_TYPE_FOR_K[kind])
+        if il in gathered:
+            k, v = _round_rows(k, "f16"), _round_rows(v, "f16")
+        q = _round_rows(q, ("f16" if one_query else "f32") if il in gathered else _Q_TYPE_FOR_K[kind])
         rep = H // Hkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) / np.sqrt(D)
