@@ -1,8 +1,8 @@
 """Batched decode in process, as llama.cpp's llama-batched-bench measures it: S sequences each prefilled to
 depth D, then N tokens decoded for all of them together (one token per sequence per step); aggregate
 tok/s, against one sequence at the same depth. No HTTP: this is the engine's share of workload B of
-bench_serve.py, and the figure to put beside llama-batched-bench's (issue #15: 78.7 tok/s for 4 sequences
-at depth 4000 with one KV stream per sequence, 71.0 for one, SmolLM2, 2 threads, flash attention).
+bench_serve.py, and the figure to put beside llama-batched-bench's (run it right before or after: `llama-batched-bench
+-npp 4000 -ntg 64 -npl 1,4 -fa on -t 2 -no-kvu`, one KV stream per sequence).
 
     python benchmarks/bench_batched.py --depth 4000 --seqs 1 4 --repeats 3
 """

@@ -1,4 +1,4 @@
-"""Layers on ggml RPC servers (issue #12): prefill and decode speed with every layer local, offloaded to one
+"""Layers on ggml RPC servers: prefill and decode speed with every layer local, offloaded to one
 local RPC server, and split over two, at depth 0 and 4K; and the bytes that cross the sockets per decoded
 token. Beside it, llama.cpp's own RPC (llama-bench --rpc with its ggml-rpc-server, built from the pinned source by
 benchmarks/build_llama_cpp.sh) with the same placements.

@@ -2,7 +2,7 @@
 # Builds llama.cpp's llama-server, llama-batched-bench, llama-bench and ggml-rpc-server (with ggml's RPC backend)
 # from the source of the pinned llama-cpp-python (its sdist vendors llama.cpp), for bench_serve.py's
 # llama-server baseline, the batched-decode anchor and bench_rpc.py's llama.cpp RPC baseline.
-# Output: ../llamacpp-build/bin (outside the repository). On this project's 2-core machine: ~10 minutes.
+# Output: ../llamacpp-build/bin (outside the repository). About 10 minutes on 2 cores.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/../../llamacpp-build}"

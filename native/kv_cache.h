@@ -81,7 +81,7 @@ struct KvStore {
 //     store's own type, so that the chunk computes what it would over a contiguous span, and not over the
 //     other sequences' cells in between (a chunk's flash attention computes every column, hidden or not).
 //     ggml's CPU flash attention has its fast paths (split-KV for a lone query, tiles for a chunk) only for
-//     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed (#16).
+//     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed.
 //   with a residual (a quantized lazy ring, kv_policy_lazy.cpp), the columns are, in order: the gathered
 //     ring cells some query reads in 4 bits (n_kv - n_res - n_tokens of them, padding included), then the
 //     n_res = R - 1 columns read from the residual (res_read: the positions it holds that some query reads,

@@ -395,9 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-p", "--prompt", required=True, help="prompt text")
     g.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=40, help="sample from the K likeliest tokens (0 = all; default 40)")
+    g.add_argument("--top-p", type=float, default=0.95,
+                   help="sample from the likeliest tokens whose probabilities sum to P (1 = all; default 0.95)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="divide the logits of recently generated tokens by this (1 = off; default 1.0)")
     _add_ignore_eos(g)
     g.set_defaults(func=cmd_generate)
 
@@ -414,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server, several conversations at once")
     _add_model_options(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: the loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     sv.add_argument("-np", "--parallel", type=int, default=4,
                     help="slots: conversations decoded at once (default 4); --n-ctx is the full layers' pool of KV "
                          "cells they share")
@@ -432,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rpc-server", help="serve this machine's CPU (or GPU) to other simkv/llama.cpp hosts over ggml RPC")
     r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: the loopback only; the "
                                                        "protocol has no authentication)")
-    r.add_argument("--port", type=int, default=50052)
+    r.add_argument("--port", type=int, default=50052, help="TCP port (default 50052, as llama.cpp's rpc-server)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     r.add_argument("--cache-dir", default=None, help="cache received weights here, so a reconnecting client "
                                                      "sends only their hashes (ggml's -c)")
@@ -443,13 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", nargs="+", default=None, metavar="FILE",
                     help="calibration text files (default: the set shipped with simkv)")
     pr.add_argument("--n-ctx", type=int, default=PROFILE_N_CTX, help=f"tokens per sample (default {PROFILE_N_CTX})")
-    pr.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink)
+    pr.add_argument("--n-sink", type=int, default=DEFAULTS.n_sink,
+                    help=f"initial tokens counted as sinks (default {DEFAULTS.n_sink})")
     pr.add_argument("--n-window", type=int, default=PROFILE_N_WINDOW,
                     help=f"recent keys counted as the window (default {PROFILE_N_WINDOW})")
     pr.add_argument("--w-last", type=int, default=DEFAULTS.w_last,
                     help=f"queries probed per sample: the last W (default {DEFAULTS.w_last})")
     pr.add_argument("--samples", type=int, default=PROFILE_SAMPLES, help=f"most samples (default {PROFILE_SAMPLES})")
-    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     _add_device_options(pr)
     pr.add_argument("--loss-samples", type=int, default=PROFILE_LOSS_SAMPLES, metavar="N",
                     help="score each layer by the loss increase when it alone is trimmed on the first N samples "

@@ -46,9 +46,9 @@ def _samples(llm, texts: Sequence[Tuple[str, str]], n_ctx: int, max_samples: int
 # Profiling defaults (the CLI's `simkv profile` reads these): 2K-token samples, a 256-token window (the
 # prefill window of the paper scaled to the sample), three samples scored by loss (one per kind of text),
 # each on its second half. (Scoring only the last 256 tokens takes a third of the time but ranked the layers
-# with a Spearman correlation of 0.85 to this: benchmarks/profile_speed.py, README "Choosing lazy layers".)
+# with a Spearman correlation of 0.85 to this: benchmarks/research/profile_speed.py.)
 # No samples beyond the loss samples: five more fed only the probe's criteria (mass, change), which are not
-# the default where loss is measured, for about a minute; the README's quality tables were made with these
+# the default where loss is measured, for about a minute; the documentation's quality tables were made with these
 # three. (--samples adds samples, --loss-samples scores them: the shipped SmolLM2 profile has 6, which chose
 # better sets on held-out text, for about three times this default's time; profiles/README.md.)
 PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS = 2048, 256, 3, 3, 1024
@@ -59,7 +59,7 @@ PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_
 # that measured it (LazyProfile.mean). On SmolLM2 it took two thirds of the work and chose the default
 # (budget) set and the 25% set as measuring every layer did, 14 of the 50% set's 15 layers, Spearman 0.96
 # over the layers; the same on three other samples of the calibration text (README, "Profile speed";
-# benchmarks/profile_reliability.py). race=False measures every layer on every loss sample.
+# benchmarks/research/profile_reliability.py). race=False measures every layer on every loss sample.
 PROFILE_RACE_KEEP = (0.55, 0.4)
 
 

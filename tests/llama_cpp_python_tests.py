@@ -2,7 +2,7 @@
 twice, on llama_cpp.Llama and on py_simkv.Llama, changing only the class and the GGUF (SmolLM2, offline), and
 prints which tests pass on each side by side. What passes on llama_cpp.Llama must pass on simkv.
 
-    python benchmarks/llama_cpp_python_tests.py [--sdist DIR]
+    python tests/llama_cpp_python_tests.py [--sdist DIR]
 
 The sdist is fetched with pip into ../llamacpp-build/src (as build_llama_cpp.sh does) unless it is there.
 Models its tests download from Hugging Face are replaced by SmolLM2; the embedding (BERT), recurrent (Mamba)
@@ -72,7 +72,7 @@ def run(root: str, impl: str) -> dict:
         os.symlink(os.path.join(root, "vendor"), os.path.join(work, "vendor"))
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--rootdir",
                               harness, os.path.join(harness, "test_llama.py")], cwd=work,
-                             env=dict(os.environ, IMPL=impl, SIMKV_TESTS=os.path.join(HERE, "..", "tests")),
+                             env=dict(os.environ, IMPL=impl, SIMKV_TESTS=HERE),
                              capture_output=True, text=True).stdout
     results = {}
     for line in out.splitlines():

@@ -1,4 +1,4 @@
-"""Does choosing the lazy set jointly beat choosing it layer by layer (#16 part 4)?
+"""Does choosing the lazy set jointly beat choosing it layer by layer?
 
 Layer by layer (what simkv ships): rank the layers by the loss each costs when it alone is trimmed, take the
 laziest. Jointly (greedy): grow the set one layer at a time, each time adding the layer whose addition gives
@@ -11,7 +11,7 @@ Then both sets at `--ratio` are scored on held-out text at the settings the prod
 perplexity: n_ctx 8192, the first half the prompt, window 1024, q4_0 rings with their f16 residual,
 streaming prefill).
 
-    python benchmarks/joint_selection.py --ratio 0.5 --candidates 4
+    python benchmarks/research/joint_selection.py --ratio 0.5 --candidates 4
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from py_simkv import Llama, LazyProfile, default_model_path
 from py_simkv.lazy_profile import shipped_profile
 from py_simkv.profiler import PROFILE_LOSS_TOKENS, _samples, default_calibration_texts
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/
 from eval_quality import heldout_texts, perplexity  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """How reproducible the profile's loss ranking is, i.e. what any cheaper profile can hope to agree with
-(#16 part 4: "Spearman >= 0.9 with today's loss ranking").
+(a cheaper profile was to rank layers with a Spearman of at least 0.9 against the full one).
 
 The profile's `loss` of a layer is a mean over scored tokens of (nll with the layer trimmed - nll with none
 trimmed). This script keeps those per-token differences instead of their means, for 2 x N samples (the
@@ -17,7 +17,7 @@ profile's settings: n_ctx 2048, the second half scored, window 256), and asks:
 - retest sets: the sets every layer measured on the next N samples, and on all 2N, chooses, against the
   first N's (eval_quality.py measures what a set costs held out).
 
-    python benchmarks/profile_reliability.py [--samples 3] [--save deltas.npz | --load deltas.npz]
+    python benchmarks/research/profile_reliability.py [--samples 3] [--save deltas.npz | --load deltas.npz]
                                              [--keep 0.55 0.4] [--head-layers 2]
 """
 from __future__ import annotations

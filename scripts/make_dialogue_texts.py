@@ -6,7 +6,7 @@ Repeated conversations are written once (tech_support repeats 10 conversations 1
 are split so that the evaluation's dialogue is held out from calibration (about 19.5K and 12.4K tokens):
 
     pip install chatterbot-corpus==1.3.3 pyyaml
-    python benchmarks/make_dialogue_texts.py
+    python scripts/make_dialogue_texts.py
 """
 import os
 import sys

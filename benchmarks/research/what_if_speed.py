@@ -3,7 +3,7 @@ one layer trimmed, starting at that layer (profiler.py: _trim_losses). From the 
 the vocabulary projection and the per-token loss (native/graph_token_nll.cpp); from a lower one, more layers.
 Medians of --reps; to compare two builds, run it under each (PYTHONPATH=<other install>) in turn, alternating.
 
-    python benchmarks/what_if_speed.py [--layers 29 20] [--reps 3] [--label new]
+    python benchmarks/research/what_if_speed.py [--layers 29 20] [--reps 3] [--label new]
 """
 from __future__ import annotations
 

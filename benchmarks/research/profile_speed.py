@@ -1,13 +1,11 @@
-"""How fast `simkv profile` is, and whether a faster profile ranks layers as the slow one did (#16 part 4).
+"""How fast `simkv profile` is, and whether a faster profile ranks layers as the slow one did.
 
 Runs profile_model with each setting given (samples, scored tokens per loss sample), times it, and compares
-its loss ranking with a reference profile (default: the one shipped for the model; SmolLM2's has 6 samples
-since session 14. The README's table compares with the 3-sample profile shipped before, each sample scoring its
-last 1,024 tokens with every layer measured: pass `--reference` with `git show
-fc9399d:src/py_simkv/profiles/SmolLM2-135M-Instruct.Q4_1.gguf.simkv.json` to repeat it): Spearman's rank
+its loss ranking with a reference profile (default: the one shipped for the model; SmolLM2's has 6 samples,
+each scoring its last 1,024 tokens with every layer measured; `--reference` takes another): Spearman's rank
 correlation of the mean per-layer loss over the layers, and the 25% / 50% lazy sets each selects.
 
-    python benchmarks/profile_speed.py --settings 3:256 3:512
+    python benchmarks/research/profile_speed.py --settings 3:256 3:512
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which part of a lazy layer's 4-bit ring costs the perplexity (#16 part 3): a PyTorch experiment.
+"""Which part of a lazy layer's 4-bit ring costs the perplexity: a PyTorch experiment.
 
 A lazy layer's attention goes almost all to its sinks and its most recent keys, so those are the keys
 whose rounding matters. This script evaluates the held-out texts of eval_quality.py with the PyTorch
@@ -16,7 +16,7 @@ variant says:
 It prints perplexity and the cost against the full cache for each, and the ring's bytes against a q4_0
 ring of the same window. The prompt's per-layer K/V are computed once and shared by every variant.
 
-    python benchmarks/ring_precision.py --n-ctx 8192 --n-window 1024 --ratio 0.5
+    python benchmarks/research/ring_precision.py --n-ctx 8192 --n-window 1024 --ratio 0.5
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))  # benchmarks/
 
 import torch_reference as tr  # noqa: E402
 from eval_quality import heldout_texts  # noqa: E402
