@@ -1,5 +1,6 @@
 // Python bindings (_native): Model, Engine, Vocab, Sampler. Thin: validation lives in the C++ classes
-// (BadInput -> ValueError) and the Python layer; nothing here decides policy.
+// (BadInput -> ValueError) and the Python layer; every value returned is asked of the engine, the cache or
+// their policies, and every engine call goes through engine_call (GIL, claim, device thread).
 #include "engine.h"
 #include "errors.h"
 #include "graph.h"
@@ -22,6 +23,9 @@
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
+
+#include <optional>
+#include <type_traits>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -47,6 +51,22 @@ template <class F>
 void on_device_thread(const Model & model, F && f) {
     if (model.uses_remote()) remote_call(f);
     else f();
+}
+
+// One engine call from Python, the one way every binding makes it: the GIL released (other Python threads
+// run meanwhile), the engine claimed (one call at a time: a racing thread gets an error, not a corrupted
+// cache), and the work run on the device thread. Returns what f returns.
+template <class F>
+auto engine_call(const Engine & e, F && f) -> decltype(f()) {
+    nb::gil_scoped_release release;
+    auto busy = e.claim();
+    if constexpr (std::is_void_v<decltype(f())>) {
+        on_device_thread(e.model(), f);
+    } else {
+        std::optional<decltype(f())> result;
+        on_device_thread(e.model(), [&] { result.emplace(f()); });
+        return std::move(*result);
+    }
 }
 
 // The interpreter's main thread, read once when the module is imported.
@@ -288,11 +308,7 @@ NB_MODULE(_native, m) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
                  std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
-                 {
-                     nb::gil_scoped_release release;
-                     auto busy = e.claim();
-                     on_device_thread(e.model(), [&] { logits = e.eval(tokens.data(), n, all_logits, nullptr, 0, between); });
-                 }
+                 logits = engine_call(e, [&] { return e.eval(tokens.data(), n, all_logits, nullptr, 0, between); });
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a)
@@ -301,12 +317,8 @@ NB_MODULE(_native, m) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
                  std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
-                 {
-                     nb::gil_scoped_release release;
-                     auto busy = e.claim();
-                     const ProbeSpec spec{n_sink, n_window};
-                     on_device_thread(e.model(), [&] { logits = e.eval(tokens.data(), n, all_logits, &spec, n_probe, between); });
-                 }
+                 const ProbeSpec spec{n_sink, n_window};
+                 logits = engine_call(e, [&] { return e.eval(tokens.data(), n, all_logits, &spec, n_probe, between); });
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
@@ -331,12 +343,8 @@ NB_MODULE(_native, m) {
                  stream.targets = targets ? targets->data() : nullptr;
                  std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
-                 {
-                     nb::gil_scoped_release release;
-                     auto busy = e.claim();
-                     const ProbeSpec spec{n_sink, n_window};
-                     on_device_thread(e.model(), [&] { logits = e.eval_stream(tokens.data(), n, stream, &spec, n_probe, between); });
-                 }
+                 const ProbeSpec spec{n_sink, n_window};
+                 logits = engine_call(e, [&] { return e.eval_stream(tokens.data(), n, stream, &spec, n_probe, between); });
                  nb::object layers = nb::none();
                  if (capture) {
                      auto * heap = new std::vector<float>(std::move(captured));
@@ -363,11 +371,7 @@ NB_MODULE(_native, m) {
                  stream.tap_layer = layer;
                  stream.tap_q = q.data();
                  stream.tap_out = out.data();
-                 {
-                     nb::gil_scoped_release release;
-                     auto busy = e.claim();
-                     on_device_thread(e.model(), [&] { e.eval_stream(tokens.data(), n, stream); });
-                 }
+                 engine_call(e, [&] { e.eval_stream(tokens.data(), n, stream); });
                  return nb::make_tuple(to_numpy(std::move(q), n, width), to_numpy(std::move(out), n, width));
              },
              "tokens"_a, "layer"_a,
@@ -387,11 +391,7 @@ NB_MODULE(_native, m) {
                  }
                  std::vector<std::vector<float>> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
-                 {
-                     nb::gil_scoped_release release;
-                     auto busy = e.claim();
-                     on_device_thread(e.model(), [&] { logits = e.decode(batch, between); });
-                 }
+                 logits = engine_call(e, [&] { return e.decode(batch, between); });
                  const size_t n_vocab = e.out_width();
                  nb::list out;
                  for (size_t i = 0; i < logits.size(); ++i) {
@@ -404,46 +404,30 @@ NB_MODULE(_native, m) {
         .def("probe_mass", &Engine::probe_mass)
         .def("probe_change", &Engine::probe_change)
         .def("truncate",
-             [](Engine & e, uint32_t n_keep, int32_t seq) {
-                 auto busy = e.claim();
-                 bool kept = false;
-                 on_device_thread(e.model(), [&] { kept = e.truncate(n_keep, seq); });
-                 return kept;
-             },
-             nb::call_guard<nb::gil_scoped_release>(),
+             [](Engine & e, uint32_t n_keep, int32_t seq) { return engine_call(e, [&] { return e.truncate(n_keep, seq); }); },
              "n_keep"_a, "seq"_a = 0)
-        .def("clear", [](Engine & e, int32_t seq) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.clear(seq); }); }, "seq"_a,
-             nb::call_guard<nb::gil_scoped_release>())
+        .def("clear", [](Engine & e, int32_t seq) { engine_call(e, [&] { e.clear(seq); }); }, "seq"_a)
         .def("set_n_threads", [](Engine & e, int n) { auto busy = e.claim(); e.set_n_threads(n); }, "n"_a)
-        .def("reset", [](Engine & e) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.reset(); }); },
-             nb::call_guard<nb::gil_scoped_release>())
-        .def("set_embeddings", [](Engine & e, bool on) { auto busy = e.claim(); on_device_thread(e.model(), [&] { e.set_embeddings(on); }); }, "on"_a,
+        .def("reset", [](Engine & e) { engine_call(e, [&] { e.reset(); }); })
+        .def("set_embeddings", [](Engine & e, bool on) { engine_call(e, [&] { e.set_embeddings(on); }); }, "on"_a,
              "Rows of the final norm's output instead of logits")
         .def("save_state",
              [](const Engine & e) {
-                 auto busy = e.claim();
-                 std::string s;
-                 {
-                     nb::gil_scoped_release release;
-                     on_device_thread(e.model(), [&] { s = e.save_state(); });
-                 }
+                 const std::string s = engine_call(e, [&] { return e.save_state(); });
                  return nb::bytes(s.data(), s.size());
              },
              "The context (positions, cell maps, every store's used rows) as bytes")
         .def("load_state",
              [](Engine & e, nb::bytes blob) {
-                 auto busy = e.claim();
                  const std::string b(blob.c_str(), blob.size());
-                 nb::gil_scoped_release release;
-                 on_device_thread(e.model(), [&] { e.load_state(b); });
+                 engine_call(e, [&] { e.load_state(b); });
              },
              "blob"_a, "Restore a save_state(); on a mismatch the engine is left empty")
         .def("set_masked_layers",
              [](Engine & e, const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window) {
-                 auto busy = e.claim();
-                 on_device_thread(e.model(), [&] { e.set_masked_layers(layers, n_sink, n_window); });
+                 engine_call(e, [&] { e.set_masked_layers(layers, n_sink, n_window); });
              },
-             "layers"_a, "n_sink"_a, "n_window"_a, nb::call_guard<nb::gil_scoped_release>())
+             "layers"_a, "n_sink"_a, "n_window"_a)
         .def_prop_ro("n_past", [](const Engine & e) { return e.n_past(0); })
         .def("n_past_of", [](const Engine & e, int32_t seq) { return e.n_past(seq); }, "seq"_a)
         .def_prop_ro("free_cells", &Engine::free_cells)

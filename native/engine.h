@@ -1,6 +1,8 @@
-// Engine: one model + one per-layer KV cache + a backend scheduler. eval(tokens) appends tokens to the
-// context in ubatches and returns logits (of the last token or of every token). It orchestrates: the cache
-// decides cells and masks (kv_cache.h), the graph builders compute (graph.h), the probe scores (probe.h).
+// Engine: one model + the per-layer KV cache of its sequences (and, while exact prefill with several
+// sequences evaluates a prompt, a temporary all-full cache for it) + a backend scheduler. eval(tokens)
+// appends tokens to the context in ubatches and returns logits (of the last token or of every token). It
+// orchestrates: the cache decides cells and masks (kv_cache.h), the graph builders compute (graph.h), the
+// probe scores (probe.h).
 #pragma once
 #include "graph.h"
 #include "kv_cache.h"

@@ -1,6 +1,8 @@
 // The KV cache: one store per layer (K and V tensors of that layer, typed and sized by its policy).
 // Layers whose policies are equal form a group that shares one cell map, one write index and one mask
-// per ubatch: all FULL layers are one group, all LAZY layers another.
+// per ubatch: usually the full layers are one group and the lazy layers another; a model's own
+// sliding-window layers, layers masked for a what-if, and (dynamic mode with several sequences) layers lazy
+// for different sets of sequences form groups of their own.
 //
 // Sequences (independent conversations, up to n_seq_max) are a dimension of the cell map, not more
 // caches: each cell records the sequence and position it holds, and a query sees only its own sequence's
