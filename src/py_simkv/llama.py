@@ -26,6 +26,7 @@ from .completion import create_completion
 from .engine_config import DEFAULTS, engine_config
 from .lazy_profile import family_threshold, model_identity, resolve_lazy_layers
 from .logprobs import log_softmax
+from .prefix import common_prefix, positions_to_keep
 from .tokenizer import Tokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -342,12 +343,7 @@ class Llama:
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
+        return common_prefix(a, b)
 
     # --- pickling: the arguments that build this Llama again, with its current seed --------------------
     def __getstate__(self) -> dict:
@@ -865,17 +861,11 @@ class Llama:
             # every layer full throughout, so reuse would not give the same result: start over.
             self._reset()
             return tokens
-        common = 0
-        for a, b in zip(self._input_ids, tokens):
-            if a != b:
-                break
-            common += 1
-        if common == len(tokens) and common > 0:
-            common -= 1  # re-evaluate the last prompt token to get fresh logits
-        if common == 0 or not self._rewind(common):
+        keep = positions_to_keep(self._input_ids, tokens)
+        if keep == 0 or not self._rewind(keep):
             self._reset()
             return tokens
-        return tokens[common:]
+        return tokens[keep:]
 
     def make_sampler(self, temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
                      presence_penalty=0.0, seed=None, logit_bias=None, typical_p=1.0, tfs_z=1.0, mirostat_mode=0,

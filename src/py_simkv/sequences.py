@@ -17,6 +17,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from .checks import check_int
+from .prefix import common_prefix, positions_to_keep
 
 
 class Sequences:
@@ -89,13 +90,7 @@ class Sequences:
     # --- context per sequence ----------------------------------------------------------------------
     def common_prefix(self, seq: int, tokens: Sequence[int]) -> int:
         """How many leading tokens of `tokens` the sequence already holds."""
-        held = self._tokens[self._seq(seq)]
-        n = 0
-        for a, b in zip(held, tokens):
-            if a != int(b):
-                break
-            n += 1
-        return n
+        return common_prefix(self._tokens[self._seq(seq)], tokens)
 
     def prepare(self, seq: int, tokens: Sequence[int]) -> List[int]:
         """Make `seq` ready to continue into `tokens` (a whole prompt): keep the longest common prefix that
@@ -109,13 +104,11 @@ class Sequences:
             # evaluated exactly (every layer full) from its start, as Llama does with one conversation.
             self.clear(seq)
             return tokens
-        common = self.common_prefix(seq, tokens)
-        if common == len(tokens) and common > 0:
-            common -= 1
-        if common == 0 or not self.truncate(seq, common):
+        keep = positions_to_keep(self._tokens[seq], tokens)
+        if keep == 0 or not self.truncate(seq, keep):
             self.clear(seq)
             return tokens
-        return tokens[common:]
+        return tokens[keep:]
 
     def truncate(self, seq: int, n_keep: int) -> bool:
         """Cut the sequence back to n_keep tokens. False (nothing changed) if a lazy ring no longer holds
