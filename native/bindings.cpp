@@ -306,19 +306,17 @@ NB_MODULE(_native, m) {
         .def("eval",
              [](Engine & e, TokenArray tokens, bool all_logits) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
-                 std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
-                 logits = engine_call(e, [&] { return e.eval(tokens.data(), n, all_logits, nullptr, 0, between); });
+                 std::vector<float> logits = engine_call(e, [&] { return e.eval(tokens.data(), n, all_logits, nullptr, 0, between); });
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a)
         .def("eval_probed",
              [](Engine & e, TokenArray tokens, bool all_logits, uint32_t n_sink, uint32_t n_window, uint32_t n_probe) {
                  const uint32_t n = (uint32_t) tokens.shape(0);
-                 std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
                  const ProbeSpec spec{n_sink, n_window};
-                 logits = engine_call(e, [&] { return e.eval(tokens.data(), n, all_logits, &spec, n_probe, between); });
+                 std::vector<float> logits = engine_call(e, [&] { return e.eval(tokens.data(), n, all_logits, &spec, n_probe, between); });
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
@@ -341,10 +339,9 @@ NB_MODULE(_native, m) {
                  std::vector<float> captured(capture ? (size_t) n_layer * n * n_embd : 0);
                  stream.capture = capture ? captured.data() : nullptr;
                  stream.targets = targets ? targets->data() : nullptr;
-                 std::vector<float> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
                  const ProbeSpec spec{n_sink, n_window};
-                 logits = engine_call(e, [&] { return e.eval_stream(tokens.data(), n, stream, &spec, n_probe, between); });
+                 std::vector<float> logits = engine_call(e, [&] { return e.eval_stream(tokens.data(), n, stream, &spec, n_probe, between); });
                  nb::object layers = nb::none();
                  if (capture) {
                      auto * heap = new std::vector<float>(std::move(captured));
@@ -389,9 +386,8 @@ NB_MODULE(_native, m) {
                  for (size_t i = 0; i < seqs.size(); ++i) {
                      batch[i] = SeqTokens{seqs[i], tokens[i].data(), (uint32_t) tokens[i].shape(0), all_logits[i]};
                  }
-                 std::vector<std::vector<float>> logits;
                  const BetweenUbatches between = signal_check_for_this_thread();
-                 logits = engine_call(e, [&] { return e.decode(batch, between); });
+                 std::vector<std::vector<float>> logits = engine_call(e, [&] { return e.decode(batch, between); });
                  const size_t n_vocab = e.out_width();
                  nb::list out;
                  for (size_t i = 0; i < logits.size(); ++i) {

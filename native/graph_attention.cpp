@@ -33,17 +33,16 @@ ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store,
     ggml_tensor * rows = nullptr;
     if (b.kv.groups()[s.group].policy->pooled()) {  // scattered cells of a pooled store, rows as stored
         rows = gather_rows_as_stored(ctx, store, in.gather, on_cpu);
-    } else if (sp.residual) {
-        // the ring's rows, the residual's, then the span's own as the residual holds them (f16)
-        ggml_tensor * own = ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1]);
+    } else {
+        // the ring's rows; with a residual, the residual's, then the span's own as the residual holds them
+        ggml_tensor * own = sp.residual ? ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1])
+                                        : nullptr;
         rows = gather_span_rows_f16(ctx, store, in.gather, residual, in.res_read, own, on_cpu);
         if (in.res_dst) {  // the span's last n_res_write rows (its own, the last columns)
             ggml_tensor * last = ggml_view_2d(ctx, rows, rows->ne[0], sp.n_res_write, rows->nb[1],
                                               (sp.n_kv - sp.n_res_write) * rows->nb[1]);
             ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, residual, last, in.res_dst));
         }
-    } else {
-        rows = gather_rows_f16(ctx, store, in.gather, on_cpu);
     }
     return ggml_view_3d(ctx, rows, d, sp.n_kv, hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
 }

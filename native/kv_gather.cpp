@@ -58,19 +58,6 @@ void row_to_f16(const ggml_tensor * store, const char * row, ggml_fp16_t * y, st
     }
 }
 
-// ggml custom op: dst row r = store row idx[r] as f16; each thread takes a contiguous share of rows.
-void gather_f16(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * store = dst->src[0];
-    const ggml_tensor * idx = dst->src[1];
-    const int64_t n = idx->ne[0], per = (n + nth - 1) / nth;
-    std::vector<float> tmp;
-    for (int64_t r = ith * per; r < std::min(n, (ith + 1) * per); ++r) {
-        const int32_t cell = ((const int32_t *) idx->data)[r];
-        row_to_f16(store, (const char *) store->data + (size_t) cell * store->nb[1],
-                   (ggml_fp16_t *) ((char *) dst->data + (size_t) r * dst->nb[1]), tmp);
-    }
-}
-
 // ggml custom op: dst row r = store row idx[r], byte for byte; each thread takes a contiguous share of rows.
 void gather_raw(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * store = dst->src[0];
@@ -84,7 +71,7 @@ void gather_raw(ggml_tensor * dst, int ith, int nth, void *) {
 }
 
 // ggml custom op: dst = [store rows idx] [residual rows res_idx] [own rows], all f16, rows split across
-// threads. src: store, idx, own[, residual, res_idx].
+// threads. src: store, idx[, own[, residual, res_idx]] (dst's rows beyond idx's say how many own rows).
 void gather_span(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * store = dst->src[0];
     const ggml_tensor * idx = dst->src[1];
@@ -115,9 +102,12 @@ void dequantize_q4_0_f16(const uint8_t * blocks, ggml_fp16_t * out, size_t n_blo
 #ifdef SIMKV_X86
     if (has_avx2()) return dequantize_q4_0_f16_avx2(blocks, out, n_blocks);
 #endif
-    std::vector<float> tmp(n_blocks * 32);
-    ggml_get_type_traits(GGML_TYPE_Q4_0)->to_float(blocks, tmp.data(), (int64_t) tmp.size());  // ggml's scalar loop
-    ggml_cpu_fp32_to_fp16(tmp.data(), out, (int64_t) tmp.size());
+    const ggml_to_float_t to_float = ggml_get_type_traits(GGML_TYPE_Q4_0)->to_float;  // ggml's scalar loop
+    float block[32];
+    for (size_t i = 0; i < n_blocks; ++i) {  // a block at a time: no allocation on the gather's path
+        to_float(blocks + i * kQ4Block, block, 32);
+        ggml_cpu_fp32_to_fp16(block, out + i * 32, 32);
+    }
 }
 
 ggml_tensor * gather_rows_as_stored(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu) {
@@ -127,23 +117,17 @@ ggml_tensor * gather_rows_as_stored(ggml_context * ctx, ggml_tensor * store, ggm
                           nullptr);
 }
 
-ggml_tensor * gather_rows_f16(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu) {
-    if (!on_cpu) return ggml_cast(ctx, ggml_get_rows(ctx, store, idx), GGML_TYPE_F16);
-    ggml_tensor * args[2] = {store, idx};
-    return ggml_custom_4d(ctx, GGML_TYPE_F16, store->ne[0], idx->ne[0], 1, 1, args, 2, gather_f16, GGML_N_TASKS_MAX,
-                          nullptr);
-}
-
 ggml_tensor * gather_span_rows_f16(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, ggml_tensor * residual,
                                    ggml_tensor * res_idx, ggml_tensor * own, bool on_cpu) {
     if (!on_cpu) {
         ggml_tensor * rows = ggml_get_rows(ctx, store, idx);  // f32
         if (res_idx) rows = ggml_concat(ctx, rows, ggml_get_rows(ctx, residual, res_idx), 1);
-        return ggml_cast(ctx, ggml_concat(ctx, rows, own, 1), GGML_TYPE_F16);
+        if (own) rows = ggml_concat(ctx, rows, own, 1);
+        return ggml_cast(ctx, rows, GGML_TYPE_F16);
     }
     ggml_tensor * args[5] = {store, idx, own, residual, res_idx};
-    const int64_t n = idx->ne[0] + (res_idx ? res_idx->ne[0] : 0) + own->ne[1];
-    return ggml_custom_4d(ctx, GGML_TYPE_F16, store->ne[0], n, 1, 1, args, res_idx ? 5 : 3, gather_span,
+    const int64_t n = idx->ne[0] + (res_idx ? res_idx->ne[0] : 0) + (own ? own->ne[1] : 0);
+    return ggml_custom_4d(ctx, GGML_TYPE_F16, store->ne[0], n, 1, 1, args, res_idx ? 5 : own ? 3 : 2, gather_span,
                           GGML_N_TASKS_MAX, nullptr);
 }
 

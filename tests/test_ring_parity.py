@@ -13,24 +13,18 @@ that differ only by one f16 rounding of a ring's values end up to 7.7 apart (the
 device f16 rows). Both paths read a ring's cells as f16 rows (kv_gather.h), and an RPC server runs the CPU's
 kernels with the same thread count, so the logits are equal bit for bit; the assertion is the f16 bound of
 test_offload.py (max < 0.1, mean < 5e-3), met with room, and equality on RPC."""
-import os
-
 import numpy as np
 import pytest
 
 from py_simkv import Llama
-
-import py_simkv
 
 LAZY = list(range(0, 30, 3))
 N_PROMPT, N_DECODE = 600, 80
 
 
 @pytest.fixture(scope="module")
-def tokens(smollm_path):
-    text = open(os.path.join(os.path.dirname(py_simkv.__file__), "calibration", "python_reference_prose.txt")).read()
-    llm = Llama(smollm_path, vocab_only=True, verbose=False)
-    return llm.tokenize(text[:20000].encode())[: N_PROMPT + N_DECODE]
+def tokens(prose_tokens):
+    return prose_tokens[: N_PROMPT + N_DECODE]
 
 
 def _one_sequence(path, tokens, **kw):

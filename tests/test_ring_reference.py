@@ -16,14 +16,11 @@ vector kernel) also has its Q rounded to f16, which the reference does too, and 
 accumulator, which it does not: measured at most 3.2e-3 (the f16 ring as much as the quantized ones), bound
 8e-3. One key read from the wrong cell (a recent one replaced by one out of the window) moves the output by
 0.035-0.23 (one query, two steps measured) and 2.5 (a chunk): the last test shows each bound catching it."""
-import os
-
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as GGML
 from gguf.quants import dequantize
 
-import py_simkv
 from py_simkv import Llama
 
 LAZY = list(range(0, 30, 3))
@@ -32,9 +29,8 @@ BOUND_CHUNK, BOUND_ONE = 1e-4, 8e-3
 
 
 @pytest.fixture(scope="module")
-def tokens(smollm_path):
-    text = open(os.path.join(os.path.dirname(py_simkv.__file__), "calibration", "python_reference_prose.txt")).read()
-    return Llama(smollm_path, vocab_only=True, verbose=False).tokenize(text[:20000].encode())[: N_PROMPT + 200]
+def tokens(prose_tokens):
+    return prose_tokens[: N_PROMPT + 200]
 
 
 def _hadamard(n):
@@ -62,14 +58,12 @@ def reference(store, q_rows, positions, hp, n_residual, f16_query):
         k_res = _rows(store["k_residual"], "f16", len(store["residual_pos"]))
         v_res = _rows(store["v_residual"], "f16", len(store["residual_pos"]))
     f16 = lambda x: x.astype(np.float16).astype(np.float64)  # noqa: E731
-    k, v = f16(k), f16(v)  # the gathered rows attention reads (kv_gather.h)
-    if store["type"] != "f16":  # quantized stores hold K and V rotated: turn them back (H H = I)
-        h = _hadamard(d)
-        k = (k.reshape(-1, Hkv, d) @ h).reshape(k.shape)
-        v = (v.reshape(-1, Hkv, d) @ h).reshape(v.shape)
-        if store["k_residual"] is not None:
-            k_res = (k_res.reshape(-1, Hkv, d) @ h).reshape(k_res.shape)
-            v_res = (v_res.reshape(-1, Hkv, d) @ h).reshape(v_res.shape)
+    # Quantized stores hold K and V rotated, each head by H (H H = I): turn them (and Q) by it.
+    h = _hadamard(d)
+    turn = (lambda x: (x.reshape(-1, d) @ h).reshape(x.shape)) if store["type"] != "f16" else (lambda x: x)
+    k, v = turn(f16(k)), turn(f16(v))  # the gathered rows attention reads (kv_gather.h), turned back
+    if store["k_residual"] is not None:
+        k_res, v_res = turn(k_res), turn(v_res)
     out = []
     for q_row, p in zip(q_rows, positions):
         keys, vals = [], []
@@ -86,11 +80,8 @@ def reference(store, q_rows, positions, hp, n_residual, f16_query):
                 keys.append(k[c[0]]), vals.append(v[c[0]])
         K, V = np.array(keys).reshape(-1, Hkv, d), np.array(vals).reshape(-1, Hkv, d)
         q = q_row.astype(np.float64).reshape(H, d)
-        if f16_query and store["type"] != "f16":  # rounded after its rotation, as the kernel rounds it
-            h = _hadamard(d)
-            q = f16(q @ h) @ h
-        elif f16_query:
-            q = f16(q)
+        if f16_query:  # rounded after its rotation, as the kernel rounds it
+            q = turn(f16(turn(q)))
         o = np.empty((H, d))
         for head in range(H):
             g = head // (H // Hkv)
