@@ -127,13 +127,13 @@ def llama_server_path():
     return os.environ.get("LLAMA_SERVER") or (here if os.path.exists(here) else shutil.which("llama-server"))
 
 
-def start(system, path, clients, budget_mib, n_ctx_lcp, threads, hp=None):
+def start(system, path, clients, budget_mib, n_ctx_lcp, threads, llm=None):
     port = free_port()
     if system == "llama-server":
         exe = llama_server_path()
         if not exe:
             raise RuntimeError("llama-server not found: run benchmarks/build_llama_cpp.sh or set LLAMA_SERVER")
-        cells = int(budget_mib * 2**20 / (kv_bytes(hp, 1024) / 1024)) // 256 * 256
+        cells = int(budget_mib * 2**20 / (kv_bytes(llm, 1024) / 1024)) // 256 * 256
         argv = [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-np", str(clients), "-c", str(cells),
                 "-kvu", "-t", str(threads), "-tb", str(threads), "-fa", "on", "--cache-ram", "0", "--no-webui"]
     elif system.startswith("simkv"):
@@ -237,7 +237,6 @@ def main():
     path = args.model or default_model_path()
     llm = Llama(path, n_ctx=256, n_threads=1)
     ban = {str(t): -100.0 for t in llm.eog_tokens()}
-    hp = llm.hparams
     convs = histories(llm, args.clients, depth=4000 if args.workload == "B" else None)
     if args.workload == "B":
         args.turns = 1  # room for the 128 decoded tokens
@@ -245,11 +244,11 @@ def main():
     n_ctx_lcp = (longest + 255) // 256 * 256
     # Tokens every conversation holds at its end, and the budget: what half-lazy caches need for all of them.
     need = sum(len(llm.tokenize(h.encode(), add_bos=False)) + args.turns * (N_NEW + N_GEN) + 64 for h, _ in convs)
-    lazy_bytes = kv_bytes(hp, need, lazy_layers=LAZY, n_seq_max=args.clients)
+    lazy_bytes = kv_bytes(llm, need, lazy_layers=LAZY, n_seq_max=args.clients)
     budget_mib = round(lazy_bytes * 1.05 / 2**20, 1)
     if args.workload == "B":  # decoding together: every system holds every sequence
-        budget_mib = round(kv_bytes(hp, need, n_seq_max=args.clients) * 1.05 / 2**20, 1)
-    full_holds = budget_mib * 2**20 / kv_bytes(hp, 1024) * 1024
+        budget_mib = round(kv_bytes(llm, need, n_seq_max=args.clients) * 1.05 / 2**20, 1)
+    full_holds = budget_mib * 2**20 / kv_bytes(llm, 1024) * 1024
     print(f"# workload {args.workload}: {args.clients} clients, {need} tokens in all conversations at the end; "
           f"KV budget {budget_mib} MiB (full f16 holds {full_holds:.0f} tokens of them); lcp n_ctx {n_ctx_lcp}",
           flush=True)
@@ -259,7 +258,7 @@ def main():
         rows.append(("Llama in process", {"one client": rate, f"{args.clients} clients": float("nan")}))
         print("Llama in process", rows[-1][1], flush=True)
     for system in args.systems:
-        server = start(system, path, args.clients, budget_mib, n_ctx_lcp, args.threads, hp)
+        server = start(system, path, args.clients, budget_mib, n_ctx_lcp, args.threads, llm)
         try:
             if args.workload == "A":
                 r = workload_a(server, convs, args.turns, ban)
@@ -271,7 +270,7 @@ def main():
                     r["KV MiB"] = budget_mib
                     r["held"] = "?"  # llama-server's /slots does not say how many tokens a slot's cache holds
                 else:
-                    r["KV MiB"] = kv_bytes(hp, n_ctx_lcp) / 2**20 + (budget_mib if system == "lcp-cache" else 0)
+                    r["KV MiB"] = kv_bytes(llm, n_ctx_lcp) / 2**20 + (budget_mib if system == "lcp-cache" else 0)
                     r["held"] = "1" + (" + RAM cache" if system == "lcp-cache" else "")
             else:
                 prompts = [h for h, _ in convs]

@@ -1,6 +1,7 @@
 // Python bindings (_native): Model, Engine, Vocab, Sampler. Thin: validation lives in the C++ classes
 // (BadInput -> ValueError) and the Python layer; every value returned is asked of the engine, the cache or
 // their policies, and every engine call goes through engine_call (GIL, claim, device thread).
+#include "bindings_common.h"
 #include "engine.h"
 #include "errors.h"
 #include "graph.h"
@@ -30,52 +31,12 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 using namespace simkv;
-
-namespace {
-
-using FloatArray2 = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
-using TokenArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-
-// Between ubatches of a long call (GIL released): take the GIL for a moment and let a pending signal
-// (Ctrl-C) raise here, so a long prefill stops within a ubatch instead of after the whole call. Python
-// handles signals on its main thread only: a call from another thread (a server's scheduler) does not
-// check, and so never waits for the GIL between ubatches.
-const BetweenUbatches check_signals = [] {
-    nb::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) throw nb::python_error();
-};
-
-// Runs f where a call that may reach a remote device must run (rpc_devices.h): on the remote-call thread
-// when the model has layers on an RPC server, else right here.
-template <class F>
-void on_device_thread(const Model & model, F && f) {
-    if (model.uses_remote()) remote_call(f);
-    else f();
-}
-
-// One engine call from Python, the one way every binding makes it: the GIL released (other Python threads
-// run meanwhile), the engine claimed (one call at a time: a racing thread gets an error, not a corrupted
-// cache), and the work run on the device thread. Returns what f returns.
-template <class F>
-auto engine_call(const Engine & e, F && f) -> decltype(f()) {
-    nb::gil_scoped_release release;
-    auto busy = e.claim();
-    if constexpr (std::is_void_v<decltype(f())>) {
-        on_device_thread(e.model(), f);
-    } else {
-        std::optional<decltype(f())> result;
-        on_device_thread(e.model(), [&] { result.emplace(f()); });
-        return std::move(*result);
-    }
-}
+using namespace simkv::py;
 
 // The interpreter's main thread, read once when the module is imported.
-unsigned long g_main_thread = 0;
+unsigned long simkv::py::g_main_thread = 0;
 
-// Called with the GIL held, before it is released for the call.
-BetweenUbatches signal_check_for_this_thread() {
-    return PyThread_get_thread_ident() == g_main_thread ? check_signals : BetweenUbatches();
-}
+namespace {
 
 // Metadata strings as Python str; bytes that are not UTF-8 (a corrupted file) become U+FFFD.
 nb::dict metadata_dict(const std::map<std::string, std::string> & md) {
@@ -91,12 +52,6 @@ nb::dict metadata_dict(const std::map<std::string, std::string> & md) {
         d[nb::steal(key)] = nb::steal(val);
     }
     return d;
-}
-
-FloatArray2 to_numpy(std::vector<float> && v, size_t rows, size_t cols) {
-    auto * heap = new std::vector<float>(std::move(v));
-    nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
-    return FloatArray2(heap->data(), {rows, cols}, owner);
 }
 
 nb::dict hparams_dict(const HParams & h) {
@@ -139,39 +94,13 @@ nb::list kv_stats(const Engine & e) {
     return layers;
 }
 
-// What layer il's store holds, for a reference to recompute its attention from (tests): K and V rows as
-// stored (bytes, [capacity] rows of the store's type), the f16 residual's rows, and the cell maps.
-nb::dict kv_store_contents(const Engine & e, int il) {
-    const KvCache & kv = e.kv();
-    if (il < 0 || (size_t) il >= kv.n_layer()) throw BadInput("layer " + std::to_string(il) + " is out of range");
-    const KvStore & s = kv.store(il);
-    const KvGroup & g = kv.groups()[s.group];
-    auto bytes_of = [](const ggml_tensor * t) -> nb::object {
-        if (!t) return nb::none();
-        std::string buf(ggml_nbytes(t), '\0');
-        ggml_backend_tensor_get(t, buf.data(), 0, buf.size());
-        return nb::bytes(buf.data(), buf.size());
-    };
-    nb::dict d;
-    d["type"] = std::string(ggml_type_name(s.type));
-    d["kind"] = kv_kind_name(kv.kind_of(il));
-    d["k"] = bytes_of(s.k);
-    d["v"] = bytes_of(s.v);
-    d["k_residual"] = bytes_of(s.k_res);
-    d["v_residual"] = bytes_of(s.v_res);
-    d["cell_pos"] = g.cell_pos;
-    d["cell_seq"] = g.cell_seq;
-    d["residual_pos"] = g.res_pos;
-    d["residual_capacity"] = g.policy->residual_capacity();
-    return d;
-}
-
 }  // namespace
 
 NB_MODULE(_native, m) {
     g_main_thread = nb::cast<unsigned long>(nb::module_::import_("threading").attr("main_thread")().attr("ident"));
     llama_backend_init();
     set_native_logging(false);
+    define_lab(m);
     m.def("set_logging", &set_native_logging, "verbose"_a);
 
     nb::class_<Model>(m, "Model")
@@ -249,21 +178,21 @@ NB_MODULE(_native, m) {
         .def_prop_rw("lazy_mode", [](const EngineConfig & c) { return std::string(lazy_mode_name(c.lazy_mode)); },
                      [](EngineConfig & c, const std::string & v) { c.lazy_mode = parse_lazy_mode(v); });
 
-    // Sizes of stores, from the policies themselves (memory.py and `simkv info` ask, never recompute).
-    m.def("store_capacity",
-          [](const std::string & kind, uint32_t n_ctx, uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch) {
-              if (kind == "full") return make_full_policy(n_ctx)->capacity();
-              if (kind == "lazy") return make_lazy_policy(n_sink, n_window, n_ubatch, 0)->capacity();
-              if (kind == "swa") return make_sliding_policy(n_window, n_ubatch)->capacity();
-              throw BadInput("unknown store kind '" + kind + "'");
+    // KV bytes an engine with this configuration allocates once a prompt is in, from the cache's own planned
+    // sizes (KvCache::planned_bytes, what Engine checks against free memory): memory.py and `simkv info`
+    // ask here and never restate a policy. With exact prefill the lazy layers are these rings after the
+    // prompt (the peak, while it is evaluated, is a full cache).
+    m.def("planned_kv_bytes",
+          [](const Model & model, const EngineConfig & cfg) {
+              const HParams & hp = model.hp();
+              const EngineConfig c = validated(cfg, hp);
+              KvConfig kv = kv_config(c);
+              kv.lazy_layers.assign(c.lazy_layers.begin(), c.lazy_layers.end());
+              uint64_t total = 0;
+              for (uint32_t il = 0; il < hp.n_layer; ++il) total += KvCache::planned_bytes(hp, kv, il);
+              return total;
           },
-          "kind"_a, "n_ctx"_a, "n_sink"_a, "n_window"_a, "n_ubatch"_a, "Cells a store of this kind allocates");
-    m.def("residual_cells",
-          [](const std::string & lazy_type, int64_t lazy_residual, int64_t n_window) {
-              const uint32_t r = residual_positions(parse_cache_type(lazy_type, "lazy_type"), lazy_residual, n_window);
-              return make_lazy_policy(0, 1, 1, r)->residual_capacity();
-          },
-          "lazy_type"_a, "lazy_residual"_a, "n_window"_a, "F16 cells per sequence beside a lazy ring of this type");
+          "model"_a, "config"_a, "KV bytes of an engine with this configuration (its stores once a prompt is in)");
     // The ring gather's q4_0 kernel (kv_gather.h), for a test against gguf's own dequantizer: f16 bits.
     m.def("dequantize_q4_0_f16",
           [](nb::bytes blocks) {
@@ -293,8 +222,6 @@ NB_MODULE(_native, m) {
               return std::string(ggml_type_name((ggml_type) type));
           },
           "type"_a, "ggml's name of an integer type id (llama-cpp-python passes cache types as ids)");
-    m.def("row_bytes", [](const std::string & type, int64_t n) { return ggml_row_size(parse_cache_type(type, "type"), n); },
-          "type"_a, "n"_a, "Bytes of one row of n values of a cache type");
 
     nb::class_<Engine>(m, "Engine")
         .def("__init__",
@@ -311,71 +238,6 @@ NB_MODULE(_native, m) {
                  return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
              },
              "tokens"_a, "all_logits"_a)
-        .def("eval_probed",
-             [](Engine & e, TokenArray tokens, bool all_logits, uint32_t n_sink, uint32_t n_window, uint32_t n_probe) {
-                 const uint32_t n = (uint32_t) tokens.shape(0);
-                 const BetweenUbatches between = signal_check_for_this_thread();
-                 const ProbeSpec spec{n_sink, n_window};
-                 std::vector<float> logits = engine_call(e, [&] { return e.eval(tokens.data(), n, all_logits, &spec, n_probe, between); });
-                 return to_numpy(std::move(logits), all_logits ? n : 1, e.out_width());
-             },
-             "tokens"_a, "all_logits"_a, "n_sink"_a, "n_window"_a, "n_probe"_a)
-        .def("eval_stream",
-             [](Engine & e, TokenArray tokens, uint32_t first_layer,
-                std::optional<nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>> hidden, bool capture,
-                std::optional<TokenArray> targets, uint32_t n_sink, uint32_t n_window, uint32_t n_probe) {
-                 const uint32_t n = (uint32_t) tokens.shape(0);
-                 if (targets && targets->shape(0) != n) {
-                     throw BadInput("targets must have one token per row (" + std::to_string(n) + ")");
-                 }
-                 const uint32_t n_embd = e.model().hp().n_embd, n_layer = e.model().hp().n_layer;
-                 if (hidden && (hidden->shape(0) != n || hidden->shape(1) != n_embd)) {
-                     throw BadInput("hidden must be [n_tokens, n_embd] = [" + std::to_string(n) + ", " +
-                                    std::to_string(n_embd) + "]");
-                 }
-                 LayerStream stream;
-                 stream.first_layer = first_layer;
-                 stream.hidden = hidden ? hidden->data() : nullptr;
-                 std::vector<float> captured(capture ? (size_t) n_layer * n * n_embd : 0);
-                 stream.capture = capture ? captured.data() : nullptr;
-                 stream.targets = targets ? targets->data() : nullptr;
-                 const BetweenUbatches between = signal_check_for_this_thread();
-                 const ProbeSpec spec{n_sink, n_window};
-                 std::vector<float> logits = engine_call(e, [&] { return e.eval_stream(tokens.data(), n, stream, &spec, n_probe, between); });
-                 nb::object layers = nb::none();
-                 if (capture) {
-                     auto * heap = new std::vector<float>(std::move(captured));
-                     nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
-                     layers = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<3>>(heap->data(), {n_layer, n, n_embd}, owner));
-                 }
-                 const size_t width = logits.size() / n;  // the engine's out_width() during the call
-                 nb::object rows = nb::cast(to_numpy(std::move(logits), n, width));
-                 if (targets) rows = rows.attr("reshape")(n);  // one loss per row
-                 return nb::make_tuple(rows, layers);
-             },
-             "tokens"_a, "first_layer"_a = 0, "hidden"_a = nb::none(), "capture"_a = false, "targets"_a = nb::none(),
-             "n_sink"_a = 0, "n_window"_a = 1, "n_probe"_a = 0,
-             "eval() with every row's logits from layer first_layer on (hidden: the stream entering it, [n, n_embd]); "
-             "capture: also return the stream entering each layer, [n_layer, n, n_embd]; targets ([n] token ids): "
-             "return each row's loss on its target, -log softmax(row)[target] (0 for target -1), instead of its logits; "
-             "n_probe > 0: probe the last n_probe tokens as eval_probed does (first_layer 0)")
-        .def("eval_attention_tap",
-             [](Engine & e, TokenArray tokens, int32_t layer) {
-                 const uint32_t n = (uint32_t) tokens.shape(0);
-                 const size_t width = (size_t) e.model().hp().n_head * e.model().hp().head_dim;
-                 std::vector<float> q((size_t) n * width), out((size_t) n * width);
-                 LayerStream stream;
-                 stream.tap_layer = layer;
-                 stream.tap_q = q.data();
-                 stream.tap_out = out.data();
-                 engine_call(e, [&] { e.eval_stream(tokens.data(), n, stream); });
-                 return nb::make_tuple(to_numpy(std::move(q), n, width), to_numpy(std::move(out), n, width));
-             },
-             "tokens"_a, "layer"_a,
-             "eval() that also returns layer `layer`'s attention query rows (after RoPE, before a store's rotation) "
-             "and output rows (rotated back), each [n, n_head * head_dim], for a reference to check them against")
-        .def("kv_store_contents", [](const Engine & e, int il) { auto busy = e.claim(); return kv_store_contents(e, il); },
-             "layer"_a, "What layer il's store holds: K/V rows as stored (bytes), the f16 residual's, the cell maps")
         .def("decode",
              [](Engine & e, const std::vector<int32_t> & seqs, const std::vector<TokenArray> & tokens,
                 const std::vector<bool> & all_logits) {
@@ -397,8 +259,6 @@ NB_MODULE(_native, m) {
              },
              "seqs"_a, "tokens"_a, "all_logits"_a,
              "Append tokens to several sequences in shared ubatches; returns each one's logits")
-        .def("probe_mass", &Engine::probe_mass)
-        .def("probe_change", &Engine::probe_change)
         .def("truncate",
              [](Engine & e, uint32_t n_keep, int32_t seq) { return engine_call(e, [&] { return e.truncate(n_keep, seq); }); },
              "n_keep"_a, "seq"_a = 0)
@@ -424,19 +284,31 @@ NB_MODULE(_native, m) {
                  engine_call(e, [&] { e.set_masked_layers(layers, n_sink, n_window); });
              },
              "layers"_a, "n_sink"_a, "n_window"_a)
-        .def_prop_ro("n_past", [](const Engine & e) { return e.n_past(0); })
-        .def("n_past_of", [](const Engine & e, int32_t seq) { return e.n_past(seq); }, "seq"_a)
-        .def_prop_ro("free_cells", &Engine::free_cells)
-        .def_prop_ro("compacted", [](const Engine & e) { return e.compacted(0); })
-        .def("compacted_of", [](const Engine & e, int32_t seq) { return e.compacted(seq); }, nb::arg("seq"))
-        .def_prop_ro("lazy_layers", &Engine::lazy_layers)
+        .def_prop_ro("n_past", [](const Engine & e) { auto read = read_claim(e); return e.n_past(0); })
+        .def("n_past_of", [](const Engine & e, int32_t seq) { auto read = read_claim(e); return e.n_past(seq); }, "seq"_a)
+        .def_prop_ro("free_cells", [](const Engine & e) { auto read = read_claim(e); return e.free_cells(); })
+        .def(
+            "cells_needed",
+            [](const Engine & e, int32_t seq, uint32_t n_keep, uint32_t n_new) {
+                auto read = read_claim(e);
+                return e.cells_needed(seq, n_keep, n_new);
+            },
+            "seq"_a, "n_keep"_a, "n_new"_a,
+            "Pool cells that cutting the sequence back to n_keep tokens, then appending n_new, takes beyond what it "
+            "holds now (a sequence lazy in the pool holds at most sinks + window + a ubatch there)")
+        .def("cells_held", [](const Engine & e, int32_t seq) { auto read = read_claim(e); return e.cells_held(seq); },
+             "seq"_a, "Pool cells the sequence holds: what clearing it frees")
+        .def_prop_ro("compacted", [](const Engine & e) { auto read = read_claim(e); return e.compacted(0); })
+        .def("compacted_of", [](const Engine & e, int32_t seq) { auto read = read_claim(e); return e.compacted(seq); },
+             nb::arg("seq"))
+        .def_prop_ro("lazy_layers", [](const Engine & e) { auto read = read_claim(e); return e.lazy_layers(); })
         .def_prop_ro("prompts_alone", &Engine::prompts_alone)
-        .def_prop_ro("peak_kv_bytes", &Engine::peak_kv_bytes)
-        .def_prop_ro("graph_builds", &Engine::graph_builds)
-        .def("kv_layers", [](const Engine & e) { auto busy = e.claim(); return kv_stats(e); })
+        .def_prop_ro("peak_kv_bytes", [](const Engine & e) { auto read = read_claim(e); return e.peak_kv_bytes(); })
+        .def_prop_ro("graph_builds", [](const Engine & e) { auto read = read_claim(e); return e.graph_builds(); })
+        .def("kv_layers", [](const Engine & e) { auto read = read_claim(e); return kv_stats(e); })
         .def("seq_stats",
              [](const Engine & e, int32_t seq) {
-                 auto busy = e.claim();
+                 auto read = read_claim(e);
                  nb::dict d;
                  d["n_tokens"] = e.n_past(seq);
                  d["bytes"] = e.kv().seq_bytes(seq);
@@ -447,7 +319,7 @@ NB_MODULE(_native, m) {
                  return d;
              },
              "seq"_a, "One sequence's share of the KV cache: tokens, cells per layer, bytes")
-        .def_prop_ro("kv_total_bytes", [](const Engine & e) { return e.kv().total_bytes(); });
+        .def_prop_ro("kv_total_bytes", [](const Engine & e) { auto read = read_claim(e); return e.kv().total_bytes(); });
 
     nb::class_<Vocab>(m, "Vocab")
         .def(nb::init<const std::string &>(), "path"_a)

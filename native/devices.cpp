@@ -3,6 +3,7 @@
 #include "errors.h"
 
 #include <algorithm>
+#include <cstdio>
 
 namespace simkv {
 
@@ -26,6 +27,33 @@ std::string device_name(ggml_backend_dev_t dev) {
     // The name of the device's buffer type, which is what a KV store reports (kv_cache_stats): "CUDA0",
     // and for a remote device its index on its server and the server's endpoint.
     return dev ? ggml_backend_buft_name(ggml_backend_dev_buffer_type(dev)) : "CPU";
+}
+
+uint64_t available_memory(ggml_backend_dev_t dev) {
+    if (dev) {
+        size_t free = 0, total = 0;
+        ggml_backend_dev_memory(dev, &free, &total);
+        return (uint64_t) free;
+    }
+    if (FILE * f = std::fopen("/proc/meminfo", "r")) {
+        char line[256];
+        unsigned long long kb = 0;
+        while (std::fgets(line, sizeof line, f)) {
+            if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+        }
+        std::fclose(f);
+        if (kb) return (uint64_t) kb * 1024;
+    }
+    return UINT64_MAX;  // unknown: let the allocation decide
+}
+
+void check_fits(ggml_backend_dev_t dev, uint64_t bytes, const std::string & what, const std::string & advice) {
+    const uint64_t avail = available_memory(dev);
+    if (bytes > avail) {
+        throw BadInput(what + " needs " + std::to_string(bytes >> 20) + " MiB on " +
+                       (dev ? std::string(ggml_backend_dev_name(dev)) : std::string("the host")) + " but only " +
+                       std::to_string(avail >> 20) + " MiB are available: " + advice);
+    }
 }
 
 Placement plan_placement(uint32_t n_layer, int n_gpu_layers, int main_gpu, const std::vector<ggml_backend_dev_t> & remote,

@@ -10,6 +10,7 @@
 #pragma once
 #include <ggml-backend.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,13 @@ std::string device_label(ggml_backend_dev_t dev);
 // What kv_cache_stats() and layer_devices show for a layer: "CPU", "CUDA0", "RPC0[127.0.0.1:50052]" (device
 // 0 of the server at that endpoint).
 std::string device_name(ggml_backend_dev_t dev);
+
+// Memory a new allocation on dev (null: the host) can take: the device's free memory, or the host's
+// MemAvailable (Linux; without the OOM killer or swapping). UINT64_MAX where it is unknown.
+uint64_t available_memory(ggml_backend_dev_t dev);
+// Refuses, before anything is allocated, `bytes` of `what` on dev that do not fit in available_memory(dev):
+// a BadInput with the sizes and `advice`, instead of an OOM kill half-way through (a zeroed buffer is touched).
+void check_fits(ggml_backend_dev_t dev, uint64_t bytes, const std::string & what, const std::string & advice);
 
 // Throws BadInput for a main_gpu that does not exist, n_gpu_layers < -1, or a tensor_split that is negative
 // or longer than the offload devices. With no offload device every layer stays on the CPU (the caller warns).

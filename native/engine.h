@@ -4,7 +4,9 @@
 // orchestrates: the cache decides cells and masks (kv_cache.h), the graph builders compute (graph.h), the
 // probe scores (probe.h).
 #pragma once
+#include "engine_config.h"
 #include "graph.h"
+#include "graph_cache.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "probe.h"
@@ -20,55 +22,6 @@
 #include <vector>
 
 namespace simkv {
-
-// How lazy layers get their store. Streaming: sink + ring from the first token (bounded memory). Exact:
-// every layer is full while the prompt is evaluated; at its end the lazy layers are compacted into sink +
-// ring stores (the paper's procedure; the peak is a full cache).
-enum class LazyPrefill { Streaming, Exact };
-// Which layers are lazy. Static: lazy_layers. Dynamic: exact prefill where the lazy layers are those whose
-// probed attention mass (last w_last prompt tokens) exceeds dynamic_threshold, decided per prompt. With
-// several sequences, per sequence: each prompt is probed alone, and the layers it chose keep only that
-// sequence's sinks + window, in f16, in their shared pools (KvGroup::seq_lazy).
-enum class LazyMode { Static, Dynamic };
-
-LazyPrefill parse_lazy_prefill(const std::string & name);
-LazyMode parse_lazy_mode(const std::string & name);
-const char * lazy_prefill_name(LazyPrefill p);
-const char * lazy_mode_name(LazyMode m);
-ggml_type parse_cache_type(const std::string & name, const char * what);
-
-// Every setting of an engine, with its one default (Python reads these defaults through the binding).
-// Counts are signed and wide so that any value a caller passes arrives here and is refused by
-// validated() with one message, rather than wrapping on the way.
-struct EngineConfig {
-    int64_t n_ctx = 4096;
-    int64_t n_batch = 512;
-    int64_t n_ubatch = 512;
-    int64_t n_threads = default_threads();
-    ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16, lazy_type = GGML_TYPE_Q4_0;
-    std::vector<int64_t> lazy_layers;
-    int64_t n_sink = 4;
-    int64_t n_window = 1024;
-    // Most recent positions per sequence that a quantized lazy ring also keeps in f16 (kv_policy_lazy.cpp).
-    int64_t lazy_residual = 32;
-    LazyPrefill lazy_prefill = LazyPrefill::Streaming;
-    LazyMode lazy_mode = LazyMode::Static;
-    double dynamic_threshold = 0.9;
-    int64_t w_last = 32;
-    // Sequences (conversations) the engine holds at once. They share the pool of n_ctx cells of the full
-    // layers; each has its own sink + ring in the lazy layers.
-    int64_t n_seq_max = 1;
-
-    static int64_t default_threads();  // half the cores, as llama-cpp-python
-};
-
-// The f16 residual a lazy ring of this type keeps per sequence (kv_policy_lazy.cpp): lazy_residual
-// positions beside a quantized ring (at most the window), none beside an f16 one.
-uint32_t residual_positions(ggml_type lazy_type, int64_t lazy_residual, int64_t n_window);
-
-// The largest context an engine accepts (positions are int32 and cell maps are allocated up front).
-constexpr int64_t kMaxContext = int64_t(1) << 26;
-constexpr int64_t kMaxSequences = 256;
 
 // The residual stream between layers, for what-ifs that change only layers >= first_layer: the profiler
 // trims one layer at a time, and every layer below it computes what the untrimmed run computed.
@@ -93,10 +46,6 @@ struct SeqTokens {
     uint32_t n = 0;
     bool all_logits = false;  // logits of every token, or of the last one
 };
-
-// Checks every setting against the model (one message per rule) and returns the configuration the engine
-// runs with: n_ubatch <= n_batch, n_sink and n_window no larger than the context.
-EngineConfig validated(const EngineConfig & cfg, const HParams & hp);
 
 // Called between ubatches of a long evaluation; it may throw to stop (the bindings raise Ctrl-C's
 // KeyboardInterrupt there). What was evaluated before stays in the context.
@@ -152,6 +101,11 @@ public:
 
     uint32_t n_past(int32_t seq = 0) const { return n_past_.at(checked_seq(seq)); }
     uint32_t free_cells() const { return kv_->free_cells(); }
+    // Admission by cells (kv_cache.h): what a sequence would take of the pool, and what it holds there.
+    int64_t cells_needed(int32_t seq, uint32_t n_keep, uint32_t n_new) const {
+        return kv_->cells_needed((int) checked_seq(seq), n_keep, n_new);
+    }
+    uint32_t cells_held(int32_t seq) const { return kv_->cells_held((int) checked_seq(seq)); }
     // Exact prefill has compacted lazy layers of this context: a new prompt must start from scratch (a
     // fresh exact evaluation keeps every layer full throughout, which a reused prefix would not).
     // With several sequences (each prompt evaluated alone, then taken into the shared cache): whether this
@@ -170,7 +124,7 @@ public:
     std::vector<int> lazy_layers_of(int32_t seq) const { return kv_->seq_lazy_layers((int) checked_seq(seq)); }
     size_t peak_kv_bytes() const { return peak_kv_bytes_; }
     // Compute graphs built so far: a decode step that reuses the last one's graph adds none.
-    size_t graph_builds() const { return graph_builds_; }
+    size_t graph_builds() const { return graphs_->builds(); }
     const Model & model() const { return *model_; }
     const KvCache & kv() const { return *kv_; }
     const EngineConfig & config() const { return cfg_; }
@@ -183,17 +137,24 @@ public:
                                           "on one Llama (or use one per thread)");
         return lk;
     }
+    // The same claim for a read of the engine's state, waiting for a running call to end instead of failing.
+    std::unique_lock<std::mutex> wait_claim() const { return std::unique_lock<std::mutex>(busy_); }
 
 private:
-    bool exact() const { return cfg_.lazy_prefill == LazyPrefill::Exact || cfg_.lazy_mode == LazyMode::Dynamic; }
-    // Exact prefill with several sequences: the lazy layers are lazy from the start, and each sequence's
-    // prompt is evaluated in a cache of its own with every layer full (eval_prompt).
-    bool staged() const { return exact() && cfg_.n_seq_max > 1; }
+    // The prompt is evaluated with every layer full (exact prefill, dynamic mode): Compacted or Staged.
+    bool prompt_all_full() const { return prefill_ != PrefillStrategy::Streaming; }
+    bool staged() const { return prefill_ == PrefillStrategy::Staged; }
+    // engine_prefill.cpp: the prefill strategies. Compacted: the prompt in kv_ with every layer full, then
+    // its lazy layers compacted. Staged: each new prompt alone in a cache of its own (eval_prompt), then
+    // adopted into kv_.
+    std::vector<std::vector<float>> eval_compacted(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
+                                                   uint32_t n_probe, const BetweenUbatches & between);
+    std::vector<std::vector<float>> eval_staged(const std::vector<SeqTokens> & batch, const BetweenUbatches & between);
     std::vector<float> eval_prompt(const SeqTokens & b, const BetweenUbatches & between);
     KvConfig prompt_config(uint32_t n_tokens) const;  // the cache eval_prompt evaluates a prompt in
     void check_batch(const std::vector<SeqTokens> & batch, const ProbeSpec * probe, uint32_t n_probe) const;
-    // decode() once checked: lays the batch out in ubatches and evaluates it in kv_.
-    std::vector<std::vector<float>> evaluate(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
+    // decode() once checked: lays the batch out in ubatches and evaluates it in `kv` (kv_, or a prompt's own).
+    std::vector<std::vector<float>> evaluate(KvCache & kv, const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
                                              uint32_t n_probe, const BetweenUbatches & between);
     std::vector<int> dynamic_lazy_layers() const;  // dynamic mode: the layers the probe found lazy
     size_t checked_seq(int32_t seq) const;
@@ -203,29 +164,16 @@ private:
     std::unique_ptr<KvCache> new_cache() const;
     // One ubatch: token i is tokens[i] at pos[i] of sequence seq[i]; the logits of row out_rows[j] go to
     // out[j] (n_vocab floats each).
-    void eval_ubatch(const int32_t * tokens, const int32_t * pos, const int32_t * seq, uint32_t n,
+    void eval_ubatch(KvCache & kv, const int32_t * tokens, const int32_t * pos, const int32_t * seq, uint32_t n,
                      const std::vector<uint32_t> & out_rows, const std::vector<float *> & out, uint32_t n_probe,
                      const ProbeSpec * probe, uint32_t call_row);
 
-    // The last ubatch graph, kept allocated: a decode step whose shapes (tokens, outputs, viewed cells
-    // per group) equal the previous one's only refreshes inputs, as llama.cpp's graph reuse does.
-    struct BuiltGraph {
-        ggml_context_ptr ctx;
-        ggml_cgraph * gf = nullptr;
-        ggml_tensor * logits = nullptr;  // the output rows: logits, embeddings, or (with in.targets) each row's loss
-        UbatchInputs in;
-        ProbeGraph probe;
-        std::vector<uint32_t> shape;  // n_tokens, n_rows, n_probe, each group's spans
-    };
-    BuiltGraph & graph_for(uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe);
-    // Forget the cached graph (layers changed groups, or the scheduler is about to run another graph).
-    void drop_graph(bool replan) {
-        graph_ = BuiltGraph{};
-        groups_changed_ = groups_changed_ || replan;
-    }
+    // The graph of a ubatch of `kv` (graph_cache.h: the last one is reused where its shape is the same).
+    BuiltGraph & graph_for(const KvCache & kv, const UbatchPlan & plan, uint32_t n_tokens, uint32_t n_rows, uint32_t n_probe);
 
     std::shared_ptr<Model> model_;
     EngineConfig cfg_;
+    PrefillStrategy prefill_;
     KvConfig kv_cfg_;
     // Members are destroyed in reverse order: the graph, then the scheduler, the stores, the backends.
     ggml_backend_ptr cpu_;
@@ -234,16 +182,12 @@ private:
     std::unique_ptr<KvCache> kv_;
     ggml_backend_sched_ptr sched_;
     GraphArena arena_;
-    BuiltGraph graph_;
+    std::unique_ptr<GraphCache> graphs_;  // over sched_ and arena_
     std::vector<uint32_t> n_past_;     // per sequence
     std::vector<uint32_t> n_written_;  // per sequence: positions ever written since its last clear (ring rewinds)
     bool compacted_ = false;  // the lazy layers of this context were compacted already
-    bool groups_changed_ = false;  // layers moved between KV groups since the last graph: replan memory
-    uint64_t layout_seen_ = 0;     // the cache's layout_version() the cached graph was built for
-    std::pair<bool, int32_t> planned_outputs_{false, -1};  // capture and tap_layer of the last planned graph
     bool embeddings_ = false;
     size_t peak_kv_bytes_ = 0;
-    size_t graph_builds_ = 0;
     ProbeAccumulator probe_acc_;
     const LayerStream * stream_ = nullptr;  // during eval_stream(): the stream and the call's token count
     uint32_t stream_n_ = 0;

@@ -13,6 +13,7 @@ namespace simkv {
 class Model;
 class KvCache;
 struct ProbeGraph;
+struct UbatchPlan;
 
 // Memory for graph descriptors (tensor metadata only; data lives in the scheduler's buffers). One per
 // engine, reused by every graph it builds, one graph at a time.
@@ -40,7 +41,7 @@ inline ggml_tensor * cb(ggml_tensor * t, const char * name, int il) {
     return t;
 }
 
-// One attention span's inputs (kv_cache.h, AttnSpan).
+// One attention span's inputs (kv_plan.h, AttnSpan).
 struct SpanInputs {
     ggml_tensor * kq_mask = nullptr;   // F16 [n_kv, n_tokens]
     ggml_tensor * gather = nullptr;    // I32 [n_gathered] ring cells, or null (read in place)
@@ -68,6 +69,7 @@ struct GraphBuild {
     ggml_cgraph * gf;
     const Model & model;
     const KvCache & kv;
+    const UbatchPlan & plan;  // the ubatch's cells, spans and masks (kv_plan.h)
     uint32_t n_tokens;
     uint32_t n_outputs;
     UbatchInputs in;

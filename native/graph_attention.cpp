@@ -1,5 +1,5 @@
 // Attention over one layer's KV store: the only place a store is written and read in the graph.
-// Which cells are written and which are visible was decided by KvCache::plan_ubatch (the policy);
+// Which cells are written and which are visible was decided by KvCache::plan_ubatch (the policy, kv_plan.h);
 // here that becomes a set_rows into the store and one flash attention per span (a sequence's run of
 // tokens over the cells that sequence holds).
 #include "graph.h"
@@ -15,7 +15,7 @@ namespace simkv {
 
 namespace {
 
-// What a span reads of one of a store's tensors (K or V), as [head_dim, n_kv, n_head_kv] (kv_cache.h,
+// What a span reads of one of a store's tensors (K or V), as [head_dim, n_kv, n_head_kv] (kv_plan.h,
 // AttnSpan): a view of its cells in place, or its gathered cells copied out as f16 rows on every backend
 // (kv_gather.h says why), then, with a residual, the residual's rows and the span's own rows `cur` after
 // them. With a residual, the span's last positions are written to it here: from the rows just read, so the
@@ -54,7 +54,7 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     ggml_context * ctx = b.ctx;
     const HParams & hp = b.model.hp();
     const KvStore & s = b.kv.store(il);
-    const KvGroup & g = b.kv.groups()[s.group];
+    const std::vector<AttnSpan> & spans = b.plan.groups[s.group].spans;
     const int64_t d = hp.head_dim, n_embd_gqa = hp.n_embd_k_gqa();
     const bool tap = b.tap_layer == il;
     if (tap) {
@@ -82,14 +82,14 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     // [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does. The mask is the group's,
     // shared by all its layers (causal for FULL, sink + window for LAZY, window for SWA).
     ggml_tensor * out = nullptr;  // [head_dim, n_head, n_tokens]
-    for (size_t r = 0; r < g.spans.size(); ++r) {
-        const AttnSpan & sp = g.spans[r];
+    for (size_t r = 0; r < spans.size(); ++r) {
+        const AttnSpan & sp = spans[r];
         const SpanInputs & in = b.in.spans[s.group][r];
         ggml_tensor * k = read_cells(b, s, s.k, s.k_res, sp, in, k_rows);
         ggml_tensor * v = read_cells(b, s, s.v, s.v_res, sp, in, v_rows);
         if (b.probe) build_probe(b, il, q_cur, k, v);  // one sequence: one span
         ggml_tensor * q = q_cur;
-        if (g.spans.size() > 1) {
+        if (spans.size() > 1) {
             q = ggml_view_3d(ctx, q_cur, d, hp.n_head, sp.n_tokens, q_cur->nb[1], q_cur->nb[2], sp.t0 * q_cur->nb[2]);
         }
         q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]

@@ -30,7 +30,8 @@ void create_ubatch_inputs(GraphBuild & b) {
         ggml_set_input(t);
         return t;
     };
-    for (const KvGroup & g : b.kv.groups()) {
+    for (size_t gi = 0; gi < b.kv.groups().size(); ++gi) {
+        const KvGroup & g = b.kv.groups()[gi];
         // A group left without layers (exact prefill moved them all), or whose layers this graph skips.
         const bool computed = std::any_of(g.layers.begin(), g.layers.end(), [&](int il) { return (uint32_t) il >= b.first_layer; });
         if (!computed) {
@@ -39,7 +40,7 @@ void create_ubatch_inputs(GraphBuild & b) {
             continue;
         }
         std::vector<SpanInputs> spans;
-        for (const AttnSpan & sp : g.spans) {
+        for (const AttnSpan & sp : b.plan.groups[gi].spans) {
             SpanInputs si;
             si.kq_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, sp.n_kv, sp.n_tokens);
             ggml_set_input(si.kq_mask);

@@ -22,6 +22,8 @@
 //   compacted - exact prefill turns full stores into lazy ones after the prompt, or with several sequences
 //              copies a prompt's own all-full cache into the shared one (kv_compaction.cpp)
 #pragma once
+#include "kv_cells.h"
+#include "kv_plan.h"
 #include "kv_policy.h"
 #include "kv_rotation.h"
 
@@ -71,61 +73,17 @@ struct KvStore {
     uint32_t capacity() const { return k ? (uint32_t) k->ne[1] : 0; }
 };
 
-// One flash attention of a ubatch in a group: a run of consecutive tokens of one sequence, and the cells
-// it reads. Its mask rows are [n_tokens][n_kv] at mask_offset in the group's mask.
-//   contiguous (pooled groups): the span of cells [kv_lo, kv_lo + n_kv) that holds the sequence. One
-//     sequence alone: one span from cell 0, as llama.cpp's single stream; several: one each, as llama.cpp's
-//     per-sequence streams, without reserving a stream's cells for a sequence that does not hold them.
-//   gathered (lazy rings): only the cells some query of the run can see (sinks + window, not the ring's
-//     ubatch headroom), listed at gather_offset in the group's gather list and copied out as f16 rows.
-//     A pooled span is gathered too where a chunk's sequence holds scattered cells (it outgrew its share of
-//     the pool, or wrapped around its end): every cell it holds, in position order, copied out in the
-//     store's own type, so that the chunk computes what it would over a contiguous span, and not over the
-//     other sequences' cells in between (a chunk's flash attention computes every column, hidden or not).
-//     ggml's CPU flash attention has its fast paths (split-KV for a lone query, tiles for a chunk) only for
-//     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed.
-//   with a residual (a quantized lazy ring, kv_policy_lazy.cpp), the columns are, in order: the gathered
-//     ring cells some query reads in 4 bits (n_kv - n_res - n_tokens of them, padding included), then the
-//     n_res = R - 1 columns read from the residual (res_read: the positions it holds that some query reads,
-//     then a hidden cell repeated, so that consecutive decode steps have one shape and reuse one graph),
-//     then the span's own n_tokens keys as computed, rounded to f16. A key may be in both parts; the mask shows each query one. The span's last
-//     n_res_write positions (its last columns) go to the residual, at cells res_dst.
-// n_kv is a multiple of kCellPad (stable shapes for CUDA's kernels); gather padding repeats a hidden cell.
-struct AttnSpan {
-    uint32_t t0 = 0, n_tokens = 0;
-    uint32_t kv_lo = 0, n_kv = 0;  // kv_lo: contiguous spans only
-    size_t mask_offset = 0;
-    int64_t gather_offset = -1;  // >= 0: gathered
-    bool residual = false;       // the columns end with residual and own keys (above)
-    uint32_t n_res = 0, n_res_write = 0;
-    size_t res_read_offset = 0, res_write_offset = 0;  // into the group's res_read, res_dst
-    uint32_t n_gathered() const { return n_kv - (residual ? n_res + n_tokens : 0); }
-};
-
 struct KvGroup {
     std::unique_ptr<KvPolicy> policy;
     std::vector<int> layers;
-    std::vector<int32_t> cell_pos;  // position held by each cell, -1 = empty
-    std::vector<int32_t> cell_seq;  // the sequence that position belongs to (where cell_pos >= 0)
-    std::vector<int32_t> res_pos;   // residual cells (n_seq * policy->residual_capacity()): position held, -1 = empty
+    KvCells cells;  // positions held by the group's cells and its residual (kv_cells.h)
     // Dynamic mode with several sequences: the sequences for which this pooled group's layers are lazy.
     // There a sequence keeps only the cells its next query can see (sinks + window: KvCache::lazy_view_),
     // in the shared pool of the layers' full stores; every other sequence keeps all of its positions.
     // Layers lazy for different sets of sequences are in different groups (one cell map each).
     std::vector<uint8_t> seq_lazy;
-    uint32_t n_used = 0;            // cells [0, n_used) may hold a position (the rest are empty)
-    uint32_t n_free = 0;            // empty cells
     // Cells of one sequence's region (ring groups); the whole store for pooled groups.
     uint32_t region() const { return policy->capacity(); }
-    // (position, cell) of every position sequence seq holds here, in position order.
-    std::vector<std::pair<int32_t, uint32_t>> positions_of(int32_t seq) const;
-    // Plan of the current ubatch (filled by plan_ubatch).
-    std::vector<int64_t> write_cells;  // cell for each token of the ubatch
-    std::vector<AttnSpan> spans;       // the ubatch's attentions, in token order
-    std::vector<ggml_fp16_t> mask;     // every span's rows, one after another: 0 = visible, -inf = hidden
-    std::vector<int32_t> gather;       // the cells gathered spans read, one span after another
-    std::vector<int32_t> res_read;     // residual cells spans read, one span after another
-    std::vector<int64_t> res_dst;      // residual cells of each span's last positions, one span after another
 };
 
 // The lazy layers' policy for this configuration (one home: the cache and exact prefill's compaction).
@@ -134,18 +92,29 @@ std::unique_ptr<KvPolicy> lazy_policy(const KvConfig & cfg);
 class KvCache {
 public:
     KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer);
+    KvCache(const KvCache &) = delete;  // one owner of its stores and cell maps (and one id)
+    KvCache & operator=(const KvCache &) = delete;
     // Bytes layer il's store will take with this configuration (checked against free memory first).
     static uint64_t planned_bytes(const HParams & hp, const KvConfig & cfg, uint32_t il);
 
     // Largest ubatch every policy accepts.
     uint32_t max_ubatch() const;
-    // Choose cells for the tokens of a ubatch (token i: position pos[i] of sequence seq[i]), record them,
-    // and build each group's mask. Throws, changing nothing, if a pool has fewer free cells than tokens.
-    // in_place: read pooled stores in place even where a sequence's cells are scattered (the probe reads
-    // each span's cells as one contiguous range).
-    void plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens, bool in_place = false);
+    // Plan a ubatch (token i: position pos[i] of sequence seq[i]): the cells its tokens are written to, each
+    // group's masks and gathers, and the cell maps once it is written (kv_plan.h). Changes nothing; throws
+    // if a pool has fewer free cells than tokens. in_place: read pooled stores in place even where a
+    // sequence's cells are scattered (the probe reads each span's cells as one contiguous range).
+    UbatchPlan plan_ubatch(const int32_t * pos, const int32_t * seq, uint32_t n_tokens, bool in_place = false) const;
+    // The ubatch was written: its plan's cell maps become the cache's.
+    void apply(UbatchPlan && plan);
     // Free cells of the fullest pool: how many more tokens the cache can take now.
     uint32_t free_cells() const;
+    // Admission (Engine::decode, the server's scheduler): the pool cells that cutting sequence seq back to
+    // n_keep positions, then appending n_new, takes beyond what it holds now, in the pool where that is most
+    // (negative: it gives cells back; 0 without a pool). A sequence lazy in a pool holds there at most what
+    // its ring would (sinks + window + a ubatch); every other one holds all of its positions.
+    int64_t cells_needed(int seq, uint32_t n_keep, uint32_t n_new) const;
+    // Pool cells sequence seq holds, in the pool where it holds the fewest: what clearing it frees at least.
+    uint32_t cells_held(int seq) const;
     // Exact prefill (lazy_prefill="exact"): after the prompt, these FULL layers become LAZY. Their lazy
     // stores are allocated, the kept cells (sinks + the most recent positions the ring holds) copied into
     // them (converting type and rotation) by a graph run on `sched`, and the full stores freed.
@@ -172,8 +141,7 @@ public:
     // longer holds what a query at n_keep would need; the caller then clears and re-evaluates.
     bool truncate(int seq, int32_t n_keep, int32_t n_written);
     // A loaded state's cell map for one group (kv_state.cpp checked it against the group's stores).
-    void restore_cells(int group, const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq,
-                       const std::vector<int32_t> & res_pos, uint32_t n_used, uint32_t n_free);
+    void restore_cells(int group, KvCells cells);
     void clear(int seq);  // one sequence
     void clear();         // every sequence
 
@@ -186,6 +154,8 @@ public:
     std::vector<int> seq_lazy_layers(int seq) const;
     // Changes whenever layers move between groups: a graph built before reads the wrong masks.
     uint64_t layout_version() const { return layout_version_; }
+    // Unique among the caches of this process (never reused): a graph built for another cache is another graph.
+    uint64_t id() const { return id_; }
 
     const std::vector<KvGroup> & groups() const { return groups_; }
     const KvStore & store(int il) const { return stores_[il]; }
@@ -211,7 +181,7 @@ private:
     // Which cells of sequence `seq` in `src` (a group's map, positions in order) go where in group g: each
     // position is placed by take_cell as if written in order (a ring keeps what survives), and a quantized
     // ring's residual gets the last positions. Records them in g's maps and returns the rows to copy.
-    CellCopy place_positions(KvGroup & g, const KvGroup & src, int32_t seq) const;
+    CellCopy place_positions(KvGroup & g, const KvGroup & src, int32_t seq);
     // The positions of seq in `src` that group g keeps (all, but what the next query sees where seq is lazy
     // in a pool), with their source cells, in order.
     std::vector<std::pair<int32_t, uint32_t>> kept_positions(const KvGroup & g, const KvGroup & src, int32_t seq) const;
@@ -240,25 +210,30 @@ private:
     void merge_groups();
     static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
                                uint32_t residual_cells, ggml_backend_buffer_type_t buft);
-    // Plans a gathered span's columns and mask (kv_cache.cpp), with or without a residual.
-    void plan_gathered_span(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
+    // kv_plan.cpp: one group's part of a ubatch's plan, and its spans'.
+    GroupPlan plan_group(const KvGroup & g, const int32_t * pos, const int32_t * seq, uint32_t n_tokens, bool in_place) const;
+    // A gathered span's columns and mask, with or without a residual (whose cells it records in gp.cells).
+    void plan_gathered_span(const KvGroup & g, GroupPlan & gp, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
     // A pooled span that reads its sequence's scattered cells through a gather, in position order.
-    void plan_pooled_gather(KvGroup & g, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
+    void plan_pooled_gather(const KvGroup & g, GroupPlan & gp, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
 
     // Pooled groups: where sequence seq starts looking for free cells. Each sequence has a home share of
     // the pool (1/n_seq of it), so conversations that fit their share stay contiguous and their spans do
     // not overlap; one that outgrows it takes free cells beyond, wherever they are (nothing is reserved).
     uint32_t home_cell(const KvGroup & g, int seq) const;
-    // The cell position `pos` of sequence `seq` is written to in group g, recorded in its cell map: a
-    // pooled group hands out a free cell from the sequence's home on (the cursor carries the search from one
-    // token to the next), a ring places it by KvPolicy::cell_of in the sequence's region.
+    // The cell position `pos` of sequence `seq` is written to in group g, recorded in `cells` (g's map, or
+    // a plan's copy of it): a pooled group hands out a free cell from the sequence's home on (the cursor
+    // carries the search from one token to the next), a ring places it by KvPolicy::cell_of in the
+    // sequence's region.
     struct CellCursor {
         uint32_t cell = 0;
         int32_t seq = -1;
     };
-    uint32_t take_cell(KvGroup & g, int32_t pos, int32_t seq, CellCursor & cursor) const;
+    uint32_t take_cell(const KvGroup & g, KvCells & cells, int32_t pos, int32_t seq, CellCursor & cursor) const;
 
+    uint64_t id_;
     uint32_t n_seq_ = 1;
+    uint32_t lazy_cells_ = 0;  // the most cells a lazy sequence holds in a pool: its ring's capacity
     std::unique_ptr<KvPolicy> lazy_view_;  // a lazy sequence's view of a pooled store (sinks + window)
     uint64_t layout_version_ = 0;
     std::vector<KvGroup> groups_;

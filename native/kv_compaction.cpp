@@ -15,7 +15,7 @@ namespace simkv {
 
 std::vector<std::pair<int32_t, uint32_t>> KvCache::kept_positions(const KvGroup & g, const KvGroup & src,
                                                                   int32_t seq) const {
-    std::vector<std::pair<int32_t, uint32_t>> by_pos = src.positions_of(seq);  // (position, source cell)
+    std::vector<std::pair<int32_t, uint32_t>> by_pos = src.cells.positions_of(seq);  // (position, source cell)
     if (!by_pos.empty() && g.seq_lazy[seq]) {
         // Lazy for this sequence in a pool (dynamic mode): only what its next query sees is kept.
         const int32_t next = by_pos.back().first + 1;
@@ -26,13 +26,13 @@ std::vector<std::pair<int32_t, uint32_t>> KvCache::kept_positions(const KvGroup 
     return by_pos;
 }
 
-KvCache::CellCopy KvCache::place_positions(KvGroup & g, const KvGroup & src, int32_t seq) const {
+KvCache::CellCopy KvCache::place_positions(KvGroup & g, const KvGroup & src, int32_t seq) {
     const std::vector<std::pair<int32_t, uint32_t>> by_pos = kept_positions(g, src, seq);
     // Write every position in order: in a ring later positions overwrite earlier ones, so what survives is
     // exactly what it would hold had it been written all along.
-    std::vector<int32_t> src_of(g.cell_pos.size(), -1);
+    std::vector<int32_t> src_of(g.cells.size(), -1);
     CellCursor cursor;
-    for (const auto & [pos, cell] : by_pos) src_of[take_cell(g, pos, seq, cursor)] = (int32_t) cell;
+    for (const auto & [pos, cell] : by_pos) src_of[take_cell(g, g.cells, pos, seq, cursor)] = (int32_t) cell;
     CellCopy cc;
     for (uint32_t d = 0; d < src_of.size(); ++d) {
         if (src_of[d] < 0) continue;
@@ -42,8 +42,8 @@ KvCache::CellCopy KvCache::place_positions(KvGroup & g, const KvGroup & src, int
     // A quantized ring's residual gets the last positions, still exact in the source (kv_policy_lazy.cpp).
     const uint32_t C = g.policy->residual_capacity();
     for (size_t i = by_pos.size() > C ? by_pos.size() - C : 0; C && i < by_pos.size(); ++i) {
-        const uint32_t d = (uint32_t) seq * C + (uint32_t) by_pos[i].first % C;
-        g.res_pos[d] = by_pos[i].first;
+        const uint32_t d = g.policy->residual_cell(seq, by_pos[i].first);
+        g.cells.set_residual(d, by_pos[i].first);
         cc.res_src_cells.push_back((int32_t) by_pos[i].second);
         cc.res_dst_cells.push_back(d);
     }
@@ -64,8 +64,8 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
     const KvGroup & dst = groups_[c.group];
     if (!dst.layers.empty()) throw std::runtime_error("exact prefill cannot join layers that were lazy from the start");
     for (int il : layers) {
-        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, (uint32_t) dst.cell_pos.size(),
-                                       (uint32_t) dst.res_pos.size(), buft_per_layer[il]));
+        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, dst.cells.size(),
+                                       (uint32_t) dst.cells.residual().size(), buft_per_layer[il]));
     }
     return c;
 }
@@ -139,12 +139,7 @@ size_t KvCache::make_lazy(const HParams & hp, const KvConfig & cfg, const std::v
     CellCopy cc = place_positions(dst, groups_[stores_[layers[0]].group], 0);  // exact prefill runs one sequence
     for (size_t i = 0; i < layers.size(); ++i) cc.stores.emplace_back(&stores_[layers[i]], &c.stores[i]);
     if (!copy_cells({cc}, sched, arena)) {
-        // the new group holds nothing again (c's stores go with c)
-        std::fill(dst.cell_pos.begin(), dst.cell_pos.end(), -1);
-        std::fill(dst.cell_seq.begin(), dst.cell_seq.end(), -1);
-        std::fill(dst.res_pos.begin(), dst.res_pos.end(), -1);
-        dst.n_used = 0;
-        dst.n_free = (uint32_t) dst.cell_pos.size();
+        dst.cells.clear();  // the new group holds nothing again (c's stores go with c)
         throw std::runtime_error("failed to compact the lazy layers");
     }
     commit_lazy(std::move(c));
@@ -157,9 +152,7 @@ void KvCache::adopt_sequence(const KvCache & prompt, int seq, const std::vector<
     for (size_t gi = 0; gi < groups_.size(); ++gi) {
         const KvGroup & g = groups_[gi];
         if (g.layers.empty()) continue;
-        for (uint32_t c = 0; c < g.cell_pos.size(); ++c) {
-            if (g.cell_pos[c] >= 0 && g.cell_seq[c] == seq) throw std::runtime_error("adopt_sequence: the sequence holds cells");
-        }
+        if (g.cells.count(seq)) throw std::runtime_error("adopt_sequence: the sequence holds cells");
         const KvGroup & src = prompt.groups_[prompt.stores_.at(g.layers[0]).group];
         for (int il : g.layers) {
             if (&prompt.groups_[prompt.stores_.at(il).group] != &src) {
@@ -174,9 +167,9 @@ void KvCache::adopt_sequence(const KvCache & prompt, int seq, const std::vector<
             if (g.layers.empty()) continue;
             const KvGroup & src = prompt.groups_[prompt.stores_[g.layers[0]].group];
             const size_t n = kept_positions(g, src, seq).size();
-            if (g.policy->pooled() && n > g.n_free) {
+            if (g.policy->pooled() && n > g.cells.n_free()) {
                 throw BadInput("the KV cache is full: the prompt needs " + std::to_string(n) + " cells, " +
-                               std::to_string(g.n_free) + " are free");
+                               std::to_string(g.cells.n_free()) + " are free");
             }
         }
         for (KvGroup & g : groups_) {

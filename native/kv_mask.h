@@ -3,6 +3,8 @@
 // k <= q (causal), and the policy's own rule allows it (sinks + window for lazy layers). Used for every ubatch's masks (kv_cache.cpp) and
 // for the probe's what-if masks (probe.cpp).
 #pragma once
+#include "kv_cells.h"
+
 #include <ggml.h>
 
 #include <cmath>
@@ -21,13 +23,15 @@ inline ggml_fp16_t mask_hidden() {
     return v;
 }
 
-// Fills rows [n_q][n_kv] of `out` for the viewed cells lo .. lo + n_kv (cells >= n_used are empty and stay
+// Fills rows [n_q][n_kv] of `out` for the viewed cells lo .. lo + n_kv (cells >= used() are empty and stay
 // hidden).
 template <class Rule>
-void fill_mask_rows(const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq, uint32_t lo,
-                    uint32_t n_used, const int32_t * q_pos, const int32_t * q_seq, size_t n_q, uint32_t n_kv,
-                    Rule visible, ggml_fp16_t * out) {
+void fill_mask_rows(const KvCells & cells, uint32_t lo, const int32_t * q_pos, const int32_t * q_seq, size_t n_q,
+                    uint32_t n_kv, Rule visible, ggml_fp16_t * out) {
     const ggml_fp16_t shown = mask_visible(), hidden = mask_hidden();
+    const std::vector<int32_t> & cell_pos = cells.positions();
+    const std::vector<int32_t> & cell_seq = cells.sequences();
+    const uint32_t n_used = cells.used();
     for (size_t i = 0; i < n_q; ++i) {
         ggml_fp16_t * row = out + i * n_kv;
         const int32_t q = q_pos[i], s = q_seq[i];

@@ -42,6 +42,9 @@ public:
     virtual bool can_rewind_to(int32_t n_keep, int32_t n_written) const = 0;
     // Parameters that identify the policy (stores with equal keys share masks and cell maps).
     virtual std::string key() const = 0;
+    // Whether a span reads the store through a gather of the cells some query of it sees (kv_plan.h,
+    // AttnSpan), rather than in place: a lazy ring's visible cells are few, and are read as f16 rows.
+    virtual bool gathered() const { return false; }
     // Positions of each sequence a quantized ring also keeps in f16: its most recent ones, which take most
     // of a lazy layer's attention and whose 4-bit rounding cost the most perplexity (KIVI's residual;
     // kv_policy_lazy.cpp). 0 for every other store.
@@ -50,6 +53,14 @@ public:
     // up to residual() + 1 tokens still finds every f16 key the next query reads (bit-identical to a fresh
     // evaluation; after a longer one the lost keys are read in 4 bits).
     uint32_t residual_capacity() const { return 2 * residual(); }
+    // Whether a query at q_pos reads the key at k_pos in f16 (from the residual, or as just computed) rather
+    // than from the store: the residual() most recent keys.
+    bool reads_residual(int32_t q_pos, int32_t k_pos) const { return (int64_t) q_pos - k_pos < (int64_t) residual(); }
+    // The residual cell of position pos of sequence seq: each sequence's last residual_capacity() positions,
+    // in its own residual_capacity() cells.
+    uint32_t residual_cell(int32_t seq, int32_t pos) const {
+        return (uint32_t) seq * residual_capacity() + (uint32_t) pos % residual_capacity();
+    }
 };
 
 std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx);

@@ -54,6 +54,7 @@ public:
                std::to_string(capacity_) + (residual_ ? "/r" + std::to_string(residual_) : "");
     }
     uint32_t residual() const override { return residual_; }
+    bool gathered() const override { return kind_ == KvKind::Lazy; }  // a model's own window is read in place
 
 private:
     KvKind kind_;

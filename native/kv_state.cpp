@@ -100,16 +100,16 @@ std::string Engine::save_state() const {
     for (const KvGroup & g : kv.groups()) {
         w.put_str(g.policy->key());
         w.put((uint32_t) g.policy->kind());
-        w.put_vec(g.cell_pos);
-        w.put_vec(g.cell_seq);
-        w.put_vec(g.res_pos);
-        w.put(g.n_used);
-        w.put(g.n_free);
+        w.put_vec(g.cells.positions());
+        w.put_vec(g.cells.sequences());
+        w.put_vec(g.cells.residual());
+        w.put(g.cells.used());
+        w.put(g.cells.n_free());
         w.put_vec(std::vector<int32_t>(g.layers.begin(), g.layers.end()));
     }
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const KvStore & s = kv.store((int) il);
-        const uint32_t n_rows = kv.groups()[s.group].n_used;
+        const uint32_t n_rows = kv.groups()[s.group].cells.used();
         w.put((uint32_t) s.group);
         w.put((uint32_t) s.type);
         w.put(s.capacity());
@@ -175,9 +175,8 @@ void Engine::load_state(const std::string & blob) {
         if (g.kind == (uint32_t) KvKind::Lazy && kv_->kind_of((int) il) == KvKind::Full) to_lazy.push_back((int) il);
     }
     if (!to_lazy.empty()) {
-        if (!exact()) throw BadInput("the state has lazy layers that this Llama keeps full (other lazy settings)");
-        drop_graph(true);
-        kv_->make_lazy(hp, kv_cfg_, to_lazy, bufts_, sched_.get(), arena_);  // nothing held: nothing copied
+        if (!prompt_all_full()) throw BadInput("the state has lazy layers that this Llama keeps full (other lazy settings)");
+        kv_->make_lazy(hp, kv_cfg_, to_lazy, bufts_, graphs_->lend_scheduler(), arena_);  // nothing held: nothing copied
     }
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const KvStore & s = kv_->store((int) il);
@@ -185,7 +184,7 @@ void Engine::load_state(const std::string & blob) {
         const SavedGroup & g = groups[l.group];
         const KvGroup & now = kv_->groups()[s.group];
         if (g.key != now.policy->key() || l.type != (uint32_t) s.type || l.capacity != s.capacity() ||
-            g.cell_pos.size() != now.cell_pos.size() || g.res_pos.size() != now.res_pos.size()) {
+            g.cell_pos.size() != now.cells.size() || g.res_pos.size() != now.cells.residual().size()) {
             reset();
             const char * saved_type = l.type < GGML_TYPE_COUNT && ggml_type_size((ggml_type) l.type) ? ggml_type_name((ggml_type) l.type) : "?";
             throw BadInput("this state was saved by a Llama with other cache settings (layer " + std::to_string(il) +
@@ -200,6 +199,22 @@ void Engine::load_state(const std::string & blob) {
             throw BadInput("the state is corrupt (a store's rows)");
         }
     }
+    // Each group's cell map, checked before anything is written (KvCells::restore throws on a bad one).
+    std::vector<std::pair<int, KvCells>> cells;
+    std::vector<bool> seen(kv_->groups().size(), false);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const int now = kv_->store((int) il).group;
+        if (seen[now]) continue;
+        seen[now] = true;
+        const SavedGroup & g = groups[layers[il].group];
+        try {
+            cells.emplace_back(now, KvCells::restore(g.cell_pos, g.cell_seq, g.res_pos, kv_->n_seq(),
+                                                     kv_->groups()[now].cells.residual_per_seq(), g.n_used, g.n_free));
+        } catch (...) {
+            reset();
+            throw;
+        }
+    }
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const KvStore & s = kv_->store((int) il);
         if (!layers[il].k.empty()) ggml_backend_tensor_set(s.k, layers[il].k.data(), 0, layers[il].k.size());
@@ -209,29 +224,16 @@ void Engine::load_state(const std::string & blob) {
             ggml_backend_tensor_set(s.v_res, layers[il].v_res.data(), 0, layers[il].v_res.size());
         }
     }
-    std::vector<bool> restored(kv_->groups().size(), false);  // each group's cell map once
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        const int now = kv_->store((int) il).group;
-        if (restored[now]) continue;
-        restored[now] = true;
-        const SavedGroup & g = groups[layers[il].group];
-        kv_->restore_cells(now, g.cell_pos, g.cell_seq, g.res_pos, g.n_used, g.n_free);
-    }
+    for (auto & [group, map] : cells) kv_->restore_cells(group, std::move(map));
     n_past_[0] = n_past;
     n_written_[0] = n_written;
     compacted_ = compacted;
-    drop_graph(true);
     peak_kv_bytes_ = std::max(peak_kv_bytes_, kv_->total_bytes());
 }
 
-void KvCache::restore_cells(int group, const std::vector<int32_t> & cell_pos, const std::vector<int32_t> & cell_seq,
-                            const std::vector<int32_t> & res_pos, uint32_t n_used, uint32_t n_free) {
-    KvGroup & g = groups_[group];
-    g.cell_pos = cell_pos;
-    g.cell_seq = cell_seq;
-    g.res_pos = res_pos;
-    g.n_used = n_used;
-    g.n_free = n_free;
+void KvCache::restore_cells(int group, KvCells cells) {
+    if (cells.size() != groups_[group].cells.size()) throw BadInput("the state is corrupt (cell map sizes)");
+    groups_[group].cells = std::move(cells);
 }
 
 }  // namespace simkv

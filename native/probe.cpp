@@ -18,10 +18,11 @@ void create_probe_inputs(GraphBuild & b) {
     pg = ProbeGraph{};
     pg.ids = ggml_new_tensor_1d(b.ctx, GGML_TYPE_I32, b.n_probe);
     ggml_set_input(pg.ids);
-    for (const KvGroup & g : b.kv.groups()) {
+    for (size_t gi = 0; gi < b.kv.groups().size(); ++gi) {
+        const KvGroup & g = b.kv.groups()[gi];
         // The probe runs on one sequence (Engine::decode checks), so a group has one span.
         const bool full = g.policy->kind() == KvKind::Full && !g.layers.empty();
-        const uint32_t n_kv = full ? g.spans.at(0).n_kv : 0;
+        const uint32_t n_kv = full ? b.plan.groups[gi].spans.at(0).n_kv : 0;
         ggml_tensor * all = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, n_kv, b.n_probe) : nullptr;
         ggml_tensor * win = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, n_kv, b.n_probe) : nullptr;
         ggml_tensor * in = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F32, n_kv, b.n_probe) : nullptr;
@@ -76,21 +77,20 @@ void ProbeAccumulator::reset(uint32_t n_layer) {
     n_.assign(n_layer, 0);
 }
 
-void ProbeAccumulator::set_inputs(const ProbeGraph & pg, const KvCache & kv, const ProbeSpec & spec,
+void ProbeAccumulator::set_inputs(const ProbeGraph & pg, const UbatchPlan & plan, const ProbeSpec & spec,
                                   const std::vector<int32_t> & q_rows, const std::vector<int32_t> & q_pos,
                                   const std::vector<int32_t> & q_seq) {
     ggml_backend_tensor_set(pg.ids, q_rows.data(), 0, sizeof(int32_t) * q_rows.size());
-    const auto & groups = kv.groups();
-    for (size_t gi = 0; gi < groups.size(); ++gi) {
+    for (size_t gi = 0; gi < plan.groups.size(); ++gi) {
         if (!pg.mask_all[gi]) continue;
-        const KvGroup & g = groups[gi];
+        const GroupPlan & g = plan.groups[gi];  // the cells once the probed ubatch is written
         const AttnSpan & sp = g.spans.at(0);
         const size_t n_sel = q_pos.size(), n_kv = sp.n_kv;
         // What the full layer's query sees, and the same trimmed to sinks + window (kv_mask.h's rule).
         std::vector<ggml_fp16_t> all(n_sel * n_kv), win(n_sel * n_kv);
-        fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
+        fill_mask_rows(g.cells, sp.kv_lo, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
                        [](int32_t, int32_t) { return true; }, all.data());
-        fill_mask_rows(g.cell_pos, g.cell_seq, sp.kv_lo, g.n_used, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
+        fill_mask_rows(g.cells, sp.kv_lo, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
                        [&spec](int32_t q, int32_t k) { return in_sink_or_window(spec.n_sink, spec.n_window, q, k); },
                        win.data());
         std::vector<float> in(n_sel * n_kv);

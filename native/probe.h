@@ -14,7 +14,7 @@
 namespace simkv {
 
 struct GraphBuild;
-class KvCache;
+struct UbatchPlan;
 
 // The trimmed view whose effect is measured: sinks + window (always given by the caller).
 struct ProbeSpec {
@@ -41,7 +41,7 @@ class ProbeAccumulator {
 public:
     void reset(uint32_t n_layer);
     // Fill the probe inputs for the probed rows' queries (their positions and sequences).
-    static void set_inputs(const ProbeGraph & pg, const KvCache & kv, const ProbeSpec & spec,
+    static void set_inputs(const ProbeGraph & pg, const UbatchPlan & plan, const ProbeSpec & spec,
                            const std::vector<int32_t> & q_rows, const std::vector<int32_t> & q_pos,
                            const std::vector<int32_t> & q_seq);
     void collect(const ProbeGraph & pg, uint32_t n_head, uint32_t n_sel);

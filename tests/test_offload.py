@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from py_simkv import Llama, gpu_devices
+from py_simkv import lab
 
 N_PROMPT, N_DECODE, N_WINDOW = 300, 200, 64  # the decode wraps the lazy ring (capacity 512 > 300 + 200)
 
@@ -169,11 +170,11 @@ def test_dynamic_mode_and_masked_layers_on_the_device(tiny_model, device):
         llm.eval(seq[:200])
         # the profiler's what-if: the loss scored in the graph on the CPU, from the logits read back on the device
         with llm._use():
-            _, streams = llm._what_if_nll(seq[200:], capture=True)
+            _, streams = lab.what_if_nll(llm, seq[200:], capture=True)
         llm.set_masked_layers([1])
         out.append(llm.nll(seq[200:], keep=False))
         with llm._use():
-            from_layer = llm._what_if_nll(seq[200:], first_layer=1, hidden=streams[1])
+            from_layer = lab.what_if_nll(llm, seq[200:], first_layer=1, hidden=streams[1])
         # the engine's float32 loss against numpy's float64 one (test_profile.py's bound)
         np.testing.assert_allclose(from_layer, out[-1], rtol=0, atol=1e-5)
     assert np.abs(out[0] - out[1]).max() < 0.1

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from py_simkv import LazyProfile, Llama, profile_model
+from py_simkv import _native, lab
 from py_simkv.lazy_profile import find_profile
 from py_simkv.profiler import default_calibration_texts
 
@@ -272,8 +273,8 @@ def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     tail = toks[300:]
     probe = {"n_probe": 32, "n_sink": 4, "n_window": 64}
     with llm._use():
-        base, streams = llm._what_if_nll(tail, capture=True, probe=probe)
-        scores = llm._probe_scores()
+        base, streams = lab.what_if_nll(llm, tail, capture=True, probe=probe)
+        scores = lab.probe_scores(llm)
     assert streams.shape == (30, len(tail), 576)
     # The engine scores each row itself (graph_token_nll.cpp): against numpy's float64 log-softmax of the
     # logits nll() takes, it differs by the rounding of its float32 result (a loss below 32: 2^-19) and by the
@@ -286,29 +287,29 @@ def test_a_what_if_from_a_later_layer_equals_the_whole_what_if(smollm_path):
     for il in (0, 7, 29):
         llm.set_masked_layers([il], n_sink=4, n_window=64)
         with llm._use():
-            whole = llm._what_if_nll(tail)
-            part = llm._what_if_nll(tail, first_layer=il, hidden=streams[il])
+            whole = lab.what_if_nll(llm, tail)
+            part = lab.what_if_nll(llm, tail, first_layer=il, hidden=streams[il])
         assert np.array_equal(whole, part), il
         assert not np.array_equal(whole, base)  # the trim does something here
     llm.set_masked_layers([])
     assert llm.n_tokens == 300  # what-ifs leave the context as it was
     rows = np.array(tail[:4], dtype=np.int32)
     with pytest.raises(ValueError, match="first_layer 30 is out of range"):
-        llm._engine.eval_stream(rows, 30, streams[0][:4], False)
+        _native.lab.eval_stream(llm._engine, rows, 30, streams[0][:4], False)
     with pytest.raises(ValueError, match="hidden must be"):
-        llm._engine.eval_stream(rows, 3, streams[0][:5], False)
+        _native.lab.eval_stream(llm._engine, rows, 3, streams[0][:5], False)
     with pytest.raises(ValueError, match="not a token id"):
-        llm._engine.eval_stream(rows, 3, streams[3][:4], False, np.array([1, 2, -2, 3], dtype=np.int32))
+        _native.lab.eval_stream(llm._engine, rows, 3, streams[3][:4], False, np.array([1, 2, -2, 3], dtype=np.int32))
     with pytest.raises(ValueError, match="not a token id"):
-        llm._engine.eval_stream(rows, 3, streams[3][:4], False, np.array([1, 2, 49152, 3], dtype=np.int32))
+        _native.lab.eval_stream(llm._engine, rows, 3, streams[3][:4], False, np.array([1, 2, 49152, 3], dtype=np.int32))
     with pytest.raises(ValueError, match="one token per row"):
-        llm._engine.eval_stream(rows, 3, streams[3][:4], False, rows[:3].copy())
+        _native.lab.eval_stream(llm._engine, rows, 3, streams[3][:4], False, rows[:3].copy())
     assert llm._engine.n_past == 300  # nothing was evaluated
     with llm._use():
-        assert np.array_equal(llm._what_if_nll(tail), base)  # and it still works
+        assert np.array_equal(lab.what_if_nll(llm, tail), base)  # and it still works
     with pytest.raises(ValueError, match="every layer computed"):
         with llm._use():
-            llm._what_if_nll(tail, first_layer=3, hidden=streams[3], probe=probe)
+            lab.what_if_nll(llm, tail, first_layer=3, hidden=streams[3], probe=probe)
     # The probe watching the untrimmed what-if scores what it scores on an eval of the same tokens.
     probed = llm.eval(tail, probe=probe)
     for key in ("mass", "change"):

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as GGML
 from gguf.quants import dequantize
 
 from py_simkv import Llama
+from py_simkv import _native
 
 LAZY = list(range(0, 30, 3))
 N_PROMPT, N_WINDOW, N_SINK = 600, 128, 4
@@ -123,8 +124,8 @@ def test_ring_attention_equals_the_reference(smollm_path, tokens, request, where
         for n in (64, 1):
             p0 = engine.n_past
             chunk = tokens[p0:p0 + n]
-            q, out = engine.eval_attention_tap(np.array(chunk, dtype=np.int32), layer)
-            store = engine.kv_store_contents(layer)
+            q, out = _native.lab.attention_tap(engine, np.array(chunk, dtype=np.int32), layer)
+            store = _native.lab.store_contents(engine, layer)
             assert store["kind"] == "lazy" and store["type"] == lazy_type
             # with a residual, only the last query's f16 keys are all still in it after the chunk
             rows = range(len(chunk)) if n_res == 0 else [len(chunk) - 1]
@@ -142,8 +143,8 @@ def test_the_reference_sees_one_misread_key(smollm_path, tokens):
     engine.eval(np.array(tokens[:N_PROMPT], dtype=np.int32), False)
     for n, bound in ((64, BOUND_CHUNK), (1, BOUND_ONE)):
         p0 = engine.n_past
-        q, out = engine.eval_attention_tap(np.array(tokens[p0:p0 + n], dtype=np.int32), 27)
-        store = dict(engine.kv_store_contents(27))
+        q, out = _native.lab.attention_tap(engine, np.array(tokens[p0:p0 + n], dtype=np.int32), 27)
+        store = dict(_native.lab.store_contents(engine, 27))
         positions = [p0 + r for r in range(n)]
         assert _check(out, reference(store, q, positions, hp, 0, f16_query=n == 1), hp) < bound
         cell_pos = list(store["cell_pos"])

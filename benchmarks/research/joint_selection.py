@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from py_simkv import Llama, LazyProfile, default_model_path
+from py_simkv import lab
 from py_simkv.lazy_profile import shipped_profile
 from py_simkv.profiler import PROFILE_LOSS_TOKENS, _samples, default_calibration_texts
 
@@ -48,7 +49,7 @@ class Calibration:
             llm = Llama(path, n_ctx=p["n_ctx"], n_threads=n_threads)
             llm.eval(toks[: len(toks) - tail])
             with llm._use():
-                base, streams = llm._what_if_nll(toks[len(toks) - tail:], capture=True)
+                base, streams = lab.what_if_nll(llm, toks[len(toks) - tail:], capture=True)
             self.runs.append((llm, toks[len(toks) - tail:], float(base.mean()), streams))
 
     def loss(self, layers) -> float:
@@ -58,7 +59,7 @@ class Calibration:
         for llm, tail, base, streams in self.runs:
             llm.set_masked_layers(sorted(layers), n_sink=self.n_sink, n_window=self.n_window)
             with llm._use():
-                out.append(float(llm._what_if_nll(tail, first_layer=first, hidden=streams[first]).mean()) - base)
+                out.append(float(lab.what_if_nll(llm, tail, first_layer=first, hidden=streams[first]).mean()) - base)
             llm.set_masked_layers([])
         return float(np.mean(out))
 

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from py_simkv import default_model_path
+from py_simkv import lab
 from py_simkv.engine_config import DEFAULTS
 from py_simkv.lazy_profile import LazyProfile
 from py_simkv.llama import Llama
@@ -53,7 +54,7 @@ def per_token_deltas(path: str, n_samples: int, threads: int):
         llm.eval(toks[:len(toks) - tail_n])
         tail = toks[len(toks) - tail_n:]
         with llm._use():
-            base, streams = llm._what_if_nll(tail, capture=True)
+            base, streams = lab.what_if_nll(llm, tail, capture=True)
         rows = [_what_if(llm, tail, il, streams, DEFAULTS.n_sink, PROFILE_N_WINDOW) - base for il in layers]
         llm.set_masked_layers([])
         out.append(np.array(rows))

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from py_simkv import default_model_path
+from py_simkv import lab
 from py_simkv.engine_config import DEFAULTS
 from py_simkv.llama import Llama
 from py_simkv.profiler import (PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, _samples, _what_if,
@@ -31,7 +32,7 @@ def main():
     tail = toks[len(toks) - PROFILE_LOSS_TOKENS:]
     llm.eval(toks[:len(toks) - len(tail)])
     with llm._use():
-        base, streams = llm._what_if_nll(tail, capture=True)
+        base, streams = lab.what_if_nll(llm, tail, capture=True)
     seconds, loss = {il: [] for il in args.layers}, {}
     for _ in range(args.reps):
         for il in args.layers:

@@ -94,6 +94,15 @@ def _devices(args) -> dict:
                 tensor_split=args.tensor_split)
 
 
+def _load_model(args, path: str):
+    """The native model alone (no engine, no KV cache), placed as the command line says."""
+    from . import _native
+    from .checks import check_model_file, check_rpc_servers, check_tensor_split
+
+    return _native.load_model(check_model_file(path), n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
+                              rpc_servers=check_rpc_servers(args.rpc), tensor_split=check_tensor_split(args.tensor_split))
+
+
 def _open(args, **extra):
     from . import Llama
 
@@ -127,7 +136,7 @@ def _lazy_summary(llm, args) -> str:
     from .memory import kv_bytes
 
     n_seq = getattr(args, "parallel", 1)
-    full = kv_bytes(llm.hparams, llm.n_ctx(), type_kv=llm.type_k, n_seq_max=n_seq)
+    full = kv_bytes(llm, llm.n_ctx(), type_kv=llm.type_k, n_seq_max=n_seq)
     kv = llm.kv_cache_stats()["total_bytes"]
     memory = f"KV {kv / 2**20:.1f} MiB vs {full / 2**20:.1f} MiB full at n_ctx {llm.n_ctx()}"
     if llm.lazy_mode == "dynamic":
@@ -240,12 +249,10 @@ def _print_stats(llm, last) -> None:
 
 def cmd_info(args) -> int:
     from . import _native
-    from .checks import check_model_file, check_rpc_servers, check_tensor_split
     from .memory import kv_bytes, layers_that_can_be_lazy
 
     path = _model_path(args)
-    model = _native.load_model(check_model_file(path), n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu,
-                               rpc_servers=check_rpc_servers(args.rpc), tensor_split=check_tensor_split(args.tensor_split))
+    model = _load_model(args, path)
     hp = model.hparams
     md = model.metadata
     print(f"model        {md.get('general.name', os.path.basename(path))}  ({path})")
@@ -269,11 +276,11 @@ def cmd_info(args) -> int:
         rows.append((f"lazy layers {','.join(map(str, args.lazy_layers))}, {args.type_k} + {args.lazy_type} ring",
                      dict(type_kv=args.type_k, lazy_layers=args.lazy_layers, lazy_type=args.lazy_type,
                           n_window=args.n_window, lazy_residual=args.lazy_residual)))
-    base = kv_bytes(hp, args.n_ctx)
+    base = kv_bytes(model, args.n_ctx)
     width = max(len(r[0]) for r in rows)
     print(f"\n{'KV cache at n_ctx ' + str(args.n_ctx):<{width}}  {'MiB':>9}  {'vs f16':>7}")
     for label, kw in rows:
-        b = kv_bytes(hp, args.n_ctx, **kw)
+        b = kv_bytes(model, args.n_ctx, **kw)
         print(f"{label:<{width}}  {b / 2**20:9.1f}  {b / base:7.2f}")
     return 0
 
@@ -351,7 +358,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from . import Llama
+    from .lazy_profile import resolve_lazy_layers
     from .memory import kv_bytes, n_ctx_for_budget
 
     try:
@@ -363,18 +370,23 @@ def cmd_serve(args) -> int:
         raise ValueError("--parallel must be >= 1")
     n_ctx = args.n_ctx
     if args.kv_budget is not None:
-        # The pool of full-layer cells that fits the budget beside one ring per slot in the lazy layers.
-        probe = Llama(path, n_ctx=256, n_threads=1, **_lazy_choice(args))
-        config = dict(type_kv=args.type_k, lazy_layers=probe.lazy_layers, lazy_type=args.lazy_type, n_sink=args.n_sink,
+        # The pool of full-layer cells that fits the budget beside one ring per slot in the lazy layers (the
+        # layers Llama will choose: the same profile, read from the same model).
+        model = _load_model(args, path)
+        choice = _lazy_choice(args)
+        lazy = [] if args.lazy_mode == "dynamic" or not choice else resolve_lazy_layers(
+            path, model, choice["lazy_layers"], choice["lazy_profile"], choice["lazy_ratio"], choice["lazy_threshold"],
+            choice["lazy_criterion"], choice["lazy_budget"])[0] or []
+        config = dict(type_kv=args.type_k, lazy_layers=lazy, lazy_type=args.lazy_type, n_sink=args.n_sink,
                       n_window=args.n_window, n_seq_max=args.parallel, lazy_residual=args.lazy_residual)
-        n_ctx = n_ctx_for_budget(probe.hparams, int(args.kv_budget * 2**20), **config)
+        n_ctx = n_ctx_for_budget(model, int(args.kv_budget * 2**20), **config)
         if n_ctx == 0:
             raise ValueError(f"--kv-budget {args.kv_budget} MiB does not hold even the lazy rings of {args.parallel} slots")
-        del probe
+        del model
     args.n_ctx = n_ctx
     llm = _open(args, n_seq_max=args.parallel)
     stats = llm.kv_cache_stats()
-    full = kv_bytes(llm.hparams, n_ctx, type_kv=args.type_k, n_seq_max=args.parallel)
+    full = kv_bytes(llm, n_ctx, type_kv=args.type_k, n_seq_max=args.parallel)
     lazy = ("chosen per prompt, per slot (dynamic mode)" if llm.lazy_mode == "dynamic"
             else ",".join(map(str, llm.lazy_layers)) or "none")
     print(f"simkv serve: {args.parallel} slots sharing {n_ctx} KV cells in the full layers; lazy layers {lazy}; "

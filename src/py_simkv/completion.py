@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from .generation_end import GenerationEnd
 from .logprobs import log_softmax
 
 
@@ -58,13 +59,14 @@ class _Logprobs:
                 "token_logprobs": self.token_logprobs[start:], "top_logprobs": self.top_logprobs[start:]}
 
 
-# Where generated tokens come from: source(prompt_tokens, want_logits, max_new, **sampling) yields (token,
-# the logits it was sampled from, or None unless want_logits), at most max_new tokens. In process: Llama.generate (llama_tokens below); in
-# `simkv serve`: a slot of the continuous-batching scheduler (scheduler.py). Closing the iterator stops it.
+# Where generated tokens come from: source(prompt_tokens, want_logits, end, **sampling) yields (token, the
+# logits it was sampled from, or None unless want_logits) up to the token where `end` (GenerationEnd) ends
+# the generation. In process: Llama.generate (llama_tokens below); in `simkv serve`: a slot of the
+# continuous-batching scheduler (scheduler.py). Closing the iterator stops it.
 TokenSource = Callable[..., Iterator[Tuple[int, Optional[np.ndarray]]]]
 
 
-def llama_tokens(llm, prompt_tokens: List[int], want_logits: bool, max_new: int,
+def llama_tokens(llm, prompt_tokens: List[int], want_logits: bool, end: GenerationEnd,
                  **sampling) -> Iterator[Tuple[int, Optional[np.ndarray]]]:
     """The in-process token source: Llama.generate (prefix reuse, libllama's sampler chain), through the
     Llama's prompt cache if it has one (set_cache)."""
@@ -72,8 +74,10 @@ def llama_tokens(llm, prompt_tokens: List[int], want_logits: bool, max_new: int,
     gen = llm.generate(prompt_tokens, **sampling)
     done = False
     try:
-        for _, token in zip(range(max_new), gen):
+        for n, token in enumerate(gen, 1):
             yield token, (llm.last_logits if want_logits else None)
+            if end.reason(token, n):
+                break
         done = True
     except GeneratorExit:  # the completion stopped early (a stop string, the end of a turn): still cached
         done = True
@@ -169,7 +173,8 @@ def completion_stream(
     if logits_processor is not None:  # Python callables: only the in-process source runs them
         sampling["logits_processor"] = logits_processor
     want_logits = record is not None or stopping_criteria is not None
-    generator = None if limit <= 0 else source(prompt_tokens, want_logits, limit, **sampling)
+    end = GenerationEnd(limit, llm.token_is_eog, stop_token_ids)
+    generator = None if limit <= 0 else source(prompt_tokens, want_logits, end, **sampling)
     try:
         pulled: List[Tuple[int, Optional[np.ndarray]]] = []
         if echo:
@@ -187,8 +192,9 @@ def completion_stream(
         pending = b""
         completion_tokens: List[int] = []
         finish_reason = "length"
-        for token, logits in itertools.chain(pulled, generator or ()):
-            if llm.token_is_eog(token) or token in stop_token_ids:
+        for n, (token, logits) in enumerate(itertools.chain(pulled, generator or ()), 1):
+            ends = end.reason(token, n)
+            if ends == "stop":  # the turn's end: not part of the completion
                 finish_reason = "stop"
                 break
             if stopping_criteria is not None and stopping_criteria(
@@ -209,7 +215,7 @@ def completion_stream(
             pending = pending[safe:]
             if text:
                 yield chunk(text, lp=new_logprobs())
-            if len(completion_tokens) >= limit:
+            if ends == "length":
                 break
     finally:  # a stop string, the end, or the caller closing this stream: stop the source
         if generator is not None:

@@ -1,4 +1,4 @@
-"""The engine's settings and their defaults, as the native side defines them (native/engine.h is their one
+"""The engine's settings and their defaults, as the native side defines them (native/engine_config.h is their one
 home: `Llama`, the CLI and `memory.py` read defaults from here and never restate them)."""
 from __future__ import annotations
 

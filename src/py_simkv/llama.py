@@ -24,9 +24,11 @@ from .checks import (check_float, check_int, check_layer_list, check_model_file,
 from .compat import IGNORED_ARGS, cache_type_name, check_ignored, grammar_text, warn_ignored
 from .completion import create_completion
 from .engine_config import DEFAULTS, engine_config
+from .conversation import Conversation
+from . import lab
 from .lazy_profile import family_threshold, model_identity, resolve_lazy_layers
 from .logprobs import log_softmax
-from .prefix import common_prefix, positions_to_keep
+from .prefix import common_prefix
 from .tokenizer import Tokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -270,9 +272,8 @@ class Llama:
         self._epoch = 0
         self._single_threaded = _forked_child
         self.n_evaluated = 0  # tokens evaluated since construction (prefix reuse skips some)
-        self._input_ids: List[int] = []
-        self._last_logits: Optional[np.ndarray] = None
         self._scores_all = np.zeros((self._n_ctx, self.n_vocab()), dtype=np.float32) if self.logits_all else None
+        self._conv = Conversation(self._engine, 0, owns_engine=True, scores=self._scores_all)  # the one conversation
 
     @contextlib.contextmanager
     def _use(self, new_epoch: bool = True):
@@ -373,20 +374,20 @@ class Llama:
     # --- context -----------------------------------------------------------------------------------
     @property
     def n_tokens(self) -> int:
-        return len(self._input_ids)
+        return len(self._conv.tokens)
 
     @property
     def input_ids(self) -> np.ndarray:
         """The context's token ids in an n_ctx-long buffer, as llama-cpp-python shapes it: the first n_tokens
         are the context (a copy: writing to it changes nothing)."""
         out = np.zeros(self._n_ctx, dtype=np.intc)
-        out[: self.n_tokens] = self._input_ids
+        out[: self.n_tokens] = self._conv.tokens
         return out
 
     def _context_ids(self) -> np.ndarray:
         """The context's token ids alone (what processors and stopping criteria get, per token: no n_ctx
         buffer is built for them)."""
-        return np.asarray(self._input_ids, dtype=np.intc)
+        return np.asarray(self._conv.tokens, dtype=np.intc)
 
     @property
     def _scores(self) -> np.ndarray:
@@ -395,7 +396,7 @@ class Llama:
 
     @property
     def eval_tokens(self) -> collections.deque:
-        return collections.deque(self._input_ids, maxlen=self._n_ctx)
+        return collections.deque(self._conv.tokens, maxlen=self._n_ctx)
 
     @property
     def eval_logits(self) -> collections.deque:
@@ -404,7 +405,7 @@ class Llama:
     @property
     def last_logits(self) -> Optional[np.ndarray]:
         """Logits after the last token of the context (what the next token is sampled from); None if empty."""
-        return self._last_logits
+        return self._conv.last_logits
 
     @property
     def scores(self) -> np.ndarray:
@@ -414,8 +415,8 @@ class Llama:
         if self._scores_all is not None:
             return self._scores_all
         out = np.zeros((self.n_tokens, self.n_vocab()), dtype=np.float32)
-        if self._last_logits is not None and self.n_tokens:
-            out[-1] = self._last_logits
+        if self._conv.last_logits is not None and self.n_tokens:
+            out[-1] = self._conv.last_logits
         return out
 
     @property
@@ -425,7 +426,7 @@ class Llama:
         self._check_open()
         if self._sequences is None:
             self._engine.reset()  # the single conversation, if any, ends here
-            self._input_ids, self._last_logits = [], None
+            self._conv.tokens, self._conv.last_logits = [], None
             from .sequences import Sequences
 
             self._sequences = Sequences(self, self._engine)
@@ -468,34 +469,19 @@ class Llama:
             return None
         self._sync()
         if probe is not None:
-            logits = self._engine.eval_probed(arr.astype(np.int32), self.logits_all, **self._probe_args(probe, arr.size))
+            logits = _native.lab.eval_probed(self._engine, arr.astype(np.int32), self.logits_all,
+                                             **lab.probe_args(probe, arr.size))
         else:
             logits = self._engine.eval(arr.astype(np.int32), self.logits_all)
         self.n_evaluated += int(arr.size)
         if self._scores_all is not None:
             self._scores_all[self.n_tokens : self.n_tokens + arr.size] = logits
-        self._last_logits = logits[-1]
-        self._input_ids.extend(int(t) for t in arr)
-        return None if probe is None else self._probe_scores()
-
-    @staticmethod
-    def _probe_args(probe: dict, n_tokens: int) -> dict:
-        """eval()'s probe dict, checked, as the engine's n_sink / n_window / n_probe."""
-        n_probe = check_int("n_probe", probe.get("n_probe", DEFAULTS.w_last), 1)
-        if n_probe > n_tokens:
-            raise ValueError(f"cannot probe {n_probe} tokens of an eval of {n_tokens}")
-        return {"n_sink": check_int("n_sink", probe.get("n_sink", DEFAULTS.n_sink), 0),
-                "n_window": check_int("n_window", probe.get("n_window", DEFAULTS.n_window), 1), "n_probe": n_probe}
-
-    def _probe_scores(self) -> dict:
-        """The last probed evaluation's scores per layer."""
-        return {"mass": np.array(self._engine.probe_mass()), "change": np.array(self._engine.probe_change())}
+        self._conv.last_logits = logits[-1]
+        self._conv.tokens.extend(int(t) for t in arr)
+        return None if probe is None else lab.probe_scores(self)
 
     def _sync(self) -> None:
-        """Re-align the engine with our token list after an interrupted eval (Ctrl-C lands in Python right
-        after a native call returns, possibly before the bookkeeping that follows it)."""
-        if self._engine.n_past != len(self._input_ids) and not self._engine.truncate(len(self._input_ids)):
-            self._reset()
+        self._conv.sync()
 
     def nll(self, tokens: Sequence[int], keep: bool = True) -> np.ndarray:
         """Append `tokens` and return the negative log-likelihood of each of them given what precedes it
@@ -505,13 +491,13 @@ class Llama:
             return self._nll(tokens, keep)
 
     def _nll(self, tokens: Sequence[int], keep: bool) -> np.ndarray:
-        if self._last_logits is None:
+        if self._conv.last_logits is None:
             raise ValueError("nll() needs a context: eval() a prompt first")
         arr = self._checked_tokens(tokens)
         if arr.size == 0:
             return np.zeros(0)
         self._sync()
-        first = prev = self._last_logits
+        first = prev = self._conv.last_logits
         # One n_batch chunk at a time (the engine splits a call the same way, so the numbers are the same):
         # all rows of a long call at once would be n x n_vocab floats several times over (4K tokens of
         # Gemma's 262K vocabulary: over 20 GB).
@@ -528,44 +514,17 @@ class Llama:
         if not keep:
             self._forget_what_if(first)
             return out
-        self._last_logits = prev
-        self._input_ids.extend(int(t) for t in arr)
+        self._conv.last_logits = prev
+        self._conv.tokens.extend(int(t) for t in arr)
         return out
-
-    def _what_if_nll(self, tokens: Sequence[int], first_layer: int = 0, hidden: Optional[np.ndarray] = None,
-                     capture: bool = False, probe: Optional[dict] = None):
-        """nll(tokens, keep=False) on the residual stream (Engine.eval_stream), for the profiler's what-ifs:
-        only layers first_layer.. are computed, from `hidden` [n, n_embd], the stream entering first_layer;
-        or capture=True also returns the stream entering each layer, [n_layer, n, n_embd]. The engine scores
-        each row on the next token itself: one float per row comes back, not n_vocab. (Every token is
-        evaluated, the last one too, though nothing scores it: the same ubatches as nll() computes, so the
-        same logits to the bit.) probe: as eval()'s (every layer computed); its scores: _probe_scores()."""
-        if self._last_logits is None:
-            raise ValueError("nll() needs a context: eval() a prompt first")
-        arr = self._checked_tokens(tokens)
-        if arr.size == 0:
-            return (np.zeros(0), None) if capture else np.zeros(0)
-        self._sync()
-        first = self._last_logits
-        out = np.empty(arr.size)
-        out[0] = -log_softmax(first)[arr[0]]  # the first token from the context's last logits
-        rows_in = None if hidden is None else np.ascontiguousarray(hidden, dtype=np.float32)
-        targets = np.append(arr[1:], -1).astype(np.int32)  # each row's next token; the last row has none
-        probed = {} if probe is None else self._probe_args(probe, arr.size)
-        losses, entering = self._engine.eval_stream(arr.astype(np.int32), first_layer, rows_in, capture, targets,
-                                                    **probed)
-        out[1:] = losses[:-1]
-        self.n_evaluated += int(arr.size)
-        self._forget_what_if(first)
-        return (out, entering) if capture else out
 
     def _forget_what_if(self, last_logits: np.ndarray) -> None:
         """Drop what a what-if evaluated after the context, which keeps its last logits."""
         if not self._engine.truncate(self.n_tokens):  # a lazy ring overwrote the context: rebuild it
-            prefix = list(self._input_ids)
+            prefix = list(self._conv.tokens)
             self._reset()
             self._eval(prefix)
-        self._last_logits = last_logits
+        self._conv.last_logits = last_logits
 
     def set_masked_layers(self, layers: Sequence[int], n_sink: int = DEFAULTS.n_sink, n_window: Optional[int] = None) -> None:
         """Trimming as a what-if (the profiler's "loss" criterion): from now on these layers attend only to
@@ -582,19 +541,11 @@ class Llama:
 
     def _reset(self) -> None:
         self._single()
-        self._engine.reset()
-        self._input_ids = []
-        self._last_logits = None
+        self._conv.clear()
 
     def _rewind(self, n_keep: int) -> bool:
         """Cut the context back to n_keep tokens. False if a lazy ring no longer holds what that needs."""
-        if n_keep >= self.n_tokens:
-            return True
-        if not self._engine.truncate(n_keep):
-            return False
-        del self._input_ids[n_keep:]
-        self._last_logits = self._scores_all[n_keep - 1].copy() if (self._scores_all is not None and n_keep) else None
-        return True
+        return self._conv.rewind(n_keep)
 
     # --- embeddings -----------------------------------------------------------------------------------
     def _pooling_type(self, requested: int) -> int:
@@ -664,8 +615,8 @@ class Llama:
             blob = self._engine.save_state()
             if self._scores_all is not None:
                 scores = self._scores_all[: self.n_tokens].copy()
-            elif self._last_logits is not None:
-                scores = self._last_logits[None].copy()  # only the last row is kept without logits_all
+            elif self._conv.last_logits is not None:
+                scores = self._conv.last_logits[None].copy()  # only the last row is kept without logits_all
             else:
                 scores = np.zeros((0, self.n_vocab()), dtype=np.float32)
             return LlamaState(input_ids=self.input_ids, scores=scores, n_tokens=self.n_tokens, llama_state=blob,
@@ -683,13 +634,13 @@ class Llama:
             scores = np.asarray(state.scores, dtype=np.float32)
             if n and (scores.ndim != 2 or scores.shape[1] != self.n_vocab() or scores.shape[0] not in (1, n)):
                 raise ValueError("the state's logits do not have this model's shape")
-            self._input_ids, self._last_logits = [], None
+            self._conv.tokens, self._conv.last_logits = [], None
             self._engine.load_state(bytes(state.llama_state))
             if self._engine.n_past != n:
                 self._reset()
                 raise ValueError(f"the state's KV cache holds {self._engine.n_past} tokens, its token list {n}")
-            self._input_ids = [int(t) for t in ids]
-            self._last_logits = scores[-1].copy() if n else None
+            self._conv.tokens = [int(t) for t in ids]
+            self._conv.last_logits = scores[-1].copy() if n else None
             if self._scores_all is not None:
                 self._scores_all[:] = 0
                 self._scores_all[n - scores.shape[0]: n] = scores if n else 0
@@ -709,12 +660,12 @@ class Llama:
         except KeyError:
             return
         cached = self.longest_token_prefix(np.asarray(item.input_ids)[: item.n_tokens].tolist(), tokens)
-        if cached > self.longest_token_prefix(self._input_ids, tokens):
+        if cached > self.longest_token_prefix(self._conv.tokens, tokens):
             self.load_state(item)
 
     def _save_to_cache(self) -> None:
         if self.cache is not None and self.n_tokens:
-            self.cache[list(self._input_ids)] = self.save_state()
+            self.cache[list(self._conv.tokens)] = self.save_state()
 
     def kv_cache_stats(self) -> dict:
         """total_bytes now, peak_bytes since construction (exact prefill peaks at a full cache), the lazy
@@ -768,14 +719,14 @@ class Llama:
                 tokens = self._reuse_prefix(tokens)
             if tokens:
                 self._eval(tokens)
-            if self._last_logits is None:
+            if self._conv.last_logits is None:
                 raise ValueError("generate() needs at least one token in the context")
-            sampler.accept_context(self._input_ids)  # repetition penalties look at the prompt too
+            sampler.accept_context(self._conv.tokens)  # repetition penalties look at the prompt too
             epoch = self._epoch
         while True:
             with self._lock:
                 self._stale(epoch)
-                logits = self._last_logits
+                logits = self._conv.last_logits
                 token = sampler.sample(self._processed(logits_processor, logits))
                 if stopping_criteria is not None and stopping_criteria(self._context_ids(), logits):
                     return
@@ -806,7 +757,7 @@ class Llama:
                 raise ValueError("sample() needs a context: eval() a prompt first")
             last = self.n_tokens - 1
             if idx is None or idx == last:
-                idx, logits = last, self._last_logits
+                idx, logits = last, self._conv.last_logits
             else:
                 idx = check_int("idx", idx, 0)
                 if self._scores_all is None or idx > last:
@@ -816,7 +767,7 @@ class Llama:
                                         presence_penalty, None, None, typical_p=typical_p, tfs_z=tfs_z,
                                         mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
                                         mirostat_eta=mirostat_eta, grammar=grammar)
-            sampler.accept_context(self._input_ids[: idx + 1])
+            sampler.accept_context(self._conv.tokens[: idx + 1])
             return int(sampler.sample(self._processed(logits_processor, logits)))
 
     def set_seed(self, seed: int) -> None:
@@ -855,17 +806,7 @@ class Llama:
 
     def _reuse_prefix(self, tokens: List[int]) -> List[int]:
         """Keep the common prefix of the context and `tokens`; return the tokens still to evaluate."""
-        self._sync()
-        if self._engine.compacted:
-            # The context was compacted after its prompt; a fresh exact evaluation of a new prompt keeps
-            # every layer full throughout, so reuse would not give the same result: start over.
-            self._reset()
-            return tokens
-        keep = positions_to_keep(self._input_ids, tokens)
-        if keep == 0 or not self._rewind(keep):
-            self._reset()
-            return tokens
-        return tokens[keep:]
+        return self._conv.prepare(tokens)
 
     def make_sampler(self, temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, frequency_penalty=0.0,
                      presence_penalty=0.0, seed=None, logit_bias=None, typical_p=1.0, tfs_z=1.0, mirostat_mode=0,
@@ -993,6 +934,7 @@ class Llama:
         with self._lock:
             self._closed = True
             self._engine = None
-            self._sequences = None  # it holds the engine too
+            self._conv = Conversation(None, 0)  # the conversations hold the engine too
+            self._sequences = None
             self._model = None
             self._vocab = None

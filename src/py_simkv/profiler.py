@@ -14,6 +14,7 @@ import numpy as np
 
 from .checks import check_int
 from .engine_config import DEFAULTS
+from . import lab
 from .lazy_profile import LazyProfile, mean_of_measured
 from .llama import Llama
 from .memory import layers_that_can_be_lazy
@@ -179,8 +180,8 @@ def _trim_losses(llm, tail, layers, n_sink: int, n_window: int, meter, probe: di
     what a layer and what the rest (the vocabulary projection) cost."""
     n_layer = llm.hparams["n_layer"]
     with llm._use():
-        base, streams = llm._what_if_nll(tail, capture=True, probe=probe)
-        scores = llm._probe_scores()
+        base, streams = lab.what_if_nll(llm, tail, capture=True, probe=probe)
+        scores = lab.probe_scores(llm)
     base = float(base.mean())
     meter.add(len(tail), n_layer)
     # NaN for layers that cannot be lazy (the probe, too, reports NaN for them): never selected.
@@ -204,7 +205,7 @@ def _what_if(llm, tail, il: int, streams, n_sink: int, n_window: int) -> np.ndar
     Leaves layer il masked: the caller unmasks (set_masked_layers([])) when its what-ifs are done."""
     llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
     with llm._use():
-        return llm._what_if_nll(tail, first_layer=il, hidden=streams[il])
+        return lab.what_if_nll(llm, tail, first_layer=il, hidden=streams[il])
 
 
 class _Work:

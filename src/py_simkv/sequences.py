@@ -17,7 +17,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from .checks import check_int
-from .prefix import common_prefix, positions_to_keep
+from .conversation import Conversation
+from .prefix import common_prefix
 
 
 class Sequences:
@@ -25,8 +26,7 @@ class Sequences:
         self.llm = llm
         self._engine = engine
         self.n_seq_max = llm.n_seq_max
-        self._tokens: List[List[int]] = [[] for _ in range(self.n_seq_max)]
-        self._last: List[Optional[np.ndarray]] = [None] * self.n_seq_max
+        self._convs = [Conversation(engine, s) for s in range(self.n_seq_max)]
 
     def _seq(self, seq) -> int:
         seq = check_int("seq", seq)
@@ -36,14 +36,14 @@ class Sequences:
 
     # --- state -------------------------------------------------------------------------------------
     def tokens(self, seq: int) -> List[int]:
-        return list(self._tokens[self._seq(seq)])
+        return list(self._convs[self._seq(seq)].tokens)
 
     def n_tokens(self, seq: int) -> int:
-        return len(self._tokens[self._seq(seq)])
+        return len(self._convs[self._seq(seq)])
 
     def last_logits(self, seq: int) -> Optional[np.ndarray]:
         """Logits after the sequence's last token (what its next token is sampled from); None if empty."""
-        return self._last[self._seq(seq)]
+        return self._convs[self._seq(seq)].last_logits
 
     @property
     def prompts_alone(self) -> bool:
@@ -53,8 +53,18 @@ class Sequences:
 
     @property
     def free_cells(self) -> int:
-        """Tokens the shared pool of the full layers can still take (all sequences together)."""
+        """Free cells of the shared pool of the full layers (all sequences together)."""
         return int(self._engine.free_cells)
+
+    def cells_needed(self, seq: int, n_keep: int, n_new: int) -> int:
+        """Pool cells that cutting `seq` back to n_keep tokens, then appending n_new, takes beyond what it holds
+        now (negative: it gives cells back). One per token, except where the sequence is lazy in the pool
+        (dynamic mode): there it holds at most its sinks, its window and a ubatch."""
+        return int(self._engine.cells_needed(self._seq(seq), check_int("n_keep", n_keep, 0), check_int("n_new", n_new, 0)))
+
+    def cells_held(self, seq: int) -> int:
+        """Pool cells the sequence holds: what clearing it gives back."""
+        return int(self._engine.cells_held(self._seq(seq)))
 
     # --- evaluation --------------------------------------------------------------------------------
     def decode(self, batch: Mapping[int, Sequence[int]], all_logits: bool = False) -> Dict[int, np.ndarray]:
@@ -66,7 +76,7 @@ class Sequences:
         seqs, arrays = [], []
         for seq, tokens in batch.items():
             seq = self._seq(seq)
-            self._sync(seq)
+            self._convs[seq].sync()
             arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
             if arr.size and (arr.min() < -2**31 or arr.max() >= 2**31):
                 raise ValueError("token ids must be in the vocabulary")
@@ -75,60 +85,30 @@ class Sequences:
         logits = self._engine.decode(seqs, arrays, [bool(all_logits)] * len(seqs))
         out = {}
         for seq, arr, lg in zip(seqs, arrays, logits):
-            self._tokens[seq].extend(int(t) for t in arr)
-            self._last[seq] = lg[-1]
+            self._convs[seq].appended(arr, lg[-1])
             out[seq] = lg if all_logits else lg[-1]
         self.llm.n_evaluated += sum(int(a.size) for a in arrays)
         return out
 
-    def _sync(self, seq: int) -> None:
-        """Re-align the engine with our token list after an interrupted decode."""
-        if self._engine.n_past_of(seq) != len(self._tokens[seq]):
-            if not self._engine.truncate(len(self._tokens[seq]), seq):
-                self.clear(seq)
-
     # --- context per sequence ----------------------------------------------------------------------
     def common_prefix(self, seq: int, tokens: Sequence[int]) -> int:
         """How many leading tokens of `tokens` the sequence already holds."""
-        return common_prefix(self._tokens[self._seq(seq)], tokens)
+        return common_prefix(self._convs[self._seq(seq)].tokens, tokens)
 
     def prepare(self, seq: int, tokens: Sequence[int]) -> List[int]:
         """Make `seq` ready to continue into `tokens` (a whole prompt): keep the longest common prefix that
         every store still holds, and return the tokens still to evaluate (at least the last one, for fresh
-        logits)."""
-        seq = self._seq(seq)
-        tokens = [int(t) for t in tokens]
-        self._sync(seq)
-        if self._engine.compacted_of(seq):
-            # Exact prefill: this sequence's lazy layers were trimmed after its prompt; a new prompt is
-            # evaluated exactly (every layer full) from its start, as Llama does with one conversation.
-            self.clear(seq)
-            return tokens
-        keep = positions_to_keep(self._tokens[seq], tokens)
-        if keep == 0 or not self.truncate(seq, keep):
-            self.clear(seq)
-            return tokens
-        return tokens[keep:]
+        logits). With exact prefill a sequence whose prompt was compacted starts over."""
+        return self._convs[self._seq(seq)].prepare(tokens)
 
     def truncate(self, seq: int, n_keep: int) -> bool:
         """Cut the sequence back to n_keep tokens. False (nothing changed) if a lazy ring no longer holds
         what that needs."""
-        seq = self._seq(seq)
-        n_keep = check_int("n_keep", n_keep, 0)
-        if n_keep >= len(self._tokens[seq]):
-            return True
-        if not self._engine.truncate(n_keep, seq):
-            return False
-        del self._tokens[seq][n_keep:]
-        self._last[seq] = None  # only the last token's logits are kept: re-evaluate one to sample again
-        return True
+        return self._convs[self._seq(seq)].rewind(check_int("n_keep", n_keep, 0))
 
     def clear(self, seq: int) -> None:
         """Forget the sequence; its cells return to the shared pool."""
-        seq = self._seq(seq)
-        self._engine.clear(seq)
-        self._tokens[seq] = []
-        self._last[seq] = None
+        self._convs[self._seq(seq)].clear()
 
     def kv_cache_stats(self) -> dict:
         """The whole cache (as Llama.kv_cache_stats) plus each sequence's share: tokens held, KV bytes that
