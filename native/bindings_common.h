@@ -55,8 +55,11 @@ auto engine_call(const Engine & e, F && f) -> decltype(f()) {
 
 // A read of the engine's state from Python (counts, cells, bytes, lazy layers): under the engine's claim
 // too, so it never sees a cache half-way through a call, but a reader waits for a running call to end
-// (the GIL released meanwhile) instead of failing: a server's status route must not answer "busy".
+// instead of failing: a server's status route must not answer "busy". The GIL is released only to wait:
+// a free engine is claimed at once, since giving the GIL up lets another Python thread hold it for up to
+// its switch interval (5 ms), and a server's scheduler reads the cache several times a step.
 inline std::unique_lock<std::mutex> read_claim(const Engine & e) {
+    if (std::unique_lock<std::mutex> now = e.try_claim()) return now;
     nb::gil_scoped_release release;
     return e.wait_claim();
 }

@@ -86,7 +86,7 @@ public:
     // and the n_window most recent keys from now on (kv_policy_masked.cpp); the layers masked before are
     // unmasked. Together with truncate() this scores trimming each layer over one shared full prefix.
     void set_masked_layers(const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window);
-    // One conversation's context as bytes, and back (kv_state.cpp). load_state checks everything before it
+    // One conversation's context as bytes, and back (engine_state.cpp). load_state checks everything before it
     // changes anything; on a mismatch the engine is left empty (reset), never half-loaded.
     std::string save_state() const;
     // Embeddings mode (Llama(embedding=True).embed): each output row is the model's last hidden state after
@@ -137,7 +137,9 @@ public:
                                           "on one Llama (or use one per thread)");
         return lk;
     }
-    // The same claim for a read of the engine's state, waiting for a running call to end instead of failing.
+    // The same claim for a read of the engine's state: taken now if free (an empty lock if not), or waiting
+    // for a running call to end instead of failing.
+    std::unique_lock<std::mutex> try_claim() const { return std::unique_lock<std::mutex>(busy_, std::try_to_lock); }
     std::unique_lock<std::mutex> wait_claim() const { return std::unique_lock<std::mutex>(busy_); }
 
 private:

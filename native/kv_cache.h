@@ -39,6 +39,24 @@ namespace simkv {
 
 struct HParams;
 class GraphArena;
+struct StateWriter;
+struct StateReader;
+
+// A saved cache, parsed (kv_state.cpp): each group's cell map and each layer's rows, as saved.
+struct KvSnapshot {
+    struct Group {
+        std::string key;
+        uint32_t kind = 0;
+        std::vector<int32_t> cell_pos, cell_seq, res_pos, layers;
+        uint32_t n_used = 0, n_free = 0;
+    };
+    struct Layer {
+        uint32_t group = 0, type = 0, capacity = 0;
+        std::vector<uint8_t> k, v, k_res, v_res;
+    };
+    std::vector<Group> groups;
+    std::vector<Layer> layers;
+};
 
 // The cache's share of the engine's configuration (engine.h has the defaults and the checks).
 struct KvConfig {
@@ -140,8 +158,14 @@ public:
     // Forget every position >= n_keep of sequence seq. Returns false (and changes nothing) if some store no
     // longer holds what a query at n_keep would need; the caller then clears and re-evaluates.
     bool truncate(int seq, int32_t n_keep, int32_t n_written);
-    // A loaded state's cell map for one group (kv_state.cpp checked it against the group's stores).
-    void restore_cells(int group, KvCells cells);
+    // kv_state.cpp: the cache's part of a saved state. write_state appends it; read_state parses one (checking
+    // every length); layers_compacted_in names the layers lazy in the snapshot but full here (exact prefill
+    // compacted them: make them lazy first); restore checks every store and cell map against the snapshot,
+    // then loads it (throws BadInput, changing nothing, on a mismatch).
+    void write_state(StateWriter & w) const;
+    static KvSnapshot read_state(StateReader & r, uint32_t n_layer, uint64_t max_cells, size_t max_bytes);
+    std::vector<int> layers_compacted_in(const KvSnapshot & snap) const;
+    void restore(const KvSnapshot & snap);
     void clear(int seq);  // one sequence
     void clear();         // every sequence
 
