@@ -100,7 +100,7 @@ void KvCache::restore(const KvSnapshot & snap) {
             throw BadInput("the state is corrupt (a store's rows)");
         }
     }
-    std::vector<std::pair<int, KvCells>> cells;  // each group's, once
+    std::vector<std::pair<int, KvCells>> cells;  // each group's, once (its size was checked above)
     std::vector<bool> seen(groups_.size(), false);
     for (size_t il = 0; il < stores_.size(); ++il) {
         const int now = stores_[il].group;
@@ -109,7 +109,6 @@ void KvCache::restore(const KvSnapshot & snap) {
         const KvSnapshot::Group & g = snap.groups[snap.layers[il].group];
         cells.emplace_back(now, KvCells::restore(g.cell_pos, g.cell_seq, g.res_pos, n_seq_,
                                                  groups_[now].cells.residual_per_seq(), g.n_used, g.n_free));
-        if (cells.back().second.size() != groups_[now].cells.size()) throw BadInput("the state is corrupt (cell map sizes)");
     }
     for (size_t il = 0; il < stores_.size(); ++il) {
         const KvStore & s = stores_[il];

@@ -3,8 +3,7 @@ holds only its sinks, window and a ubatch there, lazy rings take no pool cells, 
 cell per token. The engine admits a decode() and the server's scheduler admits a task by those counts, and
 queues (never fails) a task the pool cannot hold yet."""
 import threading
-
-
+import time
 
 from py_simkv import Llama
 from py_simkv.generation_end import GenerationEnd
@@ -51,11 +50,12 @@ def test_full_layers_need_a_cell_per_token_and_rings_none(smollm_path, prose_tok
     assert rings.sequences.cells_held(0) == 0 and rings.sequences.cells_needed(0, 200, 800) == 0
 
 
-def run_tasks(scheduler, llm, tasks):
-    """Runs {name: (prompt, max_new)} at once through the scheduler; returns the order tokens arrived in
+def run_tasks(llm, tasks):
+    """Runs {name: (prompt, max_new)} through a scheduler of llm, submitted in order (the rest once the first
+    has its first token: the scheduler admits it before it sees them); returns the order tokens arrived in
     ([(name, i)]) and each task's tokens. EOG tokens do not end them: each generates max_new."""
+    scheduler = Scheduler(llm)
     order, out, lock = [], {}, threading.Lock()
-    started = []
 
     def consume(name, prompt, max_new):
         tokens = []
@@ -66,16 +66,16 @@ def run_tasks(scheduler, llm, tasks):
         out[name] = tokens
 
     threads = []
-    for name, (prompt, max_new) in tasks.items():
-        t = threading.Thread(target=consume, args=(name, prompt, max_new))
-        t.start()
-        threads.append(t)
-        started.append(name)
-        # Submit in order: the scheduler admits the first before it sees the second.
-        while not order and name == started[0]:
-            threading.Event().wait(0.01)
-    for t in threads:
-        t.join(timeout=600)
+    try:
+        for name, (prompt, max_new) in tasks.items():
+            threads.append(threading.Thread(target=consume, args=(name, prompt, max_new)))
+            threads[-1].start()
+            while not order and threads[0].is_alive():
+                time.sleep(0.01)
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        scheduler.stop()
     return order, out
 
 
@@ -83,11 +83,7 @@ def test_the_scheduler_queues_what_the_pool_cannot_hold_and_admits_it_when_it_ca
     """Full layers: two prompts of 600 tokens do not fit 1,024 cells together. The second waits (it is not
     failed) and starts once the first has given its slot back."""
     llm = Llama(smollm_path, n_ctx=1024, n_seq_max=2, lazy_layers=[], n_threads=N_THREADS, verbose=False, **SMALL)
-    scheduler = Scheduler(llm)
-    try:
-        order, out = run_tasks(scheduler, llm, {"a": (prose_tokens[:600], 16), "b": (prose_tokens[1000:1600], 4)})
-    finally:
-        scheduler.stop()
+    order, out = run_tasks(llm, {"a": (prose_tokens[:600], 16), "b": (prose_tokens[1000:1600], 4)})
     assert len(out["a"]) == 16 and len(out["b"]) == 4
     first_b = order.index(("b", 0))
     assert first_b > order.index(("a", 15))  # b started after a had finished
@@ -98,10 +94,6 @@ def test_the_scheduler_admits_by_cells_beside_a_slot_lazy_in_the_pool(smollm_pat
     (600 tokens, about 36 cells), and its reservation for 64 more tokens is a ring's worth at most, so a
     second prompt of 700 tokens is admitted beside it in 1,024 cells."""
     llm = dynamic_all_lazy(smollm_path, n_ctx=1024, n_seq_max=2)
-    scheduler = Scheduler(llm)
-    try:
-        order, out = run_tasks(scheduler, llm, {"a": (prose_tokens[:600], 64), "b": (prose_tokens[1000:1700], 4)})
-    finally:
-        scheduler.stop()
+    order, out = run_tasks(llm, {"a": (prose_tokens[:600], 64), "b": (prose_tokens[1000:1700], 4)})
     assert len(out["a"]) == 64 and len(out["b"]) == 4
     assert order.index(("b", 3)) < order.index(("a", 63))  # b ran while a was still generating

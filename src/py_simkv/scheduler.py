@@ -350,10 +350,13 @@ class Scheduler:
             if slot.seq in batch and slot.state is SlotState.PROMPT:
                 chunk = batch[slot.seq]
                 # The whole chunk if its cells fit, else as many tokens as there are free cells (one each).
-                take = len(chunk) if needed(slot.seq, len(chunk)) <= free else max(min(len(chunk), free), 0)
+                cost = needed(slot.seq, len(chunk))
+                take = len(chunk) if cost <= free else max(min(len(chunk), free), 0)
                 if self._whole(slot) and take < len(chunk):
                     take = 0  # a whole prompt or nothing: it waits for room
-                free -= needed(slot.seq, take) if take else 0
+                if 0 < take < len(chunk):
+                    cost = needed(slot.seq, take)
+                free -= cost if take else 0
                 if take:
                     batch[slot.seq] = chunk[:take]
                 else:
