@@ -157,7 +157,13 @@ def main():
     configs = [
         ("llama-cpp-python f16 KV", lambda: Reference(path, "llama-cpp-python f16 KV", a.n_ctx, a.threads, "f16")),
         ("llama-cpp-python q4_0 KV", lambda: Reference(path, "llama-cpp-python q4_0 KV", a.n_ctx, a.threads, "q4_0")),
+        ("llama-cpp-python q8_0 KV", lambda: Reference(path, "llama-cpp-python q8_0 KV", a.n_ctx, a.threads, "q8_0")),
         ("simkv no lazy (f16)", lambda: Ours(path, "simkv no lazy (f16)", a.n_ctx, a.threads)),
+        # quantized full layers (K and V rotated, as llama.cpp's): on the CPU read by simkv's own attention
+        ("simkv no lazy (q8_0)", lambda: Ours(path, "simkv no lazy (q8_0)", a.n_ctx, a.threads, type_k="q8_0",
+                                                type_v="q8_0")),
+        ("simkv no lazy (q4_0)", lambda: Ours(path, "simkv no lazy (q4_0)", a.n_ctx, a.threads, type_k="q4_0",
+                                                type_v="q4_0")),
         ("simkv half lazy (q4_0 ring)", lambda: Ours(path, "simkv half lazy (q4_0 ring)", a.n_ctx, a.threads,
                                                        lazy_layers=half, n_window=a.n_window, lazy_type="q4_0")),
         ("simkv half lazy (f16 ring)", lambda: Ours(path, "simkv half lazy (f16 ring)", a.n_ctx, a.threads,

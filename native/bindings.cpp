@@ -2,10 +2,10 @@
 // (BadInput -> ValueError) and the Python layer; every value returned is asked of the engine, the cache or
 // their policies, and every engine call goes through engine_call (GIL, claim, device thread).
 #include "bindings_common.h"
+#include "dequantize.h"
 #include "engine.h"
 #include "errors.h"
 #include "graph.h"
-#include "kv_gather.h"
 #include "kv_policy.h"
 #include "logging.h"
 #include "model.h"
@@ -193,17 +193,24 @@ NB_MODULE(_native, m) {
               return total;
           },
           "model"_a, "config"_a, "KV bytes of an engine with this configuration (its stores once a prompt is in)");
-    // The ring gather's q4_0 kernel (kv_gather.h), for a test against gguf's own dequantizer: f16 bits.
-    m.def("dequantize_q4_0_f16",
-          [](nb::bytes blocks) {
-              if (blocks.size() % 18 != 0) throw BadInput("q4_0 data is a whole number of 18-byte blocks");
-              const size_t nb = blocks.size() / 18;
-              auto * out = new uint16_t[nb * 32];
-              dequantize_q4_0_f16((const uint8_t *) blocks.c_str(), (ggml_fp16_t *) out, nb);
-              nb::capsule owner(out, [](void * p) noexcept { delete[] (uint16_t *) p; });
-              return nb::ndarray<nb::numpy, uint16_t, nb::ndim<1>>(out, {nb * 32}, owner);
+    // The CPU kernels' dequantization (dequantize.h), for a test against gguf's own dequantizer: the
+    // values as f32, or as f16 bits (uint16).
+    m.def("dequantize_rows",
+          [](const std::string & type_name, nb::bytes blocks, bool f16) {
+              const ggml_type type = parse_cache_type(type_name, "type");
+              const size_t block = ggml_type_size(type), per = (size_t) ggml_blck_size(type);
+              if (blocks.size() % block != 0) {
+                  throw BadInput(type_name + " data is a whole number of " + std::to_string(block) + "-byte blocks");
+              }
+              const size_t n = blocks.size() / block * per;
+              const size_t width = f16 ? 2 : 4;
+              auto * out = new uint8_t[n * width];
+              if (f16) dequantize_row_f16(type, blocks.c_str(), (ggml_fp16_t *) out, (int64_t) n);
+              else dequantize_row_f32(type, blocks.c_str(), (float *) out, (int64_t) n);
+              nb::capsule owner(out, [](void * p) noexcept { delete[] (uint8_t *) p; });
+              return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(out, {n * width}, owner);
           },
-          "blocks"_a, "q4_0 blocks -> their values as float16 bits (uint16)");
+          "type"_a, "blocks"_a, "f16"_a, "blocks of a cache type -> their values' bytes (f32, or f16 with f16=True)");
     // The per-token loss the profiler's what-ifs score in the graph (graph_token_nll.cpp), for a test against
     // numpy's float64 log-softmax over every vocabulary size's leftover lanes.
     m.def("token_nll",

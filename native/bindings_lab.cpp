@@ -1,10 +1,12 @@
 // The research hooks (`_native.lab`): what the profiler, the research benchmarks and the reference tests
 // ask of an engine beyond the product's calls. A probe of attention mass, what-ifs on the residual stream
 // (from a later layer, capturing each layer's input, scoring each row's loss), one layer's attention tapped,
-// a store's raw contents. They reach Python here and through py_simkv/lab.py, not as Engine or Llama methods.
+// a store's raw contents, one layer's attention kernels alone. They reach Python here and through py_simkv/lab.py, not as Engine or Llama methods.
 #include "bindings_common.h"
 #include "errors.h"
+#include "engine_config.h"
 #include "kv_cache.h"
+#include "lab_attention.h"
 #include "probe.h"
 
 #include <ggml.h>
@@ -116,6 +118,47 @@ void define_lab(nb::module_ & m) {
             "engine"_a, "tokens"_a, "layer"_a,
              "eval() that also returns layer `layer`'s attention query rows (after RoPE, before a store's rotation) "
              "and output rows (rotated back), each [n, n_head * head_dim], for a reference to check them against");
+    lab.def("attention",
+            [](nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu> q, nb::bytes k, nb::bytes v,
+               const std::string & k_type, const std::string & v_type, int64_t n_head_kv,
+               nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> mask, float scale,
+               const std::string & kernel, int n_threads, int repeats) {
+                AttentionCase c;
+                c.n_tokens = (int64_t) q.shape(0);
+                c.n_head = (int64_t) q.shape(1);
+                c.d = (int64_t) q.shape(2);
+                c.n_head_kv = n_head_kv;
+                c.n_kv = (int64_t) mask.shape(1);
+                c.k_type = parse_cache_type(k_type, "k_type");
+                c.v_type = parse_cache_type(v_type, "v_type");
+                if ((int64_t) mask.shape(0) != c.n_tokens) throw BadInput("mask must be [n_tokens, n_kv]");
+                if (n_head_kv <= 0 || c.d % 32 != 0) throw BadInput("n_head_kv must be > 0 and the head size a multiple of 32");
+                const size_t row = (size_t) n_head_kv * c.d;
+                if (k.size() != ggml_row_size(c.k_type, row) * c.n_kv || v.size() != ggml_row_size(c.v_type, row) * c.n_kv) {
+                    throw BadInput("k and v must hold n_kv rows of n_head_kv * head size values of their types");
+                }
+                c.q = q.data();
+                c.k = k.c_str();
+                c.v = v.c_str();
+                c.mask = mask.data();
+                c.scale = scale;
+                std::vector<double> seconds;
+                std::vector<float> out;
+                {
+                    nb::gil_scoped_release release;
+                    out = run_attention(c, kernel, n_threads, repeats, seconds);
+                }
+                auto * heap = new std::vector<float>(std::move(out));
+                nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+                nb::object o = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<3>>(
+                    heap->data(), {(size_t) c.n_tokens, (size_t) c.n_head, (size_t) c.d}, owner));
+                return nb::make_tuple(o, seconds);
+            },
+            "q"_a, "k"_a, "v"_a, "k_type"_a, "v_type"_a, "n_head_kv"_a, "mask"_a, "scale"_a, "kernel"_a,
+            "n_threads"_a = 1, "repeats"_a = 1,
+            "One layer's attention alone (lab_attention.h): q [n_tokens, n_head, d] f32, k and v n_kv rows of a cache "
+            "type (bytes), mask [n_tokens, n_kv] (0 / -inf); kernel simkv, simkv-portable, dequantized or ggml. "
+            "Returns (output [n_tokens, n_head, d], seconds of each repeat)");
     lab.def("store_contents", [](const Engine & e, int il) { auto read = read_claim(e); return store_contents(e, il); },
             "engine"_a, "layer"_a, "What layer il's store holds: K/V rows as stored (bytes), the f16 residual's, the cell maps");
     lab.def("probe_scores",

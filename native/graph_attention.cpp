@@ -1,9 +1,11 @@
 // Attention over one layer's KV store: the only place a store is written and read in the graph.
 // Which cells are written and which are visible was decided by KvCache::plan_ubatch (the policy, kv_plan.h);
-// here that becomes a set_rows into the store and one flash attention per span (a sequence's run of
-// tokens over the cells that sequence holds).
+// here that becomes a set_rows into the store and one attention per span (a sequence's run of tokens over
+// the cells that sequence holds): ggml's flash attention, or on the CPU over a quantized store and a few
+// queries, simkv's own (attention_quantized.h).
 #include "graph.h"
 
+#include "attention_quantized.h"
 #include "kv_cache.h"
 #include "kv_gather.h"
 #include "model.h"
@@ -15,24 +17,44 @@ namespace simkv {
 
 namespace {
 
+// How a span reads a store: as stored (ggml's flash attention reads f16 and, on a GPU, q8_0/q4_0 itself),
+// dequantized once (a quantized store on the CPU, many queries), or with attention_quantized (a quantized
+// store on the CPU, few queries). A ring's gathered cells are f16 rows whatever it stores.
+enum class StoreRead { AsStored, Dequantized, Direct };
+
+// Dequantized cells are f32: exact (an f16 scale times a small integer), so this attention is the f32
+// reference's over the stored values (tests/test_attention_quantized.py); ggml's tiled kernel converts
+// f16 cells to f32 tile by tile anyway, and f16 cells measured no faster.
+constexpr ggml_type kDequantized = GGML_TYPE_F32;
+
+StoreRead store_read(const KvStore & s, const KvPolicy & policy, const AttnSpan & sp, bool on_cpu) {
+    if (!on_cpu || policy.gathered() || !(ggml_is_quantized(s.k->type) || ggml_is_quantized(s.v->type))) {
+        return StoreRead::AsStored;
+    }
+    if (sp.n_tokens <= kDirectMaxQueries && attention_quantized_reads(s.k->type, s.v->type)) return StoreRead::Direct;
+    return StoreRead::Dequantized;
+}
+
 // What a span reads of one of a store's tensors (K or V), as [head_dim, n_kv, n_head_kv] (kv_plan.h,
-// AttnSpan): a view of its cells in place, or its gathered cells copied out as f16 rows on every backend
-// (kv_gather.h says why), then, with a residual, the residual's rows and the span's own rows `cur` after
-// them. With a residual, the span's last positions are written to it here: from the rows just read, so the
-// write comes after the read of the cells it overwrites.
+// AttnSpan): its cells in place (as stored, or dequantized), or its gathered cells copied out (a ring's as f16
+// rows on every backend: kv_gather.h says why), then, with a residual, the residual's rows and the span's
+// own rows `cur` after them. With a residual, the span's last positions are written to it here: from the
+// rows just read, so the write comes after the read of the cells it overwrites.
 ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store, ggml_tensor * residual,
-                         const AttnSpan & sp, const SpanInputs & in, ggml_tensor * cur) {
+                         const AttnSpan & sp, const SpanInputs & in, ggml_tensor * cur, bool on_cpu, bool dequantized) {
     ggml_context * ctx = b.ctx;
     const HParams & hp = b.model.hp();
     const int64_t d = hp.head_dim;
     if (!in.gather) {
         const size_t row = ggml_row_size(store->type, store->ne[0]);
-        return ggml_view_3d(ctx, store, d, sp.n_kv, hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
+        ggml_tensor * cells =
+            ggml_view_3d(ctx, store, d, sp.n_kv, hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
+        return dequantized && store->type != kDequantized ? cells_converted(ctx, cells, kDequantized, on_cpu) : cells;
     }
-    const bool on_cpu = ggml_backend_buffer_is_host(s.buffer.get());
     ggml_tensor * rows = nullptr;
-    if (b.kv.groups()[s.group].policy->pooled()) {  // scattered cells of a pooled store, rows as stored
+    if (b.kv.groups()[s.group].policy->pooled()) {  // scattered cells of a pooled store
         rows = gather_rows_as_stored(ctx, store, in.gather, on_cpu);
+        if (dequantized && store->type != kDequantized) rows = cells_converted(ctx, rows, kDequantized, on_cpu);
     } else {
         // the ring's rows; with a residual, the residual's, then the span's own as the residual holds them
         ggml_tensor * own = sp.residual ? ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1])
@@ -81,20 +103,28 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
     // Read: per span (a run of one sequence's tokens), the cells of that sequence it reads (kv_cache.h), as
     // [head_dim, n_kv, n_head_kv]; cell order does not matter, the mask does. The mask is the group's,
     // shared by all its layers (causal for FULL, sink + window for LAZY, window for SWA).
+    const bool on_cpu = ggml_backend_buffer_is_host(s.buffer.get());
+    const KvPolicy & policy = *b.kv.groups()[s.group].policy;
     ggml_tensor * out = nullptr;  // [head_dim, n_head, n_tokens]
     for (size_t r = 0; r < spans.size(); ++r) {
         const AttnSpan & sp = spans[r];
         const SpanInputs & in = b.in.spans[s.group][r];
-        ggml_tensor * k = read_cells(b, s, s.k, s.k_res, sp, in, k_rows);
-        ggml_tensor * v = read_cells(b, s, s.v, s.v_res, sp, in, v_rows);
+        const StoreRead how = store_read(s, policy, sp, on_cpu);
+        ggml_tensor * k = read_cells(b, s, s.k, s.k_res, sp, in, k_rows, on_cpu, how == StoreRead::Dequantized);
+        ggml_tensor * v = read_cells(b, s, s.v, s.v_res, sp, in, v_rows, on_cpu, how == StoreRead::Dequantized);
         if (b.probe) build_probe(b, il, q_cur, k, v);  // one sequence: one span
         ggml_tensor * q = q_cur;
         if (spans.size() > 1) {
             q = ggml_view_3d(ctx, q_cur, d, hp.n_head, sp.n_tokens, q_cur->nb[1], q_cur->nb[2], sp.t0 * q_cur->nb[2]);
         }
-        q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
-        ggml_tensor * o = ggml_flash_attn_ext(ctx, q, k, v, in.kq_mask, kq_scale, 0.0f, 0.0f);
-        ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
+        ggml_tensor * o = nullptr;
+        if (how == StoreRead::Direct) {
+            o = attention_quantized(ctx, q, k, v, in.kq_mask, kq_scale);
+        } else {
+            q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
+            o = ggml_flash_attn_ext(ctx, q, k, v, in.kq_mask, kq_scale, 0.0f, 0.0f);
+            ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
+        }
         out = out ? ggml_concat(ctx, out, o, 2) : o;
     }
     out = ggml_reshape_2d(ctx, out, d * hp.n_head, b.n_tokens);

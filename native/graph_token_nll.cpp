@@ -4,6 +4,7 @@
 // graph, on ggml's threads; elsewhere (a GPU, an RPC server: they would be handed a CPU function) the engine
 // takes it from the logits it reads back (Engine::eval_ubatch).
 #include "graph.h"
+#include "ggml_cpu_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,11 +12,6 @@
 #include <vector>
 
 namespace simkv {
-
-// ggml's own vectorized exponentials (ggml-cpu's vec.h, built for the CPU it is built on, as ggml is):
-// y[i] = e^(x[i] - max), and their sum in double. Not in an installed header: the exact pin of
-// llama-cpp-python (pyproject.toml: ggml has no stable ABI) keeps this signature.
-extern "C" double ggml_vec_soft_max_f32(int n, float * y, const float * x, float max);
 
 float token_nll(const float * logits, int64_t n_vocab, int32_t target) {
     if (target < 0) return 0.0f;

@@ -1,5 +1,8 @@
-// Reading a lazy ring's visible cells for attention (AttnSpan's gathered read, kv_cache.h), and a pooled
-// span's scattered cells as they are stored.
+// Reading a store's cells for attention: a lazy ring's visible cells as f16 rows (AttnSpan's gathered
+// read, kv_cache.h), a pooled span's scattered cells as stored, and a quantized store's cells dequantized
+// for a span of many queries on the CPU (once per ubatch, so that ggml's tiled flash attention takes
+// them, rather than its row-by-row loop that dequantizes each value row once per query:
+// attention_quantized.h).
 //
 // A ring's gathered cells reach flash attention as f16 rows on every backend. A GPU's flash attention takes
 // f16; on the CPU the same rows keep the CPU and a device computing the same attention. With f32 rows on
@@ -30,7 +33,8 @@ ggml_tensor * gather_rows_as_stored(ggml_context * ctx, ggml_tensor * store, ggm
 ggml_tensor * gather_span_rows_f16(ggml_context * ctx, ggml_tensor * store, ggml_tensor * idx, ggml_tensor * residual,
                                    ggml_tensor * res_idx, ggml_tensor * own, bool on_cpu);
 
-// n q4_0 blocks (18 bytes each: f16 scale, 16 bytes of nibbles) -> 32 * n f16 values.
-void dequantize_q4_0_f16(const uint8_t * blocks, ggml_fp16_t * out, size_t n_blocks);
+// [ne0, ne1, ne2] cells of any type (a view of a store, or gathered rows) as contiguous F32 or F16 (on the
+// CPU one pass of dequantize.h's loops; elsewhere ggml's cast).
+ggml_tensor * cells_converted(ggml_context * ctx, ggml_tensor * cells, ggml_type type, bool on_cpu);
 
 }  // namespace simkv

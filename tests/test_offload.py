@@ -89,9 +89,11 @@ def test_q4_0_stores_on_the_device(tiny_model, device, full_type, lazy_prefill):
     kw = dict(lazy_layers=[0, 2], type_k=full_type, type_v=full_type, lazy_prefill=lazy_prefill)
     cpu, _ = _run(path, **kw)
     dev, _ = _run(path, n_gpu_layers=-1, **kw, **extra)
-    if extra:  # RPC: the CPU's kernels
+    if extra and full_type == "f16":  # RPC: the CPU's kernels
         assert np.array_equal(dev, cpu), (np.abs(dev - cpu).max(), np.abs(dev - cpu).mean())
         return
+    # Quantized full stores: the CPU reads them with simkv's own attention (attention_quantized.h), a GPU or
+    # an RPC server with ggml's flash attention, which also rounds each query to 8 bits.
     cpu_f16, _ = _run(path, lazy_layers=[0, 2], lazy_type="f16", lazy_prefill=lazy_prefill)
     quant_effect = np.abs(cpu - cpu_f16).mean()
     assert np.abs(dev - cpu).mean() < 0.25 * quant_effect, (np.abs(dev - cpu).mean(), quant_effect)

@@ -81,11 +81,27 @@ def test_chunked_prefill_matches_llama_cpp(smollm_path, prompt_and_reference, n_
     np.testing.assert_allclose(ours.scores[: ours.n_tokens], np.array(ref.scores[: len(tokens)]), rtol=0, atol=LOGIT_ATOL)
 
 
+def _mean_kld_and_top1(reference, logits):
+    """Mean KL divergence of logits' next-token distributions from reference's, and top-1 agreement."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(1, keepdims=True)
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+    p, q = log_softmax(reference), log_softmax(logits)
+    return float((np.exp(p) * (p - q)).sum(1).mean()), float((reference.argmax(1) == logits.argmax(1)).mean())
+
+
 @pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
-def test_quantized_kv_matches_llama_cpp(smollm_path, prompt_and_reference, kv_type):
+def test_quantized_kv_is_as_close_to_f16_as_llama_cpps(smollm_path, prompt_and_reference, kv_type):
     """A quantized store holds what llama.cpp's quantized KV cache holds: K and V Hadamard-rotated, then
-    quantized (kv_rotation.h). Same ops in the same order, so the same tolerance as f16; without the
-    rotation q4_0 logits differ from llama.cpp's by 1.3 on average (14 at most)."""
+    quantized (kv_rotation.h; tests/test_kv_rotation.py checks it against the PyTorch reference). On the CPU
+    simkv reads it with its own attention (attention_quantized.h): a prompt's cells dequantized exactly,
+    where ggml's flash attention also rounds each query to 8 bits. Through 30 layers of 4-bit weights that
+    one rounding moves logits as much as the cache type does (measured q8_0: 0.19 mean |difference| between
+    the two, 0.18 from f16 each), so they are compared as the field compares caches: by the distance of
+    their next-token distributions from the f16 cache's. Measured mean KLD / top-1 agreement, llama.cpp vs
+    simkv: q8_0 0.0044 / 96.7% vs 0.0046 / 96.8%; q4_0 0.071 / 88.0% vs 0.067 / 88.5%. Bounds: KLD at most
+    1.25x llama.cpp's, top-1 at most 1.5 points below."""
     import llama_cpp
 
     tokens, f16_logits, _ = prompt_and_reference
@@ -93,9 +109,12 @@ def test_quantized_kv_matches_llama_cpp(smollm_path, prompt_and_reference, kv_ty
     ref = reference_llama(smollm_path, n_ctx=2048, n_batch=512, n_threads=N_THREADS, logits_all=True,
                           flash_attn=True, type_k=ggml_type, type_v=ggml_type)
     ref.eval(tokens)
-    want = np.array(ref.scores[: len(tokens)], dtype=np.float32)
-    assert np.abs(want - f16_logits).mean() > 100 * LOGIT_ATOL if kv_type == "q4_0" else True  # quantization shows
+    theirs = np.array(ref.scores[: len(tokens)], dtype=np.float32)
     ours = Llama(smollm_path, n_ctx=2048, n_batch=512, n_threads=N_THREADS, logits_all=True, type_k=kv_type,
                  type_v=kv_type)
     ours.eval(tokens)
-    np.testing.assert_allclose(ours.scores[: ours.n_tokens], want, rtol=0, atol=LOGIT_ATOL)
+    kld_theirs, top1_theirs = _mean_kld_and_top1(f16_logits, theirs)
+    kld_ours, top1_ours = _mean_kld_and_top1(f16_logits, ours.scores[: ours.n_tokens])
+    assert kld_theirs > (0.003 if kv_type == "q8_0" else 0.05)  # the cache type shows
+    assert kld_ours <= 1.25 * kld_theirs
+    assert top1_ours >= top1_theirs - 0.015
