@@ -282,23 +282,25 @@ void attend_block(const Rows & rows, ggml_tensor * dst, int64_t hk, int64_t bloc
     }
 }
 
-// ggml custom op: dst = partials F32 [2 + d, n_head, n_tokens, n_blocks]; src q, k, v, mask. Items (KV head,
-// cell block) are dealt to threads in turn.
+// ggml custom op: dst = partials F32 [2 + d, n_head, n_tokens, n_blocks]; src q, k, v, mask. Items (cell
+// block, KV head), in that order, are split into one contiguous share per thread: a thread reads whole rows
+// of its cells, each KV head's part in turn while the rows are in cache, so a row comes from memory once.
 void attend_partials(ggml_tensor * dst, int ith, int nth, void * ud) {
     const OpParams prm = unpack(ud);
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
     const int64_t n_head_kv = k->ne[2], n_items = n_head_kv * dst->ne[3];
+    const int64_t per = (n_items + nth - 1) / nth, first = ith * per, last = std::min(n_items, first + per);
     thread_local Scratch s;
 #ifdef SIMKV_X86
     if (!prm.portable && cpu_has_avx2()) {
         const Avx2Rows rows{k->type, v->type};
-        for (int64_t i = ith; i < n_items; i += nth) attend_block(rows, dst, i % n_head_kv, i / n_head_kv, prm.scale, s);
+        for (int64_t i = first; i < last; ++i) attend_block(rows, dst, i % n_head_kv, i / n_head_kv, prm.scale, s);
         return;
     }
 #endif
     const PortableRows rows(k->type, v->type);
-    for (int64_t i = ith; i < n_items; i += nth) attend_block(rows, dst, i % n_head_kv, i / n_head_kv, prm.scale, s);
+    for (int64_t i = first; i < last; ++i) attend_block(rows, dst, i % n_head_kv, i / n_head_kv, prm.scale, s);
 }
 
 // ggml custom op: dst F32 [d, n_head, n_tokens] from the partials of every cell block (the max-shifted
