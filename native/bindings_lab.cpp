@@ -132,14 +132,11 @@ void define_lab(nb::module_ & m) {
                 c.k_type = parse_cache_type(k_type, "k_type");
                 c.v_type = parse_cache_type(v_type, "v_type");
                 if ((int64_t) mask.shape(0) != c.n_tokens) throw BadInput("mask must be [n_tokens, n_kv]");
-                if (n_head_kv <= 0 || c.d % 32 != 0) throw BadInput("n_head_kv must be > 0 and the head size a multiple of 32");
-                const size_t row = (size_t) n_head_kv * c.d;
-                if (k.size() != ggml_row_size(c.k_type, row) * c.n_kv || v.size() != ggml_row_size(c.v_type, row) * c.n_kv) {
-                    throw BadInput("k and v must hold n_kv rows of n_head_kv * head size values of their types");
-                }
                 c.q = q.data();
                 c.k = k.c_str();
                 c.v = v.c_str();
+                c.k_bytes = k.size();
+                c.v_bytes = v.size();
                 c.mask = mask.data();
                 c.scale = scale;
                 std::vector<double> seconds;

@@ -25,6 +25,10 @@ void check(const AttentionCase & c, const std::string & kernel) {
     }
     if (c.n_head % c.n_head_kv != 0) throw BadInput("n_head must be a multiple of n_head_kv");
     if (c.d % 32 != 0) throw BadInput("head size must be a multiple of 32 (a quantized block)");
+    const size_t row = (size_t) (c.n_head_kv * c.d);
+    if (c.k_bytes != ggml_row_size(c.k_type, row) * c.n_kv || c.v_bytes != ggml_row_size(c.v_type, row) * c.n_kv) {
+        throw BadInput("k and v must hold n_kv rows of n_head_kv * head size values of their types");
+    }
     if (kernel != "simkv" && kernel != "simkv-portable" && kernel != "dequantized" && kernel != "ggml") {
         throw BadInput("kernel must be simkv, simkv-portable, dequantized or ggml, got '" + kernel + "'");
     }
@@ -40,7 +44,7 @@ std::vector<float> run_attention(const AttentionCase & c, const std::string & ke
     check(c, kernel);
     if (n_threads < 1 || repeats < 1) throw BadInput("n_threads and repeats must be >= 1");
     const int64_t row = c.n_head_kv * c.d;
-    const size_t k_bytes = ggml_row_size(c.k_type, row) * c.n_kv, v_bytes = ggml_row_size(c.v_type, row) * c.n_kv;
+    const size_t k_bytes = c.k_bytes, v_bytes = c.v_bytes;
     const size_t f32_cells = (size_t) row * c.n_kv * sizeof(float);
     const size_t out = (size_t) c.d * c.n_head * c.n_tokens * sizeof(float);
     const size_t partials = (size_t) (c.d + 2) * c.n_head * c.n_tokens * (c.n_kv / 256 + 1) * sizeof(float);

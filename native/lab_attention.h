@@ -17,6 +17,7 @@ struct AttentionCase {
     ggml_type k_type = GGML_TYPE_F16, v_type = GGML_TYPE_F16;
     const void * k = nullptr;          // n_kv rows of n_head_kv * d values, as a store holds them
     const void * v = nullptr;
+    size_t k_bytes = 0, v_bytes = 0;   // the lengths of k and v, checked against the shape
     const float * mask = nullptr;      // [n_tokens][n_kv], 0 or -inf
     float scale = 1.0f;
 };
