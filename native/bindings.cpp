@@ -173,26 +173,53 @@ NB_MODULE(_native, m) {
                      [](EngineConfig & c, const std::string & v) { c.type_v = parse_cache_type(v, "type_v"); })
         .def_prop_rw("lazy_type", [](const EngineConfig & c) { return std::string(ggml_type_name(c.lazy_type)); },
                      [](EngineConfig & c, const std::string & v) { c.lazy_type = parse_cache_type(v, "lazy_type"); })
+        // {layer: (K type, V type)}: the layers whose store takes its own types (py_simkv/kv_types.py)
+        .def_prop_rw("layer_types",
+                     [](const EngineConfig & c) {
+                         nb::dict d;
+                         for (const auto & [il, t] : c.layer_types) {
+                             d[nb::int_(il)] = nb::make_tuple(std::string(ggml_type_name(t.k)), std::string(ggml_type_name(t.v)));
+                         }
+                         return d;
+                     },
+                     [](EngineConfig & c, const std::map<int64_t, std::pair<std::string, std::string>> & m) {
+                         std::map<int64_t, KvTypes> out;
+                         for (const auto & [il, kv] : m) {
+                             const std::string what = "layer " + std::to_string(il) + "'s ";
+                             out[il] = KvTypes{parse_cache_type(kv.first, (what + "K type").c_str()),
+                                               parse_cache_type(kv.second, (what + "V type").c_str())};
+                         }
+                         c.layer_types = std::move(out);
+                     })
         .def_prop_rw("lazy_prefill", [](const EngineConfig & c) { return std::string(lazy_prefill_name(c.lazy_prefill)); },
                      [](EngineConfig & c, const std::string & v) { c.lazy_prefill = parse_lazy_prefill(v); })
         .def_prop_rw("lazy_mode", [](const EngineConfig & c) { return std::string(lazy_mode_name(c.lazy_mode)); },
                      [](EngineConfig & c, const std::string & v) { c.lazy_mode = parse_lazy_mode(v); });
 
-    // KV bytes an engine with this configuration allocates once a prompt is in, from the cache's own planned
-    // sizes (KvCache::planned_bytes, what Engine checks against free memory): memory.py and `simkv info`
+    // The KV stores an engine with this configuration allocates once a prompt is in, from the cache's own planned
+    // kinds, types and sizes (KvCache::planned_bytes, what Engine checks against free memory): memory.py and `simkv info`
     // ask here and never restate a policy. With exact prefill the lazy layers are these rings after the
     // prompt (the peak, while it is evaluated, is a full cache).
-    m.def("planned_kv_bytes",
+    m.def("planned_kv_layers",
           [](const Model & model, const EngineConfig & cfg) {
               const HParams & hp = model.hp();
               const EngineConfig c = validated(cfg, hp);
-              KvConfig kv = kv_config(c);
+              KvConfig kv = kv_config(c, hp.n_layer);
               kv.lazy_layers.assign(c.lazy_layers.begin(), c.lazy_layers.end());
-              uint64_t total = 0;
-              for (uint32_t il = 0; il < hp.n_layer; ++il) total += KvCache::planned_bytes(hp, kv, il);
-              return total;
+              nb::list layers;
+              for (uint32_t il = 0; il < hp.n_layer; ++il) {
+                  const KvTypes t = KvCache::planned_types(kv, il);
+                  nb::dict d;
+                  d["layer"] = il;
+                  d["kind"] = kv_kind_name(KvCache::planned_kind(hp, kv, il));
+                  d["type_k"] = std::string(ggml_type_name(t.k));
+                  d["type_v"] = std::string(ggml_type_name(t.v));
+                  d["bytes"] = KvCache::planned_bytes(hp, kv, il);
+                  layers.append(d);
+              }
+              return layers;
           },
-          "model"_a, "config"_a, "KV bytes of an engine with this configuration (its stores once a prompt is in)");
+          "model"_a, "config"_a, "each layer's store with this configuration (kind, K and V types, bytes once a prompt is in)");
     // The CPU kernels' dequantization (dequantize.h), for a test against gguf's own dequantizer: the
     // values as f32, or as f16 bits (uint16).
     m.def("dequantize_rows",

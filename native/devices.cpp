@@ -2,6 +2,8 @@
 
 #include "errors.h"
 
+#include <ggml-cpp.h>
+
 #include <algorithm>
 #include <cstdio>
 
@@ -14,6 +16,22 @@ std::vector<ggml_backend_dev_t> gpu_devices() {
         if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) out.push_back(dev);
     }
     return out;
+}
+
+bool flash_attention_reads(ggml_backend_dev_t dev, int64_t head_dim, int64_t n_head, int64_t n_head_kv, ggml_type k,
+                           ggml_type v) {
+    constexpr int64_t n_kv = 256;  // kCellPad (kv_policy.h)
+    ggml_init_params ip = {8 * ggml_tensor_overhead(), nullptr, true};
+    ggml_context_ptr ctx(ggml_init(ip));
+    ggml_tensor * q = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, head_dim, 1, n_head);
+    auto cells = [&](ggml_type t) {  // a view of a store, as graph_attention.cpp reads one
+        ggml_tensor * store = ggml_new_tensor_2d(ctx.get(), t, head_dim * n_head_kv, n_kv);
+        return ggml_view_3d(ctx.get(), store, head_dim, n_kv, n_head_kv, store->nb[1], ggml_row_size(t, head_dim), 0);
+    };
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F16, n_kv, 1);
+    ggml_tensor * fa = ggml_flash_attn_ext(ctx.get(), q, cells(k), cells(v), mask, 1.0f, 0.0f, 0.0f);
+    ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
+    return ggml_backend_dev_supports_op(dev, fa);
 }
 
 std::string device_label(ggml_backend_dev_t dev) {

@@ -37,6 +37,13 @@ uint64_t available_memory(ggml_backend_dev_t dev);
 // a BadInput with the sizes and `advice`, instead of an OOM kill half-way through (a zeroed buffer is touched).
 void check_fits(ggml_backend_dev_t dev, uint64_t bytes, const std::string & what, const std::string & advice);
 
+// Whether dev's flash attention reads K and V of these types, asked of the device itself with the shapes a
+// span reads (one query over kCellPad cells of [head_dim, n_head_kv] rows), so that a store the device
+// cannot read is refused rather than its attention quietly run on the CPU. (ggml-cuda's default build reads
+// f16/bf16 and the symmetric q8_0/q4_0 pairs; an RPC server's CPU reads any pair.)
+bool flash_attention_reads(ggml_backend_dev_t dev, int64_t head_dim, int64_t n_head, int64_t n_head_kv, ggml_type k,
+                           ggml_type v);
+
 // Throws BadInput for a main_gpu that does not exist, n_gpu_layers < -1, or a tensor_split that is negative
 // or longer than the offload devices. With no offload device every layer stays on the CPU (the caller warns).
 Placement plan_placement(uint32_t n_layer, int n_gpu_layers, int main_gpu, const std::vector<ggml_backend_dev_t> & remote,

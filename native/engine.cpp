@@ -18,7 +18,7 @@
 namespace simkv {
 
 Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
-    : model_(std::move(model)), cfg_(validated(cfg, model_->hp())), prefill_(prefill_strategy(cfg_)), kv_cfg_(kv_config(cfg_)),
+    : model_(std::move(model)), cfg_(validated(cfg, model_->hp())), prefill_(prefill_strategy(cfg_)), kv_cfg_(kv_config(cfg_, model_->hp().n_layer)),
       // Nodes: ~64 per layer, plus ~12 per attention span (one per sequence in a ubatch, at most) and ~14
       // more where a span reads and writes a ring's residual.
       arena_(std::max<size_t>(2048, (size_t) model_->hp().n_layer *
@@ -41,6 +41,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineConfig & cfg)
         ggml_backend_dev_t dev = model_->layer_device(il);
         bufts_[il] = dev ? ggml_backend_dev_buffer_type(dev) : ggml_backend_get_default_buffer_type(cpu_.get());
     }
+    check_device_types();
     check_memory(kv_cfg_);
     kv_ = new_cache();
     peak_kv_bytes_ = kv_->total_bytes();
@@ -116,6 +117,23 @@ void Engine::set_n_threads(int n) {
     if (n < 1) throw BadInput("n_threads must be >= 1");
     cfg_.n_threads = n;
     ggml_backend_cpu_set_n_threads(cpu_.get(), n);
+}
+
+void Engine::check_device_types() const {
+    // A store read in place by flash attention: a layer while it is full (every layer may be, during an exact
+    // prefill or in dynamic mode). Lazy rings reach it as f16 rows (kv_gather.h) and read on any device.
+    const HParams & hp = model_->hp();
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        ggml_backend_dev_t dev = model_->layer_device(il);
+        const KvTypes t = kv_cfg_.full_types[il];
+        const bool lazy_from_start = std::count(kv_cfg_.lazy_layers.begin(), kv_cfg_.lazy_layers.end(), (int) il) > 0;
+        if (!dev || lazy_from_start || (t.k == GGML_TYPE_F16 && t.v == GGML_TYPE_F16)) continue;
+        if (!flash_attention_reads(dev, hp.head_dim, hp.n_head, hp.n_head_kv, t.k, t.v)) {
+            throw BadInput("layer " + std::to_string(il) + " is on " + device_name(dev) + ", whose flash attention does not read K " +
+                           ggml_type_name(t.k) + " with V " + ggml_type_name(t.v) + " (ggml-cuda's default build reads f16, bf16 and "
+                           "the symmetric q8_0 and q4_0 pairs): choose another pair for it, or keep the layer on the CPU");
+        }
+    }
 }
 
 void Engine::check_memory(const KvConfig & kv_cfg) const {

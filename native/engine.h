@@ -162,6 +162,8 @@ private:
     size_t checked_seq(int32_t seq) const;
     std::vector<std::vector<float>> decode(const std::vector<SeqTokens> & batch, const ProbeSpec * probe,
                                            uint32_t n_probe, const BetweenUbatches & between);
+    // refuse a store type that an offload device's flash attention does not read (devices.h)
+    void check_device_types() const;
     void check_memory(const KvConfig & kv_cfg) const;  // refuse, before allocating, a KV cache that cannot fit
     std::unique_ptr<KvCache> new_cache() const;
     // One ubatch: token i is tokens[i] at pos[i] of sequence seq[i]; the logits of row out_rows[j] go to

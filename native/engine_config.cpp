@@ -34,9 +34,26 @@ LazyMode parse_lazy_mode(const std::string & name) {
 const char * lazy_prefill_name(LazyPrefill p) { return p == LazyPrefill::Exact ? "exact" : "streaming"; }
 const char * lazy_mode_name(LazyMode m) { return m == LazyMode::Dynamic ? "dynamic" : "static"; }
 
-uint32_t residual_positions(ggml_type lazy_type, int64_t lazy_residual, int64_t n_window) {
-    // An f16 (or bf16) ring needs none; positions older than the window are not seen anyway.
-    return ggml_is_quantized(lazy_type) ? (uint32_t) std::max<int64_t>(0, std::min(lazy_residual, n_window)) : 0;
+KvTypes full_types(const EngineConfig & cfg, int64_t il) {
+    const auto it = cfg.layer_types.find(il);
+    return it != cfg.layer_types.end() ? it->second : KvTypes{cfg.type_k, cfg.type_v};
+}
+
+KvTypes lazy_types(const EngineConfig & cfg, int64_t il) {
+    const auto it = cfg.layer_types.find(il);
+    return it != cfg.layer_types.end() ? it->second : KvTypes{cfg.lazy_type, cfg.lazy_type};
+}
+
+uint32_t residual_positions(const EngineConfig & cfg, uint32_t n_layer) {
+    // The layers that may be lazy: those listed, or (dynamic mode) any. An f16 (or bf16) ring needs no
+    // residual; positions older than the window are not seen anyway.
+    bool quantized = false;
+    if (cfg.lazy_mode == LazyMode::Dynamic) {
+        for (uint32_t il = 0; il < n_layer; ++il) quantized = quantized || lazy_types(cfg, il).quantized();
+    } else {
+        for (int64_t il : cfg.lazy_layers) quantized = quantized || lazy_types(cfg, il).quantized();
+    }
+    return quantized ? (uint32_t) std::max<int64_t>(0, std::min(cfg.lazy_residual, cfg.n_window)) : 0;
 }
 
 int64_t EngineConfig::default_threads() {
@@ -78,20 +95,27 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     c.n_ubatch = std::min(c.n_ubatch, c.n_batch);
     c.n_sink = std::min(c.n_sink, c.n_ctx);
     c.n_window = std::min(c.n_window, c.n_ctx);
-    if (c.type_k != c.type_v) {
-        throw BadInput(std::string("type_k and type_v must be equal (got ") + ggml_type_name(c.type_k) + " and " +
-                       ggml_type_name(c.type_v) + "): mixed K/V types fall off the fast flash-attention kernels");
-    }
     if (c.lazy_mode == LazyMode::Dynamic && !c.lazy_layers.empty()) {
         throw BadInput("lazy_mode='dynamic' chooses the lazy layers itself: do not give lazy_layers");
     }
-    std::vector<ggml_type> used = {c.type_k};
-    if (!c.lazy_layers.empty() || c.lazy_mode == LazyMode::Dynamic) used.push_back(c.lazy_type);
-    for (ggml_type t : used) {
+    // K and V may differ (on the CPU simkv's attention reads every pair; a device's flash attention is asked
+    // by the engine, devices.h); every type must fill whole blocks of a head.
+    auto check_type = [&](ggml_type t, const std::string & what) {
         if (hp.head_dim % ggml_blck_size(t) != 0) {
-            throw BadInput(std::string("cache type ") + ggml_type_name(t) + " needs a head size divisible by " +
+            throw BadInput(what + " " + ggml_type_name(t) + " needs a head size divisible by " +
                            std::to_string(ggml_blck_size(t)) + "; this model's is " + std::to_string(hp.head_dim));
         }
+    };
+    check_type(c.type_k, "cache type");
+    check_type(c.type_v, "cache type");
+    if (!c.lazy_layers.empty() || c.lazy_mode == LazyMode::Dynamic) check_type(c.lazy_type, "cache type");
+    for (const auto & [il, t] : c.layer_types) {
+        if (il < 0 || il >= (int64_t) hp.n_layer) {
+            throw BadInput("layer_types: layer " + std::to_string(il) + " is out of range: the model has " +
+                           std::to_string(hp.n_layer) + " layers (0.." + std::to_string(hp.n_layer - 1) + ")");
+        }
+        check_type(t.k, "layer " + std::to_string(il) + "'s K type");
+        check_type(t.v, "layer " + std::to_string(il) + "'s V type");
     }
     std::set<int64_t> seen;
     for (int64_t il : c.lazy_layers) {
@@ -109,16 +133,18 @@ PrefillStrategy prefill_strategy(const EngineConfig & cfg) {
     return cfg.n_seq_max > 1 ? PrefillStrategy::Staged : PrefillStrategy::Compacted;
 }
 
-KvConfig kv_config(const EngineConfig & cfg) {
+KvConfig kv_config(const EngineConfig & cfg, uint32_t n_layer) {
     KvConfig kv;
     kv.n_ctx = (uint32_t) cfg.n_ctx;
     kv.n_seq_max = (uint32_t) cfg.n_seq_max;
     kv.n_ubatch = (uint32_t) cfg.n_ubatch;
-    kv.type_full = cfg.type_k;
-    kv.type_lazy = cfg.lazy_type;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        kv.full_types.push_back(full_types(cfg, il));
+        kv.lazy_types.push_back(lazy_types(cfg, il));
+    }
     kv.n_sink = (uint32_t) cfg.n_sink;
     kv.n_window = (uint32_t) cfg.n_window;
-    kv.n_residual = residual_positions(cfg.lazy_type, cfg.lazy_residual, cfg.n_window);
+    kv.n_residual = residual_positions(cfg, n_layer);
     if (prefill_strategy(cfg) != PrefillStrategy::Compacted) {
         for (int64_t il : cfg.lazy_layers) kv.lazy_layers.push_back((int) il);
     }

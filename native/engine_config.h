@@ -7,6 +7,7 @@
 #include <ggml.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,9 @@ struct EngineConfig {
     int64_t n_ubatch = 512;
     int64_t n_threads = default_threads();
     ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16, lazy_type = GGML_TYPE_Q4_0;
+    // Per-layer K and V types: where a layer is listed, its store takes these types whatever its kind (full,
+    // lazy, or the model's own sliding window) instead of type_k/type_v or lazy_type.
+    std::map<int64_t, KvTypes> layer_types;
     std::vector<int64_t> lazy_layers;
     int64_t n_sink = 4;
     int64_t n_window = 1024;
@@ -53,9 +57,13 @@ struct EngineConfig {
     static int64_t default_threads();  // half the cores, as llama-cpp-python
 };
 
-// The f16 residual a lazy ring of this type keeps per sequence (kv_policy_lazy.cpp): lazy_residual
-// positions beside a quantized ring (at most the window), none beside an f16 one.
-uint32_t residual_positions(ggml_type lazy_type, int64_t lazy_residual, int64_t n_window);
+// The K and V types of layer il's store when it is full, and when it is lazy (a validated configuration).
+KvTypes full_types(const EngineConfig & cfg, int64_t il);
+KvTypes lazy_types(const EngineConfig & cfg, int64_t il);
+
+// The f16 residual the lazy rings keep per sequence (kv_policy_lazy.cpp): lazy_residual positions (at most
+// the window) where some layer's ring would be quantized, none where every ring is f16 or bf16.
+uint32_t residual_positions(const EngineConfig & cfg, uint32_t n_layer);
 
 // The largest context an engine accepts (positions are int32 and cell maps are allocated up front).
 constexpr int64_t kMaxContext = int64_t(1) << 26;
@@ -75,6 +83,6 @@ enum class PrefillStrategy { Streaming, Compacted, Staged };
 PrefillStrategy prefill_strategy(const EngineConfig & cfg);
 // The cache's share of a validated configuration: its lazy layers are lazy from the start except where
 // the prompt is compacted (Compacted: all full until then).
-KvConfig kv_config(const EngineConfig & cfg);
+KvConfig kv_config(const EngineConfig & cfg, uint32_t n_layer);
 
 }  // namespace simkv

@@ -17,7 +17,7 @@ namespace simkv {
 namespace {
 
 constexpr char kMagic[8] = {'S', 'I', 'M', 'K', 'V', 'S', 'T', '1'};
-constexpr uint32_t kVersion = 2;  // 2: quantized rings' f16 residuals
+constexpr uint32_t kVersion = 3;  // 3: a K type and a V type per layer
 
 }  // namespace
 

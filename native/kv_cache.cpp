@@ -37,10 +37,13 @@ uint64_t cells_of(const KvPolicy & p, uint32_t n_seq) {
     return p.pooled() ? p.capacity() : (uint64_t) p.capacity() * n_seq;
 }
 
-// A store's K + V bytes: its cells of `type`, and its residual's f16 cells.
-uint64_t store_bytes(const HParams & hp, ggml_type type, uint64_t cells, uint64_t residual_cells) {
+// The types of layer il's store, by its kind.
+KvTypes types_of(const KvConfig & cfg, uint32_t il) { return is_lazy(cfg, il) ? cfg.lazy_types.at(il) : cfg.full_types.at(il); }
+
+// A store's K + V bytes: its cells of its types, and its residual's f16 cells.
+uint64_t store_bytes(const HParams & hp, KvTypes types, uint64_t cells, uint64_t residual_cells) {
     const uint64_t k = hp.n_embd_k_gqa(), v = hp.n_embd_v_gqa();
-    return cells * (ggml_row_size(type, k) + ggml_row_size(type, v)) +
+    return cells * (ggml_row_size(types.k, k) + ggml_row_size(types.v, v)) +
            residual_cells * (ggml_row_size(GGML_TYPE_F16, k) + ggml_row_size(GGML_TYPE_F16, v));
 }
 
@@ -52,9 +55,12 @@ std::unique_ptr<KvPolicy> lazy_policy(const KvConfig & cfg) {
 
 uint64_t KvCache::planned_bytes(const HParams & hp, const KvConfig & cfg, uint32_t il) {
     const auto p = policy_for(hp, cfg, il);
-    const ggml_type t = is_lazy(cfg, il) ? cfg.type_lazy : cfg.type_full;
-    return store_bytes(hp, t, cells_of(*p, cfg.n_seq_max), (uint64_t) p->residual_capacity() * cfg.n_seq_max);
+    return store_bytes(hp, types_of(cfg, il), cells_of(*p, cfg.n_seq_max), (uint64_t) p->residual_capacity() * cfg.n_seq_max);
 }
+
+KvKind KvCache::planned_kind(const HParams & hp, const KvConfig & cfg, uint32_t il) { return policy_for(hp, cfg, il)->kind(); }
+
+KvTypes KvCache::planned_types(const KvConfig & cfg, uint32_t il) { return types_of(cfg, il); }
 
 KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggml_backend_buffer_type_t> & buft_per_layer)
     : id_(next_cache_id()), n_seq_(cfg.n_seq_max), lazy_cells_(lazy_policy(cfg)->capacity()), lazy_view_(make_masked_policy(cfg.n_ctx, cfg.n_sink, cfg.n_window)) {
@@ -62,7 +68,7 @@ KvCache::KvCache(const HParams & hp, const KvConfig & cfg, const std::vector<ggm
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const int g = group_for(policy_for(hp, cfg, il));
         groups_[g].layers.push_back((int) il);
-        stores_[il] = alloc_store(hp, (int) il, g, is_lazy(cfg, il) ? cfg.type_lazy : cfg.type_full,
+        stores_[il] = alloc_store(hp, (int) il, g, types_of(cfg, il),
                                   groups_[g].cells.size(), (uint32_t) groups_[g].cells.residual().size(),
                                   buft_per_layer[il]);
     }
@@ -93,17 +99,17 @@ int KvCache::new_group(std::unique_ptr<KvPolicy> policy) {
     return (int) groups_.size() - 1;
 }
 
-KvStore KvCache::alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
+KvStore KvCache::alloc_store(const HParams & hp, int il, int group, KvTypes types, uint32_t capacity,
                              uint32_t residual_cells, ggml_backend_buffer_type_t buft) {
     KvStore s;
     s.layer = il;
     s.group = group;
-    s.type = type;
-    s.rot = rotation_for(type, hp.head_dim);
+    s.types = types;
+    s.rot = rotation_for(types, hp.head_dim);
     ggml_init_params ip = {4 * ggml_tensor_overhead(), nullptr, true};
     s.ctx.reset(ggml_init(ip));
-    s.k = ggml_new_tensor_2d(s.ctx.get(), type, hp.n_embd_k_gqa(), capacity);
-    s.v = ggml_new_tensor_2d(s.ctx.get(), type, hp.n_embd_v_gqa(), capacity);
+    s.k = ggml_new_tensor_2d(s.ctx.get(), types.k, hp.n_embd_k_gqa(), capacity);
+    s.v = ggml_new_tensor_2d(s.ctx.get(), types.v, hp.n_embd_v_gqa(), capacity);
     ggml_format_name(s.k, "cache_k_l%d", il);
     ggml_format_name(s.v, "cache_v_l%d", il);
     if (residual_cells) {  // rows in the ring's rotation: they are read beside its rows

@@ -51,20 +51,20 @@ struct KvSnapshot {
         uint32_t n_used = 0, n_free = 0;
     };
     struct Layer {
-        uint32_t group = 0, type = 0, capacity = 0;
+        uint32_t group = 0, type_k = 0, type_v = 0, capacity = 0;
         std::vector<uint8_t> k, v, k_res, v_res;
     };
     std::vector<Group> groups;
     std::vector<Layer> layers;
 };
 
-// The cache's share of the engine's configuration (engine.h has the defaults and the checks).
+// The cache's share of the engine's configuration (engine_config.h has the defaults and the checks).
 struct KvConfig {
     uint32_t n_ctx;      // cells of a pooled store, shared by every sequence
     uint32_t n_seq_max;  // sequences: one region each in a ring store
     uint32_t n_ubatch;
-    ggml_type type_full;  // K and V of full layers (always the same type: fast CUDA FA pairs)
-    ggml_type type_lazy;  // K and V of lazy layers
+    std::vector<KvTypes> full_types;  // per layer: its store's types while it is full (or a sliding window)
+    std::vector<KvTypes> lazy_types;  // per layer: its ring's types when it is lazy
     uint32_t n_sink;
     uint32_t n_window;
     uint32_t n_residual;  // f16 positions per sequence beside a quantized lazy ring (kv_policy_lazy.cpp)
@@ -76,8 +76,8 @@ struct KvConfig {
 struct KvStore {
     int layer = 0;
     int group = 0;
-    ggml_type type = GGML_TYPE_F16;
-    KvRotation rot;             // quantized stores hold K and V Hadamard-rotated (kv_rotation.h)
+    KvTypes types;
+    KvRotation rot;             // quantized K and V are held Hadamard-rotated (kv_rotation.h)
     ggml_tensor * k = nullptr;  // [n_embd_k_gqa, capacity], in ctx
     ggml_tensor * v = nullptr;  // [n_embd_v_gqa, capacity], in ctx
     // A quantized lazy ring's residual: f16 rows [n_embd_gqa, n_seq * n_residual] (rotated as k, v are),
@@ -114,6 +114,9 @@ public:
     KvCache & operator=(const KvCache &) = delete;
     // Bytes layer il's store will take with this configuration (checked against free memory first).
     static uint64_t planned_bytes(const HParams & hp, const KvConfig & cfg, uint32_t il);
+    // The kind and the K and V types layer il's store will have with this configuration.
+    static KvKind planned_kind(const HParams & hp, const KvConfig & cfg, uint32_t il);
+    static KvTypes planned_types(const KvConfig & cfg, uint32_t il);
 
     // Largest ubatch every policy accepts.
     uint32_t max_ubatch() const;
@@ -232,7 +235,7 @@ private:
     void make_seq_lazy(const std::vector<int> & layers, int seq);
     // Layers of groups with equal policies, lazy sequences and cell maps join one group again.
     void merge_groups();
-    static KvStore alloc_store(const HParams & hp, int il, int group, ggml_type type, uint32_t capacity,
+    static KvStore alloc_store(const HParams & hp, int il, int group, KvTypes types, uint32_t capacity,
                                uint32_t residual_cells, ggml_backend_buffer_type_t buft);
     // kv_plan.cpp: one group's part of a ubatch's plan, and its spans'.
     GroupPlan plan_group(const KvGroup & g, const int32_t * pos, const int32_t * seq, uint32_t n_tokens, bool in_place) const;

@@ -64,7 +64,7 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
     const KvGroup & dst = groups_[c.group];
     if (!dst.layers.empty()) throw std::runtime_error("exact prefill cannot join layers that were lazy from the start");
     for (int il : layers) {
-        c.stores.push_back(alloc_store(hp, il, c.group, cfg.type_lazy, dst.cells.size(),
+        c.stores.push_back(alloc_store(hp, il, c.group, cfg.lazy_types.at(il), dst.cells.size(),
                                        (uint32_t) dst.cells.residual().size(), buft_per_layer[il]));
     }
     return c;

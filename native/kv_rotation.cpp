@@ -7,13 +7,16 @@
 
 namespace simkv {
 
-KvRotation rotation_for(ggml_type store_type, uint32_t head_dim) {
+KvRotation rotation_for(KvTypes types, uint32_t head_dim) {
     KvRotation r;
-    if (!ggml_is_quantized(store_type) || head_dim == 0 || head_dim % 64 != 0) return r;
-    r.k = 64;
-    while (head_dim % (2 * r.k) == 0) r.k *= 2;
+    if (head_dim == 0 || head_dim % 64 != 0) return r;
+    // K and V each by their own type, as llama.cpp decides them.
+    if (ggml_is_quantized(types.k)) {
+        r.k = 64;
+        while (head_dim % (2 * r.k) == 0) r.k *= 2;
+    }
     // A smaller V rotation measured better in llama.cpp (ggml-org/llama.cpp#21038); kept identical here.
-    r.v = 64;
+    if (ggml_is_quantized(types.v)) r.v = 64;
     return r;
 }
 

@@ -12,6 +12,8 @@
 // Applied in graph_attention.cpp (Q, K, V before a rotated store, the attention output after it) and in
 // the exact-prefill compaction in engine.cpp (rows moving between a rotated and an unrotated store).
 #pragma once
+#include "kv_types.h"
+
 #include <ggml.h>
 
 #include <cstdint>
@@ -26,8 +28,8 @@ struct KvRotation {
     uint32_t v = 0;
 };
 
-// Quantized types with a head size that is a multiple of 64 are rotated; f16/f32/bf16 stores are not.
-KvRotation rotation_for(ggml_type store_type, uint32_t head_dim);
+// A quantized K (or V) with a head size that is a multiple of 64 is rotated; f16/f32/bf16 ones are not.
+KvRotation rotation_for(KvTypes types, uint32_t head_dim);
 
 // The n x n orthonormal Walsh-Hadamard matrix (Sylvester order, entries +-1/sqrt(n)), row-major.
 std::vector<float> hadamard_matrix(uint32_t n);

@@ -30,7 +30,8 @@ void KvCache::write_state(StateWriter & w) const {
     for (const KvStore & s : stores_) {
         const uint32_t n_rows = groups_[s.group].cells.used();
         w.put((uint32_t) s.group);
-        w.put((uint32_t) s.type);
+        w.put((uint32_t) s.types.k);
+        w.put((uint32_t) s.types.v);
         w.put(s.capacity());
         for (const ggml_tensor * t : {s.k, s.v, s.k_res, s.v_res}) {
             std::vector<uint8_t> rows(t ? (size_t) (t == s.k || t == s.v ? n_rows : t->ne[1]) * t->nb[1] : 0);
@@ -59,7 +60,8 @@ KvSnapshot KvCache::read_state(StateReader & r, uint32_t n_layer, uint64_t max_c
     snap.layers.resize(n_layer);
     for (KvSnapshot::Layer & l : snap.layers) {
         l.group = r.get<uint32_t>();
-        l.type = r.get<uint32_t>();
+        l.type_k = r.get<uint32_t>();
+        l.type_v = r.get<uint32_t>();
         l.capacity = r.get<uint32_t>();
         if (l.group >= n_groups) throw BadInput("the state is corrupt (a layer's group)");
         l.k = r.get_vec<uint8_t>(max_bytes);
@@ -86,12 +88,15 @@ void KvCache::restore(const KvSnapshot & snap) {
         const KvSnapshot::Layer & l = snap.layers[il];
         const KvSnapshot::Group & g = snap.groups[l.group];
         const KvGroup & now = groups_[s.group];
-        if (g.key != now.policy->key() || l.type != (uint32_t) s.type || l.capacity != s.capacity() ||
-            g.cell_pos.size() != now.cells.size() || g.res_pos.size() != now.cells.residual().size()) {
-            const char * saved_type = l.type < GGML_TYPE_COUNT && ggml_type_size((ggml_type) l.type) ? ggml_type_name((ggml_type) l.type) : "?";
+        if (g.key != now.policy->key() || l.type_k != (uint32_t) s.types.k || l.type_v != (uint32_t) s.types.v ||
+            l.capacity != s.capacity() || g.cell_pos.size() != now.cells.size() ||
+            g.res_pos.size() != now.cells.residual().size()) {
+            auto name = [](uint32_t t) {
+                return t < GGML_TYPE_COUNT && ggml_type_size((ggml_type) t) ? ggml_type_name((ggml_type) t) : "?";
+            };
             throw BadInput("this state was saved by a Llama with other cache settings (layer " + std::to_string(il) +
-                           ": saved " + g.key + " " + saved_type + ", here " + now.policy->key() + " " +
-                           ggml_type_name(s.type) + ")");
+                           ": saved " + g.key + " K " + name(l.type_k) + " V " + name(l.type_v) + ", here " +
+                           now.policy->key() + " K " + ggml_type_name(s.types.k) + " V " + ggml_type_name(s.types.v) + ")");
         }
         const size_t want = (size_t) g.n_used * s.k->nb[1];
         const size_t want_res = s.k_res ? ggml_nbytes(s.k_res) : 0;

@@ -113,6 +113,6 @@ def test_info_makes_only_global_layers_lazy(gemma_path):
     out = subprocess.run(["simkv", "info", gemma_path, "--n-ctx", "32768"], capture_output=True, text=True,
                          timeout=300, check=True).stdout
     llm = Llama(gemma_path, n_ctx=64, n_threads=1)
-    want = kv_bytes(llm, 32768, type_kv="f16", lazy_layers=[11, 17], n_window=1024) / 2**20
+    want = kv_bytes(llm, 32768, type_k="f16", lazy_layers=[11, 17], n_window=1024) / 2**20
     row = [line for line in out.splitlines() if line.startswith("SimLayerKV 50% of global layers lazy, f16")]
     assert len(row) == 1 and abs(float(row[0].split()[-2]) - want) < 0.05, out

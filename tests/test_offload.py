@@ -99,6 +99,23 @@ def test_q4_0_stores_on_the_device(tiny_model, device, full_type, lazy_prefill):
     assert np.abs(dev - cpu).mean() < 0.25 * quant_effect, (np.abs(dev - cpu).mean(), quant_effect)
 
 
+def test_mixed_type_pairs_on_the_device(tiny_model, device):
+    """K q8_0 with V q4_0 in two layers: an RPC server's CPU reads the pair (compared as the quantized stores
+    above); ggml-cuda's default build reads only equal quantized pairs, so there the Llama is refused."""
+    extra, prefix = device
+    path = _model(tiny_model)
+    kw = dict(kv_types="0-1=q8_0/q4_0")
+    if prefix != "RPC":
+        with pytest.raises(ValueError, match="does not read K q8_0 with V q4_0"):
+            Llama(path, n_ctx=1024, n_gpu_layers=-1, **kw, **extra)
+        return
+    cpu, _ = _run(path, **kw)
+    dev, _ = _run(path, n_gpu_layers=-1, **kw, **extra)
+    cpu_f16, _ = _run(path)
+    quant_effect = np.abs(cpu - cpu_f16).mean()
+    assert np.abs(dev - cpu).mean() < 0.25 * quant_effect, (np.abs(dev - cpu).mean(), quant_effect)
+
+
 def test_partial_offload_places_layers_as_llama_cpp_does(tiny_model, device):
     extra, prefix = device
     path = _model(tiny_model)

@@ -52,19 +52,22 @@ def reference(store, q_rows, positions, hp, n_residual, f16_query):
     """Attention output rows [len(positions), n_head * head_dim] of sequence 0's queries at `positions`."""
     d, H, Hkv = hp["head_dim"], hp["n_head"], hp["n_head_kv"]
     cell_pos, cell_seq = np.array(store["cell_pos"]), np.array(store["cell_seq"])
-    k = _rows(store["k"], store["type"], len(cell_pos))
-    v = _rows(store["v"], store["type"], len(cell_pos))
+    k = _rows(store["k"], store["type_k"], len(cell_pos))
+    v = _rows(store["v"], store["type_v"], len(cell_pos))
     res_pos = np.array(store["residual_pos"][: store["residual_capacity"]])  # sequence 0's residual cells
     if store["k_residual"] is not None:
         k_res = _rows(store["k_residual"], "f16", len(store["residual_pos"]))
         v_res = _rows(store["v_residual"], "f16", len(store["residual_pos"]))
     f16 = lambda x: x.astype(np.float16).astype(np.float64)  # noqa: E731
     # Quantized stores hold K and V rotated, each head by H (H H = I): turn them (and Q) by it.
+    # (K by the largest power of two dividing the head size, V by 64: the same H at SmolLM2's head size 64.)
+    assert d == 64
     h = _hadamard(d)
-    turn = (lambda x: (x.reshape(-1, d) @ h).reshape(x.shape)) if store["type"] != "f16" else (lambda x: x)
-    k, v = turn(f16(k)), turn(f16(v))  # the gathered rows attention reads (kv_gather.h), turned back
+    turn_k, turn_v = ((lambda x: (x.reshape(-1, d) @ h).reshape(x.shape)) if store[t] != "f16" else (lambda x: x)
+                      for t in ("type_k", "type_v"))
+    k, v = turn_k(f16(k)), turn_v(f16(v))  # the gathered rows attention reads (kv_gather.h), turned back
     if store["k_residual"] is not None:
-        k_res, v_res = turn(k_res), turn(v_res)
+        k_res, v_res = turn_k(k_res), turn_v(v_res)
     out = []
     for q_row, p in zip(q_rows, positions):
         keys, vals = [], []
@@ -82,7 +85,7 @@ def reference(store, q_rows, positions, hp, n_residual, f16_query):
         K, V = np.array(keys).reshape(-1, Hkv, d), np.array(vals).reshape(-1, Hkv, d)
         q = q_row.astype(np.float64).reshape(H, d)
         if f16_query:  # rounded after its rotation, as the kernel rounds it
-            q = turn(f16(turn(q)))
+            q = turn_k(f16(turn_k(q)))  # Q turns with K
         o = np.empty((H, d))
         for head in range(H):
             g = head // (H // Hkv)
@@ -126,7 +129,7 @@ def test_ring_attention_equals_the_reference(smollm_path, tokens, request, where
             chunk = tokens[p0:p0 + n]
             q, out = _native.lab.attention_tap(engine, np.array(chunk, dtype=np.int32), layer)
             store = _native.lab.store_contents(engine, layer)
-            assert store["kind"] == "lazy" and store["type"] == lazy_type
+            assert store["kind"] == "lazy" and store["type_k"] == store["type_v"] == lazy_type
             # with a residual, only the last query's f16 keys are all still in it after the chunk
             rows = range(len(chunk)) if n_res == 0 else [len(chunk) - 1]
             rows = list(rows)

@@ -9,6 +9,7 @@ import time
 from typing import List, Optional
 
 from .engine_config import DEFAULTS
+from .kv_types import format_kv_types, parse_kv_types
 
 
 def _layer_list(text: str) -> List[int]:
@@ -30,8 +31,10 @@ def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx,
     p.add_argument("--n-window", type=int, default=DEFAULTS.n_window,
                    help=f"recent tokens a lazy layer keeps (default {DEFAULTS.n_window})")
     p.add_argument("--type-k", default=DEFAULTS.type_k, help="K cache type of full layers: f16, bf16, q8_0, q4_0")
-    p.add_argument("--type-v", default=DEFAULTS.type_v, help="V cache type of full layers (must equal --type-k)")
+    p.add_argument("--type-v", default=DEFAULTS.type_v, help="V cache type of full layers: f16, bf16, q8_0, q4_0")
     p.add_argument("--lazy-type", default=DEFAULTS.lazy_type, help=f"K/V type of lazy layers (default {DEFAULTS.lazy_type})")
+    p.add_argument("--kv-types", default=None, metavar="LAYERS=K[/V],...",
+                   help="layers with their own K/V types, whatever their kind, e.g. 0-3=q8_0,7=q8_0/q4_0")
     p.add_argument("--lazy-residual", type=int, default=DEFAULTS.lazy_residual, metavar="N",
                    help=f"most recent tokens a quantized lazy ring also keeps in f16 (default {DEFAULTS.lazy_residual})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
@@ -112,7 +115,7 @@ def _open(args, **extra):
         kw["seed"] = args.seed
     llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, **_devices(args), n_sink=args.n_sink,
                 n_window=args.n_window, type_k=args.type_k, type_v=args.type_v, lazy_type=args.lazy_type,
-                lazy_residual=args.lazy_residual, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode,
+                kv_types=args.kv_types, lazy_residual=args.lazy_residual, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode,
                 **_lazy_choice(args), **kw)
     print(f"simkv: {_lazy_summary(llm, args)}", file=sys.stderr)
     return llm
@@ -136,7 +139,7 @@ def _lazy_summary(llm, args) -> str:
     from .memory import kv_bytes
 
     n_seq = getattr(args, "parallel", 1)
-    full = kv_bytes(llm, llm.n_ctx(), type_kv=llm.type_k, n_seq_max=n_seq)
+    full = kv_bytes(llm, llm.n_ctx(), type_k=llm.type_k, type_v=llm.type_v, n_seq_max=n_seq)
     kv = llm.kv_cache_stats()["total_bytes"]
     memory = f"KV {kv / 2**20:.1f} MiB vs {full / 2**20:.1f} MiB full at n_ctx {llm.n_ctx()}"
     if llm.lazy_mode == "dynamic":
@@ -249,7 +252,7 @@ def _print_stats(llm, last) -> None:
 
 def cmd_info(args) -> int:
     from . import _native
-    from .memory import kv_bytes, layers_that_can_be_lazy
+    from .memory import kv_bytes, kv_layers, layers_that_can_be_lazy
 
     path = _model_path(args)
     model = _load_model(args, path)
@@ -267,22 +270,47 @@ def cmd_info(args) -> int:
     can_be_lazy = layers_that_can_be_lazy(hp)
     half = can_be_lazy[len(can_be_lazy) // 2:]
     what = "50% lazy" if len(can_be_lazy) == hp["n_layer"] else "50% of global layers lazy"
-    rows = [("full f16", dict(type_kv="f16")), ("full q8_0", dict(type_kv="q8_0")), ("full q4_0", dict(type_kv="q4_0")),
+    rows = [("full f16", dict(type_k="f16")), ("full q8_0", dict(type_k="q8_0")), ("full q4_0", dict(type_k="q4_0")),
             (f"SimLayerKV {what}, f16 + q4_0 ring (window {args.n_window})",
-             dict(type_kv="f16", lazy_layers=half, n_window=args.n_window)),
+             dict(type_k="f16", lazy_layers=half, n_window=args.n_window)),
             (f"SimLayerKV {what}, q4_0 + q4_0 ring (window {args.n_window})",
-             dict(type_kv="q4_0", lazy_layers=half, n_window=args.n_window))]
-    if args.lazy_layers:
-        rows.append((f"lazy layers {','.join(map(str, args.lazy_layers))}, {args.type_k} + {args.lazy_type} ring",
-                     dict(type_kv=args.type_k, lazy_layers=args.lazy_layers, lazy_type=args.lazy_type,
-                          n_window=args.n_window, lazy_residual=args.lazy_residual)))
+             dict(type_k="q4_0", lazy_layers=half, n_window=args.n_window))]
+    # The configuration the command line names (lazy layers as given, none otherwise), layer by layer.
+    given = dict(type_k=args.type_k, type_v=args.type_v, lazy_layers=args.lazy_layers or [], lazy_type=args.lazy_type,
+                 kv_types=args.kv_types, n_sink=args.n_sink, n_window=args.n_window, lazy_residual=args.lazy_residual)
+    rows.append(("as given: " + _config_label(args), given))
     base = kv_bytes(model, args.n_ctx)
     width = max(len(r[0]) for r in rows)
     print(f"\n{'KV cache at n_ctx ' + str(args.n_ctx):<{width}}  {'MiB':>9}  {'vs f16':>7}")
     for label, kw in rows:
         b = kv_bytes(model, args.n_ctx, **kw)
         print(f"{label:<{width}}  {b / 2**20:9.1f}  {b / base:7.2f}")
+    print(f"\nlayer by layer, as given ({_config_label(args)}):")
+    for span, layer in _layer_runs(kv_layers(model, args.n_ctx, **given)):
+        print(f"  layers {span:<7} {layer['kind']:<5} K {layer['type_k']:<5} V {layer['type_v']:<5} "
+              f"{layer['bytes'] / 2**20:8.2f} MiB each")
     return 0
+
+
+def _config_label(args) -> str:
+    """'f16 full layers, lazy 15,16 as q4_0 rings, own types 0-3=q8_0' from the command line's cache options."""
+    full = args.type_k if args.type_k == args.type_v else f"K {args.type_k} / V {args.type_v}"
+    out = f"{full} full layers"
+    if args.lazy_layers:
+        out += f", lazy {','.join(map(str, args.lazy_layers))} as {args.lazy_type} rings"
+    if args.kv_types:
+        out += f", own types {format_kv_types(parse_kv_types(args.kv_types))}"
+    return out
+
+
+def _layer_runs(layers: List[dict]):
+    """(span, layer) for each run of consecutive layers whose stores are alike: '0-7', '12'."""
+    key = lambda d: (d["kind"], d["type_k"], d["type_v"], d["bytes"])  # noqa: E731
+    start = 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or key(layers[i]) != key(layers[start]):
+            yield (f"{start}" if i - 1 == start else f"{start}-{i - 1}"), layers[start]
+            start = i
 
 
 def _placement_summary(devices: List[str]) -> str:
@@ -377,7 +405,7 @@ def cmd_serve(args) -> int:
         lazy = [] if args.lazy_mode == "dynamic" or not choice else resolve_lazy_layers(
             path, model, choice["lazy_layers"], choice["lazy_profile"], choice["lazy_ratio"], choice["lazy_threshold"],
             choice["lazy_criterion"], choice["lazy_budget"])[0] or []
-        config = dict(type_kv=args.type_k, lazy_layers=lazy, lazy_type=args.lazy_type, n_sink=args.n_sink,
+        config = dict(type_k=args.type_k, type_v=args.type_v, kv_types=args.kv_types, lazy_layers=lazy, lazy_type=args.lazy_type, n_sink=args.n_sink,
                       n_window=args.n_window, n_seq_max=args.parallel, lazy_residual=args.lazy_residual)
         n_ctx = n_ctx_for_budget(model, int(args.kv_budget * 2**20), **config)
         if n_ctx == 0:
@@ -386,7 +414,7 @@ def cmd_serve(args) -> int:
     args.n_ctx = n_ctx
     llm = _open(args, n_seq_max=args.parallel)
     stats = llm.kv_cache_stats()
-    full = kv_bytes(llm, n_ctx, type_kv=args.type_k, n_seq_max=args.parallel)
+    full = kv_bytes(llm, n_ctx, type_k=args.type_k, type_v=args.type_v, n_seq_max=args.parallel)
     lazy = ("chosen per prompt, per slot (dynamic mode)" if llm.lazy_mode == "dynamic"
             else ",".join(map(str, llm.lazy_layers)) or "none")
     print(f"simkv serve: {args.parallel} slots sharing {n_ctx} KV cells in the full layers; lazy layers {lazy}; "

@@ -24,6 +24,7 @@ from .checks import (check_float, check_int, check_layer_list, check_model_file,
 from .compat import IGNORED_ARGS, cache_type_name, check_ignored, grammar_text, warn_ignored
 from .completion import create_completion
 from .engine_config import DEFAULTS, engine_config
+from .kv_types import parse_kv_types
 from .conversation import Conversation
 from . import lab
 from .lazy_profile import family_threshold, model_identity, resolve_lazy_layers
@@ -93,7 +94,9 @@ class Llama:
     lazy_layers: indices of layers whose cache keeps only `n_sink` initial tokens plus a ring of the last
     `n_window` tokens, stored as `lazy_type`; a quantized ring also keeps its `lazy_residual` most recent
     tokens in f16 (they take most of a lazy layer's attention). The other layers keep all `n_ctx` tokens as
-    `type_k`/`type_v`.
+    `type_k`/`type_v` (which may differ). kv_types gives layers their own K and V types, whatever their kind:
+    {layer: "q8_0" or ("q8_0", "q4_0")}, a list with one entry per layer (None: the defaults), or the command
+    line's form "0-3=q8_0,7=q8_0/q4_0" (kv_types.py).
     Or let a profile choose them (`simkv profile`): lazy_profile=PATH or "auto" (the MODEL.gguf.simkv.json
     saved beside the model, else the profile shipped with simkv for this model file, if any) with lazy_ratio
     (the laziest fraction of layers), lazy_threshold or lazy_budget on lazy_criterion: "loss" (the default
@@ -134,6 +137,7 @@ class Llama:
         type_v: Union[str, int, None] = None,
         lazy_layers: Optional[Sequence[int]] = None,
         lazy_type: str = DEFAULTS.lazy_type,
+        kv_types=None,
         lazy_residual: int = DEFAULTS.lazy_residual,
         lazy_profile: Optional[str] = None,
         lazy_ratio: Optional[float] = None,
@@ -200,6 +204,7 @@ class Llama:
                         lazy_type=check_str("lazy_type", lazy_type, "q4_0"),
                         lazy_prefill=check_str("lazy_prefill", lazy_prefill, "exact"),
                         lazy_mode=check_str("lazy_mode", lazy_mode, "dynamic"))
+        settings["layer_types"] = parse_kv_types(kv_types)
         if n_threads is not None:
             settings["n_threads"] = check_int("n_threads", n_threads)
         if _forked_child:
@@ -255,6 +260,7 @@ class Llama:
         config = config if self.vocab_only else self._engine.config
         self._n_ctx, self.n_batch, self.n_ubatch, self.n_threads = config.n_ctx, config.n_batch, config.n_ubatch, config.n_threads
         self.type_k, self.type_v, self.lazy_type = config.type_k, config.type_v, config.lazy_type
+        self.kv_types = dict(config.layer_types)  # {layer: (K type, V type)}
         self.n_sink, self.n_window, self.lazy_residual = config.n_sink, config.n_window, config.lazy_residual
         self.lazy_prefill, self.lazy_mode = config.lazy_prefill, config.lazy_mode
         self.lazy_layers = sorted(config.lazy_layers)

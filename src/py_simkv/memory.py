@@ -1,12 +1,13 @@
 """KV-cache sizes by configuration, computed without allocating anything (`simkv info`, `--kv-budget`). The
-sizes are the cache's own planned ones (`_native.planned_kv_bytes`), so this table and the engine's stores
+sizes are the cache's own planned ones (`_native.planned_kv_layers`), so this table and the engine's stores
 cannot disagree; tests check it against kv_cache_stats()."""
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 from . import _native
 from .engine_config import DEFAULTS, engine_config
+from .kv_types import parse_kv_types
 
 
 def layers_that_can_be_lazy(hparams: dict) -> List[int]:
@@ -15,19 +16,25 @@ def layers_that_can_be_lazy(hparams: dict) -> List[int]:
     return [il for il in range(hparams["n_layer"]) if il not in swa]
 
 
-def kv_bytes(model, n_ctx: int, type_kv: str = DEFAULTS.type_k, lazy_layers: Iterable[int] = (),
-             lazy_type: str = DEFAULTS.lazy_type, n_sink: int = DEFAULTS.n_sink, n_window: int = DEFAULTS.n_window,
-             n_ubatch: int = DEFAULTS.n_ubatch, n_seq_max: int = DEFAULTS.n_seq_max,
-             lazy_residual: int = DEFAULTS.lazy_residual) -> int:
-    """Bytes of the KV stores an engine with these settings allocates for `model` (a Llama, or a native model
-    from `_native.load_model`): full layers hold a pool of n_ctx cells shared by the sequences, ring layers
-    (lazy, and a model's own sliding windows) one ring per sequence, and a quantized lazy ring an f16 residual
-    of its latest positions per sequence. The engine's own planned sizes: nothing is allocated."""
+def kv_layers(model, n_ctx: int, type_k: str = DEFAULTS.type_k, type_v: Optional[str] = None,
+              lazy_layers: Iterable[int] = (), lazy_type: str = DEFAULTS.lazy_type, kv_types=None,
+              n_sink: int = DEFAULTS.n_sink, n_window: int = DEFAULTS.n_window, n_ubatch: int = DEFAULTS.n_ubatch,
+              n_seq_max: int = DEFAULTS.n_seq_max, lazy_residual: int = DEFAULTS.lazy_residual) -> List[dict]:
+    """Each layer's KV store an engine with these settings allocates for `model` (a Llama, or a native model
+    from `_native.load_model`): {layer, kind, type_k, type_v, bytes}. Full layers hold a pool of n_ctx cells
+    shared by the sequences, ring layers (lazy, and a model's own sliding windows) one ring per sequence, and a
+    quantized lazy ring an f16 residual of its latest positions per sequence; type_v defaults to type_k, and
+    kv_types (kv_types.py) gives layers their own types. The engine's own plan: nothing is allocated."""
     native = getattr(model, "_model", model)
-    cfg = engine_config(n_ctx=n_ctx, type_k=type_kv, type_v=type_kv, lazy_layers=list(lazy_layers), lazy_type=lazy_type,
-                        n_sink=n_sink, n_window=n_window, n_batch=max(n_ubatch, 1), n_ubatch=n_ubatch, n_seq_max=n_seq_max,
-                        lazy_residual=lazy_residual)
-    return int(_native.planned_kv_bytes(native, cfg))
+    cfg = engine_config(n_ctx=n_ctx, type_k=type_k, type_v=type_v or type_k, lazy_layers=list(lazy_layers),
+                        lazy_type=lazy_type, layer_types=parse_kv_types(kv_types), n_sink=n_sink, n_window=n_window,
+                        n_batch=max(n_ubatch, 1), n_ubatch=n_ubatch, n_seq_max=n_seq_max, lazy_residual=lazy_residual)
+    return list(_native.planned_kv_layers(native, cfg))
+
+
+def kv_bytes(model, n_ctx: int, **config) -> int:
+    """Bytes of the KV stores an engine with these settings (kv_layers' keywords) allocates for `model`."""
+    return sum(int(layer["bytes"]) for layer in kv_layers(model, n_ctx, **config))
 
 
 def n_ctx_for_budget(model, budget_bytes: int, **config) -> int:
