@@ -133,3 +133,16 @@ def test_state_round_trips_with_mixed_types(smollm_path, prompt):
     with pytest.raises(ValueError, match="other cache settings .*layer 0.*V q4_0.*V q8_0"):
         other.load_state(state)
     other.eval(prompt[:4])  # still usable
+
+
+def test_exact_prefill_compacts_into_each_layers_types(smollm_path, prompt):
+    """Exact prefill evaluates the prompt with every layer full (each in its full types), then compacts the
+    lazy layers into rings of their own types (kv_compaction.cpp)."""
+    llm = Llama(smollm_path, n_ctx=1024, n_threads=2, lazy_layers=[20, 21], lazy_prefill="exact",
+                kv_types="21=q8_0/q4_0", verbose=False)
+    assert _stores(llm)[21] == ("full", "q8_0", "q4_0")  # full until the prompt is in
+    llm.eval(prompt[:300])
+    stores = _stores(llm)
+    assert stores[20] == ("lazy", "q4_0", "q4_0") and stores[21] == ("lazy", "q8_0", "q4_0")
+    assert stores[0] == ("full", "f16", "f16")
+    llm.eval(prompt[300:310])  # decodes on
