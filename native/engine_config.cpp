@@ -111,7 +111,7 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     if (!c.lazy_layers.empty() || c.lazy_mode == LazyMode::Dynamic) check_type(c.lazy_type, "cache type");
     for (const auto & [il, t] : c.layer_types) {
         if (il < 0 || il >= (int64_t) hp.n_layer) {
-            throw BadInput("layer_types: layer " + std::to_string(il) + " is out of range: the model has " +
+            throw BadInput("kv_types: layer " + std::to_string(il) + " is out of range: the model has " +
                            std::to_string(hp.n_layer) + " layers (0.." + std::to_string(hp.n_layer - 1) + ")");
         }
         check_type(t.k, "layer " + std::to_string(il) + "'s K type");

@@ -83,7 +83,7 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
     (dict(lazy_layers=["1"]), TypeError, "must be ints"),
     (dict(lazy_layers="1,2"), TypeError, "sequence of layer indices"),
     (dict(type_k="q5_7", type_v="q5_7"), ValueError, "unknown type_k 'q5_7'"),
-    (dict(kv_types="4=q8_0"), ValueError, "layer_types: layer 4 is out of range: the model has 4 layers"),
+    (dict(kv_types="4=q8_0"), ValueError, "kv_types: layer 4 is out of range: the model has 4 layers"),
     (dict(kv_types={1: ("q8_0", "q5_7")}), ValueError, "unknown layer 1's V type 'q5_7'"),
     (dict(kv_types="1:q8_0"), ValueError, "is not LAYERS=TYPE"),
     (dict(lazy_type="int4"), ValueError, "unknown lazy_type"),
