@@ -76,13 +76,14 @@ class Reference:
         self.label = label
         self.llm = reference_llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                                    n_threads_batch=threads, flash_attn=True, type_k=t, type_v=t, **kw)
+        # llama.cpp's rule: every layer holds n_ctx cells (padded to 256) of K and V
         md = self.llm.metadata
         arch = md["general.architecture"]
-        n_layer = int(md[f"{arch}.block_count"])
-        n_embd = int(md[f"{arch}.embedding_length"])
+        n_layer, n_embd = int(md[f"{arch}.block_count"]), int(md[f"{arch}.embedding_length"])
         n_head, n_head_kv = int(md[f"{arch}.attention.head_count"]), int(md[f"{arch}.attention.head_count_kv"])
+        head = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
         cells = (n_ctx + 255) // 256 * 256
-        self._kv = int(n_layer * 2 * cells * (n_embd // n_head * n_head_kv) * self.ROW[type_kv])
+        self._kv = int(n_layer * 2 * cells * head * n_head_kv * self.ROW[type_kv])
 
     def eval(self, tokens):
         self.llm.eval(tokens)

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -37,13 +36,11 @@ from py_simkv.kv_types import format_kv_types
 from py_simkv.memory import kv_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)  # bench_cpu adds tests/ (llama-cpp-python's reference) itself
+from bench_cpu import Ours, Reference, corpus_text, measure_all  # noqa: E402
 from eval_quality import heldout_texts, passkey  # noqa: E402
-from llama_cpp_reference import reference_llama  # noqa: E402
 
 REFERENCE = "llama.cpp f16"
-LLAMA_CPP_ROW = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per value
 
 
 @dataclass
@@ -73,9 +70,9 @@ def quick_configs() -> List[Config]:
                                                               type_v="q8_0"))]
 
 
-class SimkvRunner:
-    def __init__(self, path, n_ctx, threads, n_window, **kw):
-        self.llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_window=n_window, verbose=False, **kw)
+class SimkvRunner(Ours):
+    def __init__(self, path, label, n_ctx, threads, n_window, **kw):
+        super().__init__(path, label, n_ctx, threads, n_window=n_window, verbose=False, **kw)
         self.seqs = self.llm.sequences  # logits of a chunk's positions only, never of every position
 
     def prefill(self, tokens):
@@ -85,28 +82,25 @@ class SimkvRunner:
         return self.seqs.decode({0: tokens}, all_logits=True)[0]
 
     def bytes(self):
+        """(as the cache plans them, as allocated)"""
         llm = self.llm
         planned = kv_bytes(llm, llm.n_ctx(), type_k=llm.type_k, type_v=llm.type_v, lazy_layers=llm.lazy_layers,
                            lazy_type=llm.lazy_type, kv_types=llm.kv_types, n_sink=llm.n_sink, n_window=llm.n_window,
                            n_ubatch=llm.n_ubatch, lazy_residual=llm.lazy_residual)
-        return planned, llm.kv_cache_stats()["total_bytes"]
+        return planned, self.kv_bytes()
 
     def layers(self) -> str:
-        """'lazy 3,7,..; K/V 0-2=q8_0,...' : which layers got which kind and types."""
+        """'lazy 3,7,..; 0-2=q8_0,...' : which layers got which kind and types."""
         stats = self.llm.kv_cache_stats()["layers"]
         types = {d["layer"]: (d["type_k"], d["type_v"]) for d in stats}
         lazy = [d["layer"] for d in stats if d["kind"] == "lazy"]
         return f"lazy {','.join(map(str, lazy)) or 'none'}; {format_kv_types(types)}"
 
 
-class LlamaCppRunner:
-    def __init__(self, path, n_ctx, threads, type_kv):
-        import llama_cpp
-
-        t = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}[type_kv]
+class LlamaCppRunner(Reference):
+    def __init__(self, path, label, n_ctx, threads, type_kv):
+        super().__init__(path, label, n_ctx, threads, type_kv)
         self.type_kv = type_kv
-        self.llm = reference_llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, flash_attn=True, type_k=t, type_v=t, logits_all=False)
 
     def prefill(self, tokens):
         self.llm.eval(tokens)
@@ -126,15 +120,8 @@ class LlamaCppRunner:
         return np.concatenate(out)
 
     def bytes(self):
-        """llama.cpp's rule: every layer holds n_ctx cells (padded to 256) of K and V."""
-        md = self.llm.metadata
-        arch = md["general.architecture"]
-        n_layer, n_embd = int(md[f"{arch}.block_count"]), int(md[f"{arch}.embedding_length"])
-        n_head, n_head_kv = int(md[f"{arch}.attention.head_count"]), int(md[f"{arch}.attention.head_count_kv"])
-        head = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
-        cells = (self.llm.n_ctx() + 255) // 256 * 256
-        b = int(n_layer * 2 * cells * head * n_head_kv * LLAMA_CPP_ROW[self.type_kv])
-        return b, b
+        """llama.cpp allocates what its rule plans (bench_cpu.Reference)."""
+        return self.kv_bytes(), self.kv_bytes()
 
     def layers(self) -> str:
         return f"every layer full, K/V {self.type_kv}"
@@ -142,8 +129,8 @@ class LlamaCppRunner:
 
 def make_runner(c: Config, path, n_ctx, threads, n_window):
     if c.engine == "llama.cpp":
-        return LlamaCppRunner(path, n_ctx, threads, c.kw["type_kv"])
-    return SimkvRunner(path, n_ctx, threads, n_window, **c.kw)
+        return LlamaCppRunner(path, c.label, n_ctx, threads, c.kw["type_kv"])
+    return SimkvRunner(path, c.label, n_ctx, threads, n_window, **c.kw)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -215,7 +202,7 @@ def passkeys(configs, path, n_ctx, threads, n_window, depths) -> Dict[str, float
     out = {}
     for c in configs:
         if c.engine == "llama.cpp":
-            llm = LlamaCppRunner(path, n_ctx, threads, c.kw["type_kv"]).llm
+            llm = Reference(path, c.label, n_ctx, threads, c.kw["type_kv"]).llm
         else:
             llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_window=n_window, verbose=False, **c.kw)
         out[c.label] = passkey(llm, n_ctx - 16, depths)
@@ -227,8 +214,6 @@ def passkeys(configs, path, n_ctx, threads, n_window, depths) -> Dict[str, float
 
 def speeds(configs, path, n_ctx, threads, n_window, depth, runs, vocab) -> Dict[str, tuple]:
     """(prefill, decode) tokens/s at depth: bench_cpu.py's interleaved medians on its text."""
-    from bench_cpu import Ours, Reference, corpus_text, measure_all
-
     runners = [Reference(path, c.label, n_ctx, threads, c.kw["type_kv"]) if c.engine == "llama.cpp"
                else Ours(path, c.label, n_ctx, threads, n_window=n_window, **c.kw) for c in configs]
     tokens = vocab.tokenize(corpus_text().encode())

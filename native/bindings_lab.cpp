@@ -37,8 +37,8 @@ nb::dict store_contents(const Engine & e, int il) {
         return nb::bytes(buf.data(), buf.size());
     };
     nb::dict d;
-    d["type_k"] = std::string(ggml_type_name(s.types.k));
-    d["type_v"] = std::string(ggml_type_name(s.types.v));
+    d["type_k"] = std::string(ggml_type_name(s.k->type));
+    d["type_v"] = std::string(ggml_type_name(s.v->type));
     d["kind"] = kv_kind_name(kv.kind_of(il));
     d["k"] = bytes_of(s.k);
     d["v"] = bytes_of(s.v);

@@ -125,9 +125,9 @@ void Engine::check_device_types() const {
     const HParams & hp = model_->hp();
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         ggml_backend_dev_t dev = model_->layer_device(il);
-        const KvTypes t = kv_cfg_.full_types[il];
-        const bool lazy_from_start = std::count(kv_cfg_.lazy_layers.begin(), kv_cfg_.lazy_layers.end(), (int) il) > 0;
-        if (!dev || lazy_from_start || (t.k == GGML_TYPE_F16 && t.v == GGML_TYPE_F16)) continue;
+        if (!dev || KvCache::planned_kind(hp, kv_cfg_, il) == KvKind::Lazy) continue;
+        const KvTypes t = KvCache::planned_types(kv_cfg_, il);
+        if (t.k == GGML_TYPE_F16 && t.v == GGML_TYPE_F16) continue;
         if (!flash_attention_reads(dev, hp.head_dim, hp.n_head, hp.n_head_kv, t.k, t.v)) {
             throw BadInput("layer " + std::to_string(il) + " is on " + device_name(dev) + ", whose flash attention does not read K " +
                            ggml_type_name(t.k) + " with V " + ggml_type_name(t.v) + " (ggml-cuda's default build reads f16, bf16 and "

@@ -104,7 +104,6 @@ KvStore KvCache::alloc_store(const HParams & hp, int il, int group, KvTypes type
     KvStore s;
     s.layer = il;
     s.group = group;
-    s.types = types;
     s.rot = rotation_for(types, hp.head_dim);
     ggml_init_params ip = {4 * ggml_tensor_overhead(), nullptr, true};
     s.ctx.reset(ggml_init(ip));

@@ -76,10 +76,9 @@ struct KvConfig {
 struct KvStore {
     int layer = 0;
     int group = 0;
-    KvTypes types;
     KvRotation rot;             // quantized K and V are held Hadamard-rotated (kv_rotation.h)
-    ggml_tensor * k = nullptr;  // [n_embd_k_gqa, capacity], in ctx
-    ggml_tensor * v = nullptr;  // [n_embd_v_gqa, capacity], in ctx
+    ggml_tensor * k = nullptr;  // [n_embd_k_gqa, capacity] of the layer's K type, in ctx
+    ggml_tensor * v = nullptr;  // [n_embd_v_gqa, capacity] of its V type, in ctx
     // A quantized lazy ring's residual: f16 rows [n_embd_gqa, n_seq * n_residual] (rotated as k, v are),
     // null elsewhere.
     ggml_tensor * k_res = nullptr;

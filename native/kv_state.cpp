@@ -30,8 +30,8 @@ void KvCache::write_state(StateWriter & w) const {
     for (const KvStore & s : stores_) {
         const uint32_t n_rows = groups_[s.group].cells.used();
         w.put((uint32_t) s.group);
-        w.put((uint32_t) s.types.k);
-        w.put((uint32_t) s.types.v);
+        w.put((uint32_t) s.k->type);
+        w.put((uint32_t) s.v->type);
         w.put(s.capacity());
         for (const ggml_tensor * t : {s.k, s.v, s.k_res, s.v_res}) {
             std::vector<uint8_t> rows(t ? (size_t) (t == s.k || t == s.v ? n_rows : t->ne[1]) * t->nb[1] : 0);
@@ -88,7 +88,7 @@ void KvCache::restore(const KvSnapshot & snap) {
         const KvSnapshot::Layer & l = snap.layers[il];
         const KvSnapshot::Group & g = snap.groups[l.group];
         const KvGroup & now = groups_[s.group];
-        if (g.key != now.policy->key() || l.type_k != (uint32_t) s.types.k || l.type_v != (uint32_t) s.types.v ||
+        if (g.key != now.policy->key() || l.type_k != (uint32_t) s.k->type || l.type_v != (uint32_t) s.v->type ||
             l.capacity != s.capacity() || g.cell_pos.size() != now.cells.size() ||
             g.res_pos.size() != now.cells.residual().size()) {
             auto name = [](uint32_t t) {
@@ -96,7 +96,7 @@ void KvCache::restore(const KvSnapshot & snap) {
             };
             throw BadInput("this state was saved by a Llama with other cache settings (layer " + std::to_string(il) +
                            ": saved " + g.key + " K " + name(l.type_k) + " V " + name(l.type_v) + ", here " +
-                           now.policy->key() + " K " + ggml_type_name(s.types.k) + " V " + ggml_type_name(s.types.v) + ")");
+                           now.policy->key() + " K " + ggml_type_name(s.k->type) + " V " + ggml_type_name(s.v->type) + ")");
         }
         const size_t want = (size_t) g.n_used * s.k->nb[1];
         const size_t want_res = s.k_res ? ggml_nbytes(s.k_res) : 0;

@@ -9,7 +9,7 @@ import time
 from typing import List, Optional
 
 from .engine_config import DEFAULTS
-from .kv_types import format_kv_types, parse_kv_types
+from .kv_types import format_kv_types, layer_runs, parse_kv_types
 
 
 def _layer_list(text: str) -> List[int]:
@@ -286,9 +286,9 @@ def cmd_info(args) -> int:
         b = kv_bytes(model, args.n_ctx, **kw)
         print(f"{label:<{width}}  {b / 2**20:9.1f}  {b / base:7.2f}")
     print(f"\nlayer by layer, as given ({_config_label(args)}):")
-    for span, layer in _layer_runs(kv_layers(model, args.n_ctx, **given)):
-        print(f"  layers {span:<7} {layer['kind']:<5} K {layer['type_k']:<5} V {layer['type_v']:<5} "
-              f"{layer['bytes'] / 2**20:8.2f} MiB each")
+    alike = ((d["layer"], (d["kind"], d["type_k"], d["type_v"], d["bytes"])) for d in kv_layers(model, args.n_ctx, **given))
+    for span, (kind, type_k, type_v, nbytes) in layer_runs(alike):
+        print(f"  layers {span:<7} {kind:<5} K {type_k:<5} V {type_v:<5} {nbytes / 2**20:8.2f} MiB each")
     return 0
 
 
@@ -303,26 +303,10 @@ def _config_label(args) -> str:
     return out
 
 
-def _layer_runs(layers: List[dict]):
-    """(span, layer) for each run of consecutive layers whose stores are alike: '0-7', '12'."""
-    key = lambda d: (d["kind"], d["type_k"], d["type_v"], d["bytes"])  # noqa: E731
-    start = 0
-    for i in range(1, len(layers) + 1):
-        if i == len(layers) or key(layers[i]) != key(layers[start]):
-            yield (f"{start}" if i - 1 == start else f"{start}-{i - 1}"), layers[start]
-            start = i
-
-
 def _placement_summary(devices: List[str]) -> str:
     """'layers 0-14 CPU, 15-29 RPC0[127.0.0.1:50052]; output CPU' from each layer's device, then the output's."""
-    runs, start = [], 0
-    layers = devices[:-1]
-    for i in range(1, len(layers) + 1):
-        if i == len(layers) or layers[i] != layers[start]:
-            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
-            runs.append(f"{span} {layers[start]}")
-            start = i
-    return f"layers {', '.join(runs)}; output {devices[-1]}"
+    runs = layer_runs(enumerate(devices[:-1]))
+    return f"layers {', '.join(f'{span} {dev}' for span, dev in runs)}; output {devices[-1]}"
 
 
 def cmd_rpc_server(args) -> int:

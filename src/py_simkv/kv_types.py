@@ -7,7 +7,7 @@ natively (f16, bf16, q8_0, q4_0), with the model's head size and, for an offload
 device's flash attention reads."""
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 Pair = Tuple[str, str]
 Entry = Union[str, Sequence[str], None]
@@ -73,15 +73,19 @@ def parse_kv_types(spec: Union[str, Mapping[int, Entry], Sequence[Entry], None])
     return {il: p for il, p in out.items() if p is not None}
 
 
-def format_kv_types(types: Mapping[int, Pair]) -> str:
-    """The compact form of {layer: (K, V)}: runs of consecutive layers with the same types, 'K' where K = V."""
-    runs = []
-    for il in sorted(types):
-        if runs and runs[-1][1] == il - 1 and runs[-1][2] == tuple(types[il]):
+def layer_runs(items) -> List[Tuple[str, object]]:
+    """(span, value) for each run of consecutive layers with equal values, from (layer, value) pairs in layer
+    order: span '4' or '0-7'. (The compact form here, and `simkv info`'s per-layer lines.)"""
+    runs: List[list] = []
+    for il, value in items:
+        if runs and runs[-1][1] == il - 1 and runs[-1][2] == value:
             runs[-1][1] = il
         else:
-            runs.append([il, il, tuple(types[il])])
-    out = []
-    for lo, hi, (k, v) in runs:
-        out.append(f"{lo if lo == hi else f'{lo}-{hi}'}={k if k == v else f'{k}/{v}'}")
-    return ",".join(out)
+            runs.append([il, il, value])
+    return [(f"{lo}" if lo == hi else f"{lo}-{hi}", value) for lo, hi, value in runs]
+
+
+def format_kv_types(types: Mapping[int, Pair]) -> str:
+    """The compact form of {layer: (K, V)}: runs of consecutive layers with the same types, 'K' where K = V."""
+    runs = layer_runs((il, tuple(types[il])) for il in sorted(types))
+    return ",".join(f"{span}={k if k == v else f'{k}/{v}'}" for span, (k, v) in runs)
