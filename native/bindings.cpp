@@ -23,6 +23,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <optional>
@@ -318,6 +319,17 @@ NB_MODULE(_native, m) {
                  engine_call(e, [&] { e.set_masked_layers(layers, n_sink, n_window); });
              },
              "layers"_a, "n_sink"_a, "n_window"_a)
+        .def("set_what_if_types",
+             [](Engine & e, const std::vector<std::tuple<int, std::string, std::string>> & layers) {
+                 std::vector<std::pair<int, KvTypes>> typed;
+                 for (const auto & [il, k, v] : layers) {
+                     typed.emplace_back(il, KvTypes{parse_cache_type(k, "type_k"), parse_cache_type(v, "type_v")});
+                 }
+                 engine_call(e, [&] { e.set_what_if_types(typed); });
+             },
+             "layers"_a,
+             "Each (layer, K type, V type): that full layer's store takes these types from now on, its cells "
+             "converted; the layers given types before get their own stores back (the profiler's what-ifs)")
         .def_prop_ro("n_past", [](const Engine & e) { auto read = read_claim(e); return e.n_past(0); })
         .def("n_past_of", [](const Engine & e, int32_t seq) { auto read = read_claim(e); return e.n_past(seq); }, "seq"_a)
         .def_prop_ro("free_cells", [](const Engine & e) { auto read = read_claim(e); return e.free_cells(); })

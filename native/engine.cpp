@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -124,15 +125,18 @@ void Engine::check_device_types() const {
     // prefill or in dynamic mode). Lazy rings reach it as f16 rows (kv_gather.h) and read on any device.
     const HParams & hp = model_->hp();
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        ggml_backend_dev_t dev = model_->layer_device(il);
-        if (!dev || KvCache::planned_kind(hp, kv_cfg_, il) == KvKind::Lazy) continue;
-        const KvTypes t = KvCache::planned_types(kv_cfg_, il);
-        if (t.k == GGML_TYPE_F16 && t.v == GGML_TYPE_F16) continue;
-        if (!flash_attention_reads(dev, hp.head_dim, hp.n_head, hp.n_head_kv, t.k, t.v)) {
-            throw BadInput("layer " + std::to_string(il) + " is on " + device_name(dev) + ", whose flash attention does not read K " +
-                           ggml_type_name(t.k) + " with V " + ggml_type_name(t.v) + " (ggml-cuda's default build reads f16, bf16 and "
-                           "the symmetric q8_0 and q4_0 pairs): choose another pair for it, or keep the layer on the CPU");
-        }
+        if (KvCache::planned_kind(hp, kv_cfg_, il) != KvKind::Lazy) check_device_reads(il, KvCache::planned_types(kv_cfg_, il));
+    }
+}
+
+void Engine::check_device_reads(uint32_t il, KvTypes t) const {
+    const HParams & hp = model_->hp();
+    ggml_backend_dev_t dev = model_->layer_device(il);
+    if (!dev || (t.k == GGML_TYPE_F16 && t.v == GGML_TYPE_F16)) return;
+    if (!flash_attention_reads(dev, hp.head_dim, hp.n_head, hp.n_head_kv, t.k, t.v)) {
+        throw BadInput("layer " + std::to_string(il) + " is on " + device_name(dev) + ", whose flash attention does not read K " +
+                       ggml_type_name(t.k) + " with V " + ggml_type_name(t.v) + " (ggml-cuda's default build reads f16, bf16 and "
+                       "the symmetric q8_0 and q4_0 pairs): choose another pair for it, or keep the layer on the CPU");
     }
 }
 
@@ -269,6 +273,41 @@ void Engine::set_masked_layers(const std::vector<int> & layers, uint32_t n_sink,
     // Layers that change groups read another mask: the cache's layout_version() tells graph_for to rebuild.
     kv_->regroup(kv_->layers_of_kind(KvKind::Masked), make_full_policy(kv_cfg_.n_ctx));
     kv_->regroup(layers, make_masked_policy(kv_cfg_.n_ctx, n_sink, n_window));
+}
+
+void Engine::set_what_if_types(const std::vector<std::pair<int, KvTypes>> & layers) {
+    if (prompt_all_full()) throw BadInput("what-if types cannot be combined with exact prefill or dynamic mode");
+    std::set<int> seen;
+    for (const auto & [il, types] : layers) {
+        if (il < 0 || (uint32_t) il >= model_->hp().n_layer) throw BadInput("layer " + std::to_string(il) + " is out of range");
+        if (!seen.insert(il).second) throw BadInput("layer " + std::to_string(il) + " is listed twice");
+        if (kv_->kind_of(il) != KvKind::Full && kv_->kind_of(il) != KvKind::Masked) {
+            throw BadInput("only full layers can take what-if types");
+        }
+        check_device_reads((uint32_t) il, types);
+        check_cache_type(model_->hp(), types.k, "layer " + std::to_string(il) + "'s K type");
+        check_cache_type(model_->hp(), types.v, "layer " + std::to_string(il) + "'s V type");
+    }
+    // Layers that keep the types they have keep their converted store (converting every layer for each
+    // what-if would cost more than the what-if); the others get their own store back first.
+    std::map<int, KvTypes> want(layers.begin(), layers.end());
+    std::vector<int> back;
+    for (int il : kv_->retyped_layers()) {
+        const KvStore & s = kv_->store(il);
+        auto it = want.find(il);
+        if (it == want.end() || it->second.k != s.k->type || it->second.v != s.v->type) back.push_back(il);
+    }
+    kv_->restore_types(back);
+    const std::vector<int> kept = kv_->retyped_layers();
+    for (const auto & [il, types] : want) {
+        if (std::find(kept.begin(), kept.end(), il) != kept.end()) continue;
+        try {
+            kv_->retype(model_->hp(), il, types, bufts_[il], sched_.get(), arena_);
+        } catch (...) {
+            kv_->restore_types();
+            throw;
+        }
+    }
 }
 
 void Engine::eval_ubatch(KvCache & kv, const int32_t * tokens, const int32_t * pos, const int32_t * seq, uint32_t n,

@@ -86,6 +86,10 @@ public:
     // and the n_window most recent keys from now on (kv_policy_masked.cpp); the layers masked before are
     // unmasked. Together with truncate() this scores trimming each layer over one shared full prefix.
     void set_masked_layers(const std::vector<int> & layers, uint32_t n_sink, uint32_t n_window);
+    // What-if types for the profiler: each listed full layer's store takes K and V of its types from now on,
+    // holding the cells it held converted (KvCache::retype); the layers given types before get their own
+    // stores back. Together with truncate() this scores each layer's types over one shared prefix.
+    void set_what_if_types(const std::vector<std::pair<int, KvTypes>> & layers);
     // One conversation's context as bytes, and back (engine_state.cpp). load_state checks everything before it
     // changes anything; on a mismatch the engine is left empty (reset), never half-loaded.
     std::string save_state() const;
@@ -164,6 +168,7 @@ private:
                                            uint32_t n_probe, const BetweenUbatches & between);
     // refuse a store type that an offload device's flash attention does not read (devices.h)
     void check_device_types() const;
+    void check_device_reads(uint32_t il, KvTypes t) const;  // the same for one layer's full store
     void check_memory(const KvConfig & kv_cfg) const;  // refuse, before allocating, a KV cache that cannot fit
     std::unique_ptr<KvCache> new_cache() const;
     // One ubatch: token i is tokens[i] at pos[i] of sequence seq[i]; the logits of row out_rows[j] go to

@@ -74,6 +74,13 @@ void check_at_most(const char * name, int64_t value, int64_t maximum, const char
 
 }  // namespace
 
+void check_cache_type(const HParams & hp, ggml_type t, const std::string & what) {
+    if (hp.head_dim % ggml_blck_size(t) != 0) {
+        throw BadInput(what + " " + ggml_type_name(t) + " needs a head size divisible by " +
+                       std::to_string(ggml_blck_size(t)) + "; this model's is " + std::to_string(hp.head_dim));
+    }
+}
+
 EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     EngineConfig c = cfg;
     check_at_least("n_ctx", c.n_ctx, 1);
@@ -100,12 +107,7 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     }
     // K and V may differ (on the CPU simkv's attention reads every pair; a device's flash attention is asked
     // by the engine, devices.h); every type must fill whole blocks of a head.
-    auto check_type = [&](ggml_type t, const std::string & what) {
-        if (hp.head_dim % ggml_blck_size(t) != 0) {
-            throw BadInput(what + " " + ggml_type_name(t) + " needs a head size divisible by " +
-                           std::to_string(ggml_blck_size(t)) + "; this model's is " + std::to_string(hp.head_dim));
-        }
-    };
+    auto check_type = [&](ggml_type t, const std::string & what) { check_cache_type(hp, t, what); };
     check_type(c.type_k, "cache type");
     check_type(c.type_v, "cache type");
     if (!c.lazy_layers.empty() || c.lazy_mode == LazyMode::Dynamic) check_type(c.lazy_type, "cache type");

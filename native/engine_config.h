@@ -28,6 +28,9 @@ LazyMode parse_lazy_mode(const std::string & name);
 const char * lazy_prefill_name(LazyPrefill p);
 const char * lazy_mode_name(LazyMode m);
 ggml_type parse_cache_type(const std::string & name, const char * what);
+struct HParams;
+// Refuse a cache type whose blocks do not tile one head of this model (`what` names it in the message).
+void check_cache_type(const HParams & hp, ggml_type t, const std::string & what);
 
 // Every setting of an engine, with its one default (Python reads these defaults through the binding).
 // Counts are signed and wide so that any value a caller passes arrives here and is refused by

@@ -31,6 +31,7 @@
 #include <ggml-cpp.h>
 #include <ggml.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -157,6 +158,16 @@ public:
     // already holds each of its positions in the cell the new policy would put it (e.g. full <-> masked).
     void regroup(const std::vector<int> & layers, std::unique_ptr<KvPolicy> policy);
 
+    // What-if types (kv_retype.cpp, the profiler): full layer il's store is replaced by one of `types`
+    // holding the same cells, converted by a graph run on `sched`; the store it replaces is kept aside until
+    // restore_types() puts it back (every such store, or these layers'). Throws, changing nothing, if the
+    // layer is not full, has what-if types already, or the copy fails.
+    void retype(const HParams & hp, int il, KvTypes types, ggml_backend_buffer_type_t buft, ggml_backend_sched_t sched,
+                GraphArena & arena);
+    void restore_types();
+    void restore_types(const std::vector<int> & layers);
+    std::vector<int> retyped_layers() const;
+
     // Forget every position >= n_keep of sequence seq. Returns false (and changes nothing) if some store no
     // longer holds what a query at n_keep would need; the caller then clears and re-evaluates.
     bool truncate(int seq, int32_t n_keep, int32_t n_written);
@@ -264,6 +275,7 @@ private:
     uint64_t layout_version_ = 0;
     std::vector<KvGroup> groups_;
     std::vector<KvStore> stores_;
+    std::map<int, KvStore> set_aside_;  // layers with what-if types: the stores they held (kv_retype.cpp)
 };
 
 }  // namespace simkv

@@ -47,6 +47,12 @@ def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx,
     p.add_argument("--lazy-budget", type=float, default=None, metavar="NATS",
                    help="with a profile: the laziest layers whose summed loss stays within NATS (the default "
                         "selection, budget 0.005)")
+    p.add_argument("--kv-fraction", type=float, default=None, metavar="SHARE",
+                   help="with a profile: choose every layer's kind and K/V types for the least divergence within "
+                        "this share of an f16 cache's bytes, e.g. 0.25")
+    p.add_argument("--kv-kld", type=float, default=None, metavar="NATS",
+                   help="with a profile: choose every layer's kind and K/V types for the fewest bytes whose "
+                        "predicted divergence from the f16 model stays within NATS")
     p.add_argument("--lazy-criterion", default=None, choices=["mass", "change", "loss"],
                    help="profile score to use (default: loss where the profile has it, else mass)")
     p.add_argument("--lazy-prefill", default=DEFAULTS.lazy_prefill, choices=["streaming", "exact"],
@@ -125,13 +131,28 @@ def _lazy_choice(args) -> dict:
     """The lazy-layer arguments of Llama from the command line: explicit layers, a profile (by default the
     model's own, if one is found), or none with --no-lazy."""
     if args.no_lazy:
-        if args.lazy_layers or args.lazy_mode == "dynamic":
-            raise ValueError("--no-lazy contradicts --lazy-layers / --lazy-mode dynamic")
+        if args.lazy_layers or args.lazy_mode == "dynamic" or args.kv_fraction is not None or args.kv_kld is not None:
+            raise ValueError("--no-lazy contradicts --lazy-layers / --lazy-mode dynamic / --kv-fraction / --kv-kld")
         return {}
     if args.lazy_mode == "dynamic":
         return dict(lazy_threshold=args.lazy_threshold)
+    if args.kv_fraction is not None or args.kv_kld is not None:
+        return dict(lazy_profile=args.lazy_profile, kv_fraction=args.kv_fraction, kv_kld=args.kv_kld)
     return dict(lazy_layers=args.lazy_layers, lazy_profile=args.lazy_profile, lazy_ratio=args.lazy_ratio,
                 lazy_threshold=args.lazy_threshold, lazy_budget=args.lazy_budget, lazy_criterion=args.lazy_criterion)
+
+
+def _kv_choice(args, path: str, model):
+    """The profile's per-layer kinds and types for --kv-fraction / --kv-kld at --n-ctx (kv_choice.py)."""
+    from .kv_choice import choose_kv
+    from .lazy_profile import load_profile
+
+    prof, _ = load_profile(path, model, args.lazy_profile)
+    if prof is None:
+        raise ValueError(f"--kv-fraction/--kv-kld need a profile: none for {path}; run `simkv profile` first")
+    return choose_kv(prof, model, args.n_ctx, fraction=args.kv_fraction, kld=args.kv_kld, type_k=args.type_k,
+                     type_v=args.type_v, lazy_type=args.lazy_type, n_sink=args.n_sink, n_window=args.n_window,
+                     lazy_residual=args.lazy_residual, n_seq_max=getattr(args, "parallel", 1))
 
 
 def _lazy_summary(llm, args) -> str:
@@ -152,8 +173,11 @@ def _lazy_summary(llm, args) -> str:
                     f"`simkv profile {llm.model_path}` to make the laziest layers keep only sinks + a window")
         return f"no layer is lazy; {memory}"
     where = f"from {llm.lazy_profile_path}" if llm.lazy_profile_path else "as given"
+    types = ""
+    if llm.kv_choice is not None:
+        types = f", full layers {format_kv_types(llm.kv_choice.kv_types)} (predicted KLD {llm.kv_choice.predicted_kld:.4f})"
     return (f"{len(llm.lazy_layers)} of {llm.hparams['n_layer']} layers lazy ({','.join(map(str, llm.lazy_layers))}) "
-            f"{where}; {memory}; --no-lazy turns them off")
+            f"{where}{types}; {memory}; --no-lazy turns them off")
 
 
 def _eos_ban(llm, args):
@@ -276,6 +300,12 @@ def cmd_info(args) -> int:
             (f"SimLayerKV {what}, q4_0 + q4_0 ring (window {args.n_window})",
              dict(type_k="q4_0", lazy_layers=half, n_window=args.n_window))]
     # The configuration the command line names (lazy layers as given, none otherwise), layer by layer.
+    if args.kv_fraction is not None or args.kv_kld is not None:
+        kv = _kv_choice(args, path, model)
+        args.lazy_layers = kv.lazy_layers
+        args.kv_types = format_kv_types({**kv.kv_types, **parse_kv_types(args.kv_types)})
+        print(f"choice       {'--kv-fraction ' + str(args.kv_fraction) if args.kv_fraction is not None else '--kv-kld ' + str(args.kv_kld)}"
+              f" from the profile: predicted mean KLD {kv.predicted_kld:.4f} from the f16 model (on its calibration text)")
     given = dict(type_k=args.type_k, type_v=args.type_v, lazy_layers=args.lazy_layers or [], lazy_type=args.lazy_type,
                  kv_types=args.kv_types, n_sink=args.n_sink, n_window=args.n_window, lazy_residual=args.lazy_residual)
     rows.append(("as given: " + _config_label(args), given))
@@ -343,7 +373,7 @@ def cmd_profile(args) -> int:
     prof = profile_model(path, texts=texts, n_ctx=args.n_ctx, n_sink=args.n_sink, n_window=args.n_window,
                          w_last=args.w_last, max_samples=args.samples, loss_samples=args.loss_samples,
                          loss_tokens=args.loss_tokens, n_threads=args.threads, devices=_devices(args),
-                         race=args.race)
+                         race=args.race, type_tokens=args.type_tokens)
     crits = ["mass", "change"] + (["loss"] if prof.default_criterion == "loss" else [])
     means = {c: prof.mean(c) for c in crits}
     print(f"{'layer':>5}" + "".join(f"  {c:>7}" for c in crits))
@@ -386,9 +416,16 @@ def cmd_serve(args) -> int:
         # layers Llama will choose: the same profile, read from the same model).
         model = _load_model(args, path)
         choice = _lazy_choice(args)
-        lazy = [] if args.lazy_mode == "dynamic" or not choice else resolve_lazy_layers(
-            path, model, choice["lazy_layers"], choice["lazy_profile"], choice["lazy_ratio"], choice["lazy_threshold"],
-            choice["lazy_criterion"], choice["lazy_budget"])[0] or []
+        if "kv_fraction" in choice:
+            # The profile's choice at --n-ctx fixes every layer's kind and types; the budget then sizes the pool.
+            kv = _kv_choice(args, path, model)
+            args.lazy_layers, args.kv_fraction, args.kv_kld = kv.lazy_layers, None, None
+            args.kv_types = {**kv.kv_types, **parse_kv_types(args.kv_types)}
+            lazy = kv.lazy_layers
+        else:
+            lazy = [] if args.lazy_mode == "dynamic" or not choice else resolve_lazy_layers(
+                path, model, choice["lazy_layers"], choice["lazy_profile"], choice["lazy_ratio"], choice["lazy_threshold"],
+                choice["lazy_criterion"], choice["lazy_budget"])[0] or []
         config = dict(type_k=args.type_k, type_v=args.type_v, kv_types=args.kv_types, lazy_layers=lazy, lazy_type=args.lazy_type, n_sink=args.n_sink,
                       n_window=args.n_window, n_seq_max=args.parallel, lazy_residual=args.lazy_residual)
         n_ctx = n_ctx_for_budget(model, int(args.kv_budget * 2**20), **config)
@@ -410,7 +447,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .profiler import PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES
+    from .profiler import (PROFILE_LOSS_SAMPLES, PROFILE_LOSS_TOKENS, PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES,
+                           PROFILE_TYPE_TOKENS)
 
     ap = argparse.ArgumentParser(prog="simkv", description="Local LLM runtime with a per-layer KV cache (SimLayerKV).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -484,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--loss-tokens", type=int, default=None, metavar="N",
                     help=f"tokens at the end of each loss sample that are scored, n_layer + 1 times "
                          f"(default {PROFILE_LOSS_TOKENS}, at most half a sample)")
+    pr.add_argument("--type-tokens", type=int, default=PROFILE_TYPE_TOKENS, metavar="N",
+                    help="on each loss sample, score every layer's K/V options (q8_0, K q8_0 / V q4_0, q4_0, lazy) "
+                         f"one layer at a time on N tokens, for --kv-fraction / --kv-kld (default {PROFILE_TYPE_TOKENS}; "
+                         "0 = none)")
     pr.add_argument("--no-race", dest="race", action="store_false",
                     help="measure every layer's loss on every loss sample (default: after the first sample, only "
                          "the layers still in the running; about 1.5x faster)")

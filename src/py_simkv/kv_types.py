@@ -13,7 +13,7 @@ Pair = Tuple[str, str]
 Entry = Union[str, Sequence[str], None]
 
 
-def _pair(entry: Entry, where: str) -> Optional[Pair]:
+def parse_pair(entry: Entry, where: str) -> Optional[Pair]:
     """'q8_0' (K and V), 'q8_0/q4_0' or ('q8_0', 'q4_0'); None: the layer keeps the defaults."""
     if entry is None:
         return None
@@ -52,7 +52,7 @@ def _parse_compact(spec: str) -> Dict[int, Pair]:
         for il in range(lo, hi + 1):
             if il in out:
                 raise ValueError(f"kv_types: layer {il} is given twice")
-            out[il] = _pair(types, f"layer {il}")
+            out[il] = parse_pair(types, f"layer {il}")
     return out
 
 
@@ -69,7 +69,7 @@ def parse_kv_types(spec: Union[str, Mapping[int, Entry], Sequence[Entry], None])
         items = list(enumerate(spec))
     else:
         raise TypeError(f"kv_types must be a string, a mapping or a list, got {type(spec).__name__}")
-    out = {il: _pair(entry, f"layer {il}") for il, entry in items}
+    out = {il: parse_pair(entry, f"layer {il}") for il, entry in items}
     return {il: p for il, p in out.items() if p is not None}
 
 

@@ -11,6 +11,10 @@ Three criteria, all measured on the last `w_last` tokens of each calibration sam
   on the second half of a sample when only this layer is trimmed after a full first half (the paper's
   exact prefill). Lower = lazier. It catches layers that put almost all attention on sinks + window yet do
   long-range copying with the rest.
+
+A version-2 profile also holds, per loss sample, "types": the KL divergence from the f16 model of a cache
+whose lazy-able layers hold q8_0 ("base") and of that cache with one layer at a time changed to each
+option (profiler.TYPE_OPTIONS, and "lazy"); kv_choice.py chooses every layer's kind and types from them.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 PROFILE_SUFFIX = ".simkv.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1: no per-layer type measurements
 CRITERIA = {"mass": "higher is lazier", "change": "lower is lazier", "loss": "lower is lazier"}
 # The paper's thresholds on the attention-mass score, by model family (matched in general.name/basename).
 FAMILY_THRESHOLDS = (("llama-3", 0.9), ("llama3", 0.9), ("llama-2", 0.65), ("llama2", 0.65), ("mistral", 0.8),
@@ -141,6 +146,25 @@ class LazyProfile:
     def mean(self, criterion: Optional[str] = None) -> np.ndarray:
         return mean_of_measured(self.scores(criterion))
 
+    @property
+    def has_types(self) -> bool:
+        return any("types" in s for s in self.samples)
+
+    def type_costs(self) -> dict:
+        """{option: [n_layer]}: how much changing that one layer to the option raised the KL divergence of
+        the all-q8_0 cache from the f16 model, averaged over the samples (NaN: not measured; below zero,
+        which is noise, counts as zero)."""
+        rows = [s["types"] for s in self.samples if "types" in s]
+        if not rows:
+            raise ValueError("this profile has no per-layer type measurements: make it again with `simkv profile` "
+                             "(this simkv's profiles measure them)")
+        options = [k for k in rows[0] if k != "base"]
+        out = {}
+        for o in options:
+            raised = np.array([np.array(r[o], dtype=np.float64) - r["base"] for r in rows])
+            out[o] = np.maximum(mean_of_measured(raised), 0.0)
+        return out
+
     def default_threshold(self, criterion: Optional[str] = None) -> Optional[float]:
         criterion = self._criterion(criterion)
         return {"mass": family_threshold(self.model), "loss": DEFAULT_LOSS_THRESHOLD}.get(criterion)
@@ -224,8 +248,9 @@ class LazyProfile:
             raise ValueError(f"not a simkv lazy profile (invalid JSON): {path}: {e}") from None
         if not isinstance(data, dict) or data.get("format") != "simkv-lazy-profile":
             raise ValueError(f"not a simkv lazy profile: {path}")
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"lazy profile {path} has version {data.get('version')}, this simkv reads {FORMAT_VERSION}")
+        if data.get("version") not in READS_VERSIONS:
+            raise ValueError(f"lazy profile {path} has version {data.get('version')}, this simkv reads "
+                             f"{', '.join(map(str, READS_VERSIONS))}")
         bad = _problem(data)
         if bad:
             raise ValueError(f"lazy profile {path} is damaged: {bad}")
@@ -306,12 +331,35 @@ def _problem(data: dict) -> Optional[str]:
             return f"layer {ever.index(False)} has no '{c}' score in any sample"
     if "mass" not in samples[0]:
         return "samples have no 'mass' scores"
+    for i, sample in enumerate(samples):
+        types = sample.get("types")
+        if types is None:
+            continue
+        if not isinstance(types, dict) or not isinstance(types.get("base"), (int, float)) or isinstance(types.get("base"), bool):
+            return f"sample {i}'s 'types' need a number 'base'"
+        for o, scores in types.items():
+            if o == "base":
+                continue
+            if not isinstance(scores, list) or len(scores) != n_layer or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isinf(x) for x in scores):
+                return f"sample {i}'s '{o}' types need {n_layer} finite numbers (NaN where not measured)"
     return None
 
 
 def _check_criterion(criterion: str) -> None:
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
+
+
+def load_profile(model_path: str, model, lazy_profile) -> Tuple[Optional[LazyProfile], Optional[str]]:
+    """The profile `lazy_profile` names (a path, or "auto" = the one saved beside the model, else the one
+    shipped for this model file; None if there is none), checked against the model. Returns (profile, path)."""
+    path = find_profile(model_path) if lazy_profile == "auto" else os.fspath(lazy_profile)
+    if path is None:
+        return None, None
+    prof = LazyProfile.load(path)
+    prof.check_model(model_path, model)
+    return prof, path
 
 
 def resolve_lazy_layers(model_path: str, model, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold,
@@ -328,15 +376,10 @@ def resolve_lazy_layers(model_path: str, model, lazy_layers, lazy_profile, lazy_
             raise ValueError("lazy_ratio/lazy_threshold/lazy_budget need a profile: lazy_profile='auto' or a path "
                              "(make one with `simkv profile`)")
         return None, None
-    if lazy_profile == "auto":
-        path = find_profile(model_path)
-        if path is None:
-            if lazy_ratio is not None or lazy_threshold is not None or lazy_budget is not None:
-                raise FileNotFoundError(f"no lazy profile beside {model_path} ({default_profile_path(model_path)}): "
-                                        "run `simkv profile` first")
-            return None, None
-    else:
-        path = os.fspath(lazy_profile)
-    prof = LazyProfile.load(path)
-    prof.check_model(model_path, model)
+    prof, path = load_profile(model_path, model, lazy_profile)
+    if prof is None:
+        if lazy_ratio is not None or lazy_threshold is not None or lazy_budget is not None:
+            raise FileNotFoundError(f"no lazy profile beside {model_path} ({default_profile_path(model_path)}): "
+                                    "run `simkv profile` first")
+        return None, None
     return prof.select(threshold=lazy_threshold, ratio=lazy_ratio, criterion=lazy_criterion, budget=lazy_budget), path

@@ -27,7 +27,8 @@ from .engine_config import DEFAULTS, engine_config
 from .kv_types import parse_kv_types
 from .conversation import Conversation
 from . import lab
-from .lazy_profile import family_threshold, model_identity, resolve_lazy_layers
+from .kv_choice import choose_kv
+from .lazy_profile import family_threshold, load_profile, model_identity, resolve_lazy_layers
 from .logprobs import log_softmax
 from .prefix import common_prefix
 from .tokenizer import Tokenizer
@@ -104,6 +105,10 @@ class Llama:
     laziest layers whose summed loss stays within 0.005 nats), "mass" (the paper's attention mass; default
     threshold by model family) or "change". Explicit lazy_layers win over a profile. Without lazy_profile
     no layer is lazy (a drop-in for llama-cpp-python); the CLI uses "auto" by default.
+    kv_fraction (a share of the all-f16 cache's bytes at this n_ctx, e.g. 0.25) or kv_kld (a divergence
+    budget, nats) let the profile (lazy_profile, "auto" if not given) choose every layer's kind and K/V types
+    together: lazy, or full with q8_0, K q8_0 / V q4_0 or q4_0 (kv_choice.py); `llm.kv_choice` says what it
+    chose and predicted. Layers in kv_types keep the types given there.
 
     lazy_prefill="streaming" (default): lazy layers hold only sinks + ring from the first token: memory is
     bounded throughout. "exact": every layer is full while a prompt is evaluated (the paper's procedure,
@@ -144,6 +149,8 @@ class Llama:
         lazy_threshold: Optional[float] = None,
         lazy_criterion: Optional[str] = None,
         lazy_budget: Optional[float] = None,
+        kv_fraction: Optional[float] = None,
+        kv_kld: Optional[float] = None,
         lazy_prefill: str = DEFAULTS.lazy_prefill,
         lazy_mode: str = DEFAULTS.lazy_mode,
         n_sink: int = DEFAULTS.n_sink,
@@ -235,10 +242,25 @@ class Llama:
         if self.vocab_only:
             pass
         elif config.lazy_mode == "dynamic":
-            if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None or lazy_budget is not None:
+            if lazy_layers is not None or lazy_profile is not None or lazy_ratio is not None or lazy_budget is not None \
+                    or kv_fraction is not None or kv_kld is not None:
                 raise ValueError("lazy_mode='dynamic' chooses lazy layers per prompt: give only lazy_threshold")
             config.dynamic_threshold = (family_threshold({"name": self._model.metadata.get("general.name", "")})
                                         if lazy_threshold is None else check_float("lazy_threshold", lazy_threshold))
+        elif kv_fraction is not None or kv_kld is not None:
+            if lazy_layers is not None or lazy_ratio is not None or lazy_threshold is not None or lazy_budget is not None:
+                raise ValueError("kv_fraction/kv_kld choose the lazy layers too: do not give lazy_layers, lazy_ratio, "
+                                 "lazy_threshold or lazy_budget with them")
+            prof, self.lazy_profile_path = load_profile(self.model_path, self._model, lazy_profile or "auto")
+            if prof is None:
+                raise FileNotFoundError(f"kv_fraction/kv_kld need a profile: none beside {self.model_path} and none "
+                                        "shipped for it; run `simkv profile` first")
+            self.kv_choice = choose_kv(prof, self._model, config.n_ctx, fraction=kv_fraction, kld=kv_kld,
+                                       n_sink=config.n_sink, n_window=config.n_window, lazy_type=config.lazy_type,
+                                       type_k=config.type_k, type_v=config.type_v, n_ubatch=config.n_ubatch,
+                                       n_seq_max=config.n_seq_max, lazy_residual=config.lazy_residual)
+            config.lazy_layers = self.kv_choice.lazy_layers
+            config.layer_types = {**self.kv_choice.kv_types, **settings["layer_types"]}  # kv_types given win
         else:
             lazy_layers, self.lazy_profile_path = resolve_lazy_layers(
                 self.model_path, self._model, lazy_layers, lazy_profile, lazy_ratio, lazy_threshold, lazy_criterion,
@@ -246,6 +268,7 @@ class Llama:
             if lazy_layers is not None:
                 config.lazy_layers = check_layer_list("lazy_layers", lazy_layers)
         self.lazy_profile_path = getattr(self, "lazy_profile_path", None)
+        self.kv_choice = getattr(self, "kv_choice", None)
         self.tokenizer_ = tokenizer if tokenizer is not None else Tokenizer(self._vocab)
         self.spm_infill = bool(spm_infill)
         self.embedding = bool(embedding)

@@ -17,6 +17,7 @@ from .engine_config import DEFAULTS
 from . import lab
 from .lazy_profile import LazyProfile, mean_of_measured
 from .llama import Llama
+from .logprobs import log_softmax
 from .memory import layers_that_can_be_lazy
 
 
@@ -62,13 +63,23 @@ PROFILE_N_CTX, PROFILE_N_WINDOW, PROFILE_SAMPLES, PROFILE_LOSS_SAMPLES, PROFILE_
 # over the layers; the same on three other samples of the calibration text (README, "Profile speed";
 # benchmarks/research/profile_reliability.py). race=False measures every layer on every loss sample.
 PROFILE_RACE_KEEP = (0.55, 0.4)
+# Types: on each loss sample, every lazy-able layer's K/V options are tried one layer at a time over a cache
+# whose full layers hold q8_0 (TYPE_BASE: nearly free, llama.cpp's -ctk q8_0 -ctv q8_0), scoring the first
+# PROFILE_TYPE_TOKENS tokens of the scored tail by KL divergence from the f16 model's next-token
+# distributions. A layer's cost is how much its option raises that divergence over the all-q8_0 cache's
+# (kv_choice.py adds them up). Divergences rather than losses: on SmolLM2 one layer's 4-bit keys move the
+# loss by less than its noise, but the divergence by 2-6x the noise.
+PROFILE_TYPE_TOKENS = 256
+TYPE_BASE = ("q8_0", "q8_0")
+TYPE_OPTIONS = (("q8_0", "q4_0"), ("q4_0", "q4_0"))  # beside the base and "lazy" (sinks + ring, lazy_type)
 
 
 def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = PROFILE_N_CTX,
                   n_sink: int = DEFAULTS.n_sink, n_window: int = PROFILE_N_WINDOW, w_last: int = DEFAULTS.w_last,
                   max_samples: int = PROFILE_SAMPLES, loss_samples: int = PROFILE_LOSS_SAMPLES,
                   loss_tokens: Optional[int] = None, n_threads: Optional[int] = None,
-                  progress: bool = True, devices: Optional[dict] = None, race: bool = True) -> LazyProfile:
+                  progress: bool = True, devices: Optional[dict] = None, race: bool = True,
+                  type_tokens: int = PROFILE_TYPE_TOKENS, lazy_type: str = DEFAULTS.lazy_type) -> LazyProfile:
     """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
 
     texts: strings or (source, text) pairs; default: the calibration set shipped with simkv.
@@ -77,10 +88,14 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     PROFILE_LOSS_TOKENS, at most half the sample) with each layer trimmed in turn, over the shared full prefix
     (n_layer + 1 evaluations of loss_tokens each); 0 = none. race: after the first loss sample, re-measure
     only the layers still in the running (PROFILE_RACE_KEEP); False: every layer on every loss sample.
+    type_tokens: on each loss sample, score every lazy-able layer's K/V options (TYPE_OPTIONS, and lazy with
+    a lazy_type ring) one at a time on that many tokens of the scored tail (kv_choice.py chooses from them);
+    0 = none.
     devices: Llama's placement arguments (n_gpu_layers, main_gpu, rpc_servers, tensor_split)."""
     check_int("n_ctx", n_ctx, 2)
     check_int("w_last", w_last, 1)
     check_int("loss_samples", loss_samples, 0)
+    check_int("type_tokens", type_tokens, 0)
     loss_tokens = min(PROFILE_LOSS_TOKENS, n_ctx // 2) if loss_tokens is None else check_int("loss_tokens", loss_tokens, 1)
     if w_last > n_ctx:
         raise ValueError(f"w_last ({w_last}) must not exceed n_ctx ({n_ctx})")
@@ -100,8 +115,9 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     n_loss = min(loss_samples, len(samples))
     n_layer = llm.hparams["n_layer"]
     chosen = [list(layers)]  # per loss sample, the layers it measures (the first: all)
-    meter = _Progress(_planned_work(samples, n_loss, loss_tokens, layers, n_layer, race, chosen), progress,
-                      calibrates=n_loss > 0 and len(layers) > 1)
+    type_tokens = min(type_tokens, loss_tokens)
+    planned = lambda: _planned_work(samples, n_loss, loss_tokens, layers, n_layer, race, chosen, type_tokens)
+    meter = _Progress(planned(), progress, calibrates=n_loss > 0 and len(layers) > 1)
     results = []
     for k, (source, toks) in enumerate(samples):
         probe = {"n_probe": min(w_last, len(toks)), "n_sink": n_sink, "n_window": n_window}
@@ -118,6 +134,9 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
             for il in set(layers) - set(chosen[k]):
                 losses[il] = None  # not re-measured (racing)
             result = {"loss": losses}
+            if type_tokens:
+                result["types"] = _type_klds(llm, toks[prefix:prefix + type_tokens], layers, n_sink, n_window,
+                                             lazy_type, meter)
         else:
             scores = llm.eval(toks, probe=probe)
             meter.add(len(toks), n_layer)
@@ -127,11 +146,12 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
         if k + 1 < n_loss:
             n_next = _n_running(k + 1, len(layers)) if race else len(layers)
             chosen.append(_still_running([r["loss"] for r in results], chosen[k], n_next))
-            meter.total = _planned_work(samples, n_loss, loss_tokens, layers, n_layer, race, chosen)
+            meter.total = planned()
     meter.done()
+    types = {"type_tokens": type_tokens, "type_base": _option_name(TYPE_BASE), "lazy_type": lazy_type} if type_tokens and n_loss else {}
     return LazyProfile(model=llm.model_identity(),
                        params={"n_ctx": n_ctx, "n_sink": n_sink, "n_window": n_window, "w_last": w_last,
-                               "loss_tokens": loss_tokens},
+                               "loss_tokens": loss_tokens, **types},
                        samples=results)
 
 
@@ -147,7 +167,7 @@ def _still_running(losses: List[List[Optional[float]]], running: List[int], n: i
 
 
 def _planned_work(samples, n_loss: int, loss_tokens: int, layers: List[int], n_layer: int, race: bool,
-                  chosen: Sequence[List[int]]) -> "_Work":
+                  chosen: Sequence[List[int]], type_tokens: int = 0) -> "_Work":
     """The profile's work (_Work): a whole sample each, and per loss sample its what-ifs: of the layers in
     chosen[k] where known, else (racing) of as many layers as it will re-measure, at the average layer's
     cost."""
@@ -166,6 +186,10 @@ def _planned_work(samples, n_loss: int, loss_tokens: int, layers: List[int], n_l
             depths = [average] * _n_running(k, len(layers))
         for depth in depths:
             total.add(tail, depth)
+        if type_tokens:  # the f16 and the q8_0 runs, then each option of each layer from that layer up
+            total.add(type_tokens, 2 * n_layer)
+            for il in layers:
+                total.add(type_tokens * (len(TYPE_OPTIONS) + 1), n_layer - il)
     return total
 
 
@@ -206,6 +230,52 @@ def _what_if(llm, tail, il: int, streams, n_sink: int, n_window: int) -> np.ndar
     llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
     with llm._use():
         return lab.what_if_nll(llm, tail, first_layer=il, hidden=streams[il])
+
+
+def _type_klds(llm, head, layers, n_sink: int, n_window: int, lazy_type: str, meter) -> dict:
+    """KL divergence from the f16 model's next-token distributions over `head` (after the context llm
+    holds, every layer full and f16) of the cache whose lazy-able layers hold TYPE_BASE ("base"), and of that
+    cache with one layer changed (each of TYPE_OPTIONS, and "lazy": trimmed to sinks + window with K/V of
+    lazy_type), per layer (NaN for layers that cannot be lazy). Each what-if starts at its layer, from the
+    stream the base run kept. Leaves every layer as it was."""
+    n_layer = llm.hparams["n_layer"]
+    reference = log_softmax(lab.what_if_nll(llm, head, logits=True).astype(np.float64))
+    meter.add(len(head), n_layer)
+    base_types = {il: TYPE_BASE for il in layers}
+    lab.set_what_if_types(llm, base_types)
+    try:
+        base, streams = lab.what_if_nll(llm, head, capture=True, logits=True)
+        meter.add(len(head), n_layer)
+        out = {"base": _kld(reference, base)}
+        options = [*TYPE_OPTIONS, "lazy"]
+        for o in options:
+            out[_option_name(o)] = [float("nan")] * n_layer
+        for il in layers:
+            for o in options:
+                lazy = o == "lazy"
+                lab.set_what_if_types(llm, {**base_types, il: lazy_type if lazy else o})
+                if lazy:
+                    llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
+                logits = lab.what_if_nll(llm, head, first_layer=il, hidden=streams[il], logits=True)
+                if lazy:
+                    llm.set_masked_layers([])
+                out[_option_name(o)][il] = _kld(reference, logits)
+                meter.add(len(head), n_layer - il)
+    finally:
+        llm.set_masked_layers([])
+        lab.set_what_if_types(llm, {})
+    return out
+
+
+def _option_name(option) -> str:
+    """'lazy', 'q4_0' (K and V) or 'q8_0/q4_0', as kv_types.py writes a pair."""
+    return option if isinstance(option, str) else option[0] if option[0] == option[1] else "/".join(option)
+
+
+def _kld(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over rows of KL(reference || softmax(logits)); reference: log-probabilities (float64)."""
+    other = log_softmax(logits.astype(np.float64))
+    return float((np.exp(reference) * (reference - other)).sum(axis=-1).mean())
 
 
 class _Work:
