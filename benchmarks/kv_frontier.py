@@ -41,6 +41,9 @@ from bench_cpu import Ours, Reference, corpus_text, measure_all  # noqa: E402
 from eval_quality import heldout_texts, passkey  # noqa: E402
 
 REFERENCE = "llama.cpp f16"
+# The profile's joint choice of kinds and types (kv_choice.py) at these shares of the f16 cache's bytes:
+# llama.cpp q4_0's bytes, one above and the smaller points.
+CHOICE_FRACTIONS = (0.35, 0.28, 0.22, 0.16)
 
 
 @dataclass
@@ -53,13 +56,15 @@ class Config:
 def default_configs() -> List[Config]:
     """llama.cpp's three cache types, and simkv's per-layer choices: the profile's default lazy layers and
     half the layers lazy (q4_0 rings with their f16 residual), with f16, q8_0, K q8_0 / V q4_0 and q4_0 full
-    layers."""
+    layers; and the profile's joint choice of every layer's kind and types at CHOICE_FRACTIONS."""
     out = [Config(f"llama.cpp {t}", "llama.cpp", dict(type_kv=t)) for t in ("f16", "q8_0", "q4_0")]
     full = [("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0")]
     for lazy, lazy_kw in (("default lazy", dict(lazy_profile="auto")), ("50% lazy", dict(lazy_profile="auto", lazy_ratio=0.5))):
         for k, v in full:
             name = k if k == v else f"K {k} / V {v}"
             out.append(Config(f"simkv {lazy}, {name} full", "simkv", dict(lazy_kw, type_k=k, type_v=v)))
+    for fraction in CHOICE_FRACTIONS:
+        out.append(Config(f"simkv profile's choice at {fraction}x", "simkv", dict(lazy_profile="auto", kv_fraction=fraction)))
     return out
 
 

@@ -290,6 +290,50 @@ void combine_partials(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
+// ggml custom op: dst = partials F32 [2 + d, n_head, n_tokens, 1] of f16 columns: src q, k_tail, v_tail
+// ([d, n_tail, n_head_kv] F16 views), mask (their columns, [n_tail, n_tokens] F16). Each (token, head) row in
+// f32: scores, their max and the shifted sum, the weighted sum of values; rows split across threads.
+void attend_tail(ggml_tensor * dst, int ith, int nth, void * ud) {
+    const float scale = unpack(ud).scale;
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    const ggml_tensor * mask = dst->src[3];
+    const int64_t d = q->ne[0], n_head = q->ne[1], n_tok = q->ne[2], n = k->ne[1], group = n_head / k->ne[2];
+    std::vector<float> qf((size_t) d), row((size_t) d), sc((size_t) n), acc((size_t) d);
+    for (int64_t r = ith; r < n_head * n_tok; r += nth) {
+        const int64_t h = r % n_head, t = r / n_head, hk = h / group;
+        const float * qr = (const float *) ((const char *) q->data + t * q->nb[2] + h * q->nb[1]);
+        const auto * mr = (const ggml_fp16_t *) ((const char *) mask->data + t * mask->nb[1]);
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+            const float m = ggml_fp16_to_fp32(mr[j]);
+            if (m == -INFINITY) {
+                sc[j] = -INFINITY;
+                continue;
+            }
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) ((const char *) k->data + j * k->nb[1] + hk * k->nb[2]), row.data(), d);
+            float dot = 0.0f;
+            for (int64_t i = 0; i < d; ++i) dot += qr[i] * row[i];
+            sc[j] = dot * scale + m;
+            mx = std::max(mx, sc[j]);
+        }
+        float sum = 0.0f;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; mx != -INFINITY && j < n; ++j) {
+            if (sc[j] == -INFINITY) continue;
+            const float w = std::exp(sc[j] - mx);
+            sum += w;
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) ((const char *) v->data + j * v->nb[1] + hk * v->nb[2]), row.data(), d);
+            for (int64_t i = 0; i < d; ++i) acc[i] += w * row[i];
+        }
+        float * out = (float *) ((char *) dst->data + t * dst->nb[2] + h * dst->nb[1]);
+        out[0] = mx;
+        out[1] = sum;
+        std::memcpy(out + 2, acc.data(), (size_t) d * sizeof(float));
+    }
+}
+
 bool reads_type(ggml_type t) { return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0; }
 
 }  // namespace
@@ -297,12 +341,21 @@ bool reads_type(ggml_type t) { return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0
 bool attention_quantized_reads(ggml_type k, ggml_type v) { return reads_type(k) && reads_type(v); }
 
 ggml_tensor * attention_quantized(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                                  ggml_tensor * mask, float scale, bool portable) {
+                                  ggml_tensor * mask, float scale, bool portable, ggml_tensor * k_tail, ggml_tensor * v_tail) {
     const int64_t d = q->ne[0], n_head = q->ne[1], n_tok = q->ne[2], n_kv = k->ne[1];
     const int64_t n_blocks = (n_kv + kCellBlock - 1) / kCellBlock;
-    ggml_tensor * args[4] = {q, k, v, mask};
+    ggml_tensor * cells_mask = k_tail ? ggml_view_2d(ctx, mask, n_kv, mask->ne[1], mask->nb[1], 0) : mask;
+    ggml_tensor * args[4] = {q, k, v, cells_mask};
     ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, 2 + d, n_head, n_tok, n_blocks, args, 4, attend_partials,
                                         GGML_N_TASKS_MAX, pack({scale, portable}));
+    if (k_tail) {
+        const int64_t n_tail = k_tail->ne[1];
+        ggml_tensor * tail_mask = ggml_view_2d(ctx, mask, n_tail, mask->ne[1], mask->nb[1], n_kv * ggml_element_size(mask));
+        ggml_tensor * targs[4] = {q, k_tail, v_tail, tail_mask};
+        ggml_tensor * tail = ggml_custom_4d(ctx, GGML_TYPE_F32, 2 + d, n_head, n_tok, 1, targs, 4, attend_tail,
+                                            GGML_N_TASKS_MAX, pack({scale, portable}));
+        part = ggml_concat(ctx, part, tail, 3);
+    }
     return ggml_custom_4d(ctx, GGML_TYPE_F32, d, n_head, n_tok, 1, &part, 1, combine_partials, GGML_N_TASKS_MAX, nullptr);
 }
 

@@ -26,10 +26,14 @@ bool attention_quantized_reads(ggml_type k, ggml_type v);
 // softmax(scale * q k^T + mask) v, as ggml_flash_attn_ext computes it with GGML_PREC_F32.
 //   q:    F32 [d, n_head, n_tokens] (any strides: a view of the projected queries)
 //   k, v: [d, n_kv, n_head_kv] views of the store (q8_0/q4_0 rows), n_head a multiple of n_head_kv
-//   mask: F16 [n_kv, n_tokens], 0 or -inf (a fully masked row gives zeros, as ggml's does)
+//   mask: F16 [n_kv (+ n_tail), n_tokens], 0 or -inf (a fully masked row gives zeros, as ggml's does)
+//   k_tail, v_tail: optional F16 [d, n_tail, n_head_kv] (any strides) beside the cells: a store's f16
+//     residual columns (kv_policy_full.cpp), the mask's last n_tail columns; dotted in f32, their partial
+//     sums combined with the cells' as the cells' blocks are combined
 // Returns F32 [d, n_head, n_tokens]. portable: ggml's own dot products and dequantization (ggml-cpu's
 // type traits) instead of the AVX2 code; the tests compare the two.
 ggml_tensor * attention_quantized(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                                  ggml_tensor * mask, float scale, bool portable = false);
+                                  ggml_tensor * mask, float scale, bool portable = false,
+                                  ggml_tensor * k_tail = nullptr, ggml_tensor * v_tail = nullptr);
 
 }  // namespace simkv

@@ -165,6 +165,7 @@ NB_MODULE(_native, m) {
         .def_rw("n_sink", &EngineConfig::n_sink)
         .def_rw("n_window", &EngineConfig::n_window)
         .def_rw("lazy_residual", &EngineConfig::lazy_residual)
+        .def_rw("full_residual", &EngineConfig::full_residual)
         .def_rw("dynamic_threshold", &EngineConfig::dynamic_threshold)
         .def_rw("w_last", &EngineConfig::w_last)
         .def_rw("n_seq_max", &EngineConfig::n_seq_max)

@@ -269,6 +269,9 @@ void Engine::set_masked_layers(const std::vector<int> & layers, uint32_t n_sink,
         if (kv_->kind_of(il) != KvKind::Full && kv_->kind_of(il) != KvKind::Masked) {
             throw BadInput("only full layers can be masked");
         }
+        if (kv_->groups()[kv_->store(il).group].policy->residual()) {
+            throw BadInput("layer " + std::to_string(il) + " keeps an f16 residual (full_residual): it cannot be masked");
+        }
     }
     // Layers that change groups read another mask: the cache's layout_version() tells graph_for to rebuild.
     kv_->regroup(kv_->layers_of_kind(KvKind::Masked), make_full_policy(kv_cfg_.n_ctx));
@@ -288,6 +291,14 @@ void Engine::set_what_if_types(const std::vector<std::pair<int, KvTypes>> & laye
         check_cache_type(model_->hp(), types.k, "layer " + std::to_string(il) + "'s K type");
         check_cache_type(model_->hp(), types.v, "layer " + std::to_string(il) + "'s V type");
     }
+    // A store kept aside holds only the positions written before it was: the context must be as it was then.
+    bool kept_more = false;
+    for (size_t s = 0; s < n_past_.size() && !kv_->retyped_layers().empty(); ++s) kept_more = kept_more || n_past_[s] > what_if_from_[s];
+    if (kept_more) {
+        throw BadInput("tokens were kept in the context while what-if types were set: the layers' own stores do not "
+                       "hold them (evaluate only what-ifs then, or reset())");
+    }
+    if (kv_->retyped_layers().empty()) what_if_from_ = n_past_;
     // Layers that keep the types they have keep their converted store (converting every layer for each
     // what-if would cost more than the what-if); the others get their own store back first.
     std::map<int, KvTypes> want(layers.begin(), layers.end());
@@ -302,7 +313,7 @@ void Engine::set_what_if_types(const std::vector<std::pair<int, KvTypes>> & laye
     for (const auto & [il, types] : want) {
         if (std::find(kept.begin(), kept.end(), il) != kept.end()) continue;
         try {
-            kv_->retype(model_->hp(), il, types, bufts_[il], sched_.get(), arena_);
+            kv_->retype(model_->hp(), il, types, kv_cfg_.n_full_residual, bufts_[il], sched_.get(), arena_);
         } catch (...) {
             kv_->restore_types();
             throw;
@@ -454,6 +465,7 @@ void Engine::reset() {
         kv_ = new_cache();
         compacted_ = false;
     }
+    kv_->restore_types();  // what-if types end with the context they were set over
     kv_->clear();
     std::fill(n_past_.begin(), n_past_.end(), 0);
     std::fill(n_written_.begin(), n_written_.end(), 0);

@@ -194,6 +194,7 @@ private:
     std::unique_ptr<GraphCache> graphs_;  // over sched_ and arena_
     std::vector<uint32_t> n_past_;     // per sequence
     std::vector<uint32_t> n_written_;  // per sequence: positions ever written since its last clear (ring rewinds)
+    std::vector<uint32_t> what_if_from_;  // per sequence: positions when what-if types were set (set_what_if_types)
     bool compacted_ = false;  // the lazy layers of this context were compacted already
     bool embeddings_ = false;
     size_t peak_kv_bytes_ = 0;

@@ -92,6 +92,7 @@ EngineConfig validated(const EngineConfig & cfg, const HParams & hp) {
     check_at_least("n_sink", c.n_sink, 0);
     check_at_least("n_window", c.n_window, 1);
     check_at_least("lazy_residual", c.lazy_residual, 0);
+    check_at_least("full_residual", c.full_residual, 0);
     check_at_least("w_last", c.w_last, 1);
     check_at_least("n_seq_max", c.n_seq_max, 1);
     check_at_most("n_seq_max", c.n_seq_max, kMaxSequences, "");
@@ -147,6 +148,7 @@ KvConfig kv_config(const EngineConfig & cfg, uint32_t n_layer) {
     kv.n_sink = (uint32_t) cfg.n_sink;
     kv.n_window = (uint32_t) cfg.n_window;
     kv.n_residual = residual_positions(cfg, n_layer);
+    kv.n_full_residual = (uint32_t) std::min<int64_t>(cfg.full_residual, cfg.n_ctx);
     if (prefill_strategy(cfg) != PrefillStrategy::Compacted) {
         for (int64_t il : cfg.lazy_layers) kv.lazy_layers.push_back((int) il);
     }

@@ -49,6 +49,8 @@ struct EngineConfig {
     int64_t n_window = 1024;
     // Most recent positions per sequence that a quantized lazy ring also keeps in f16 (kv_policy_lazy.cpp).
     int64_t lazy_residual = 32;
+    // The same for a quantized full store (kv_policy_full.cpp); 0: none.
+    int64_t full_residual = 32;
     LazyPrefill lazy_prefill = LazyPrefill::Streaming;
     LazyMode lazy_mode = LazyMode::Static;
     double dynamic_threshold = 0.9;

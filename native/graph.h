@@ -44,7 +44,7 @@ inline ggml_tensor * cb(ggml_tensor * t, const char * name, int il) {
 // One attention span's inputs (kv_plan.h, AttnSpan).
 struct SpanInputs {
     ggml_tensor * kq_mask = nullptr;   // F16 [n_kv, n_tokens]
-    ggml_tensor * gather = nullptr;    // I32 [n_gathered] ring cells, or null (read in place)
+    ggml_tensor * gather = nullptr;    // I32 [n_store] cells, or null (read in place)
     ggml_tensor * res_read = nullptr;  // I32 [n_res] residual cells, or null
     ggml_tensor * res_dst = nullptr;   // I64 [n_res_write] residual cells of the span's last rows, or null
 };

@@ -35,10 +35,11 @@ StoreRead store_read(const KvStore & s, const KvPolicy & policy, const AttnSpan 
     return StoreRead::Dequantized;
 }
 
-// What a span reads of one of a store's tensors (K or V), as [head_dim, n_kv, n_head_kv] (kv_plan.h,
-// AttnSpan): its cells in place (as stored, or dequantized), or its gathered cells copied out (a ring's as f16
-// rows on every backend: kv_gather.h says why), then, with a residual, the residual's rows and the span's
-// own rows `cur` after them. With a residual, the span's last positions are written to it here: from the
+// What a span reads of one of a store's tensors (K or V), as [head_dim, n, n_head_kv] (kv_plan.h,
+// AttnSpan): a pool's cells in place (as stored, or dequantized) or gathered (n_store of them: a residual's
+// columns come from residual_tail), or a ring's gathered cells copied out as f16 rows on every backend
+// (kv_gather.h says why), then, with a residual, the residual's rows and the span's own rows `cur` after
+// them (all n_kv columns). With a residual, the span's last positions are written to it here: from the
 // rows just read, so the write comes after the read of the cells it overwrites.
 ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store, ggml_tensor * residual,
                          const AttnSpan & sp, const SpanInputs & in, ggml_tensor * cur, bool on_cpu, bool dequantized) {
@@ -48,13 +49,14 @@ ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store,
     if (!in.gather) {
         const size_t row = ggml_row_size(store->type, store->ne[0]);
         ggml_tensor * cells =
-            ggml_view_3d(ctx, store, d, sp.n_kv, hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
+            ggml_view_3d(ctx, store, d, sp.n_store(), hp.n_head_kv, row, ggml_row_size(store->type, d), sp.kv_lo * row);
         return dequantized && store->type != kDequantized ? cells_converted(ctx, cells, kDequantized, on_cpu) : cells;
     }
     ggml_tensor * rows = nullptr;
     if (b.kv.groups()[s.group].policy->pooled()) {  // scattered cells of a pooled store
         rows = gather_rows_as_stored(ctx, store, in.gather, on_cpu);
         if (dequantized && store->type != kDequantized) rows = cells_converted(ctx, rows, kDequantized, on_cpu);
+        return ggml_view_3d(ctx, rows, d, sp.n_store(), hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
     } else {
         // the ring's rows; with a residual, the residual's, then the span's own as the residual holds them
         ggml_tensor * own = sp.residual ? ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1])
@@ -67,6 +69,37 @@ ggml_tensor * read_cells(GraphBuild & b, const KvStore & s, ggml_tensor * store,
         }
     }
     return ggml_view_3d(ctx, rows, d, sp.n_kv, hp.n_head_kv, rows->nb[1], ggml_row_size(rows->type, d), 0);
+}
+
+// A pooled span's f16 columns beside a residual: the residual's rows it reads, then its own rows `cur` rounded
+// to f16, as [head_dim, n_res + n_tokens, n_head_kv] F16; the span's last positions are written to the
+// residual from these rows (after their read).
+ggml_tensor * residual_tail(GraphBuild & b, ggml_tensor * residual, const AttnSpan & sp, const SpanInputs & in,
+                            ggml_tensor * cur, bool on_cpu) {
+    ggml_context * ctx = b.ctx;
+    const HParams & hp = b.model.hp();
+    ggml_tensor * own = ggml_view_2d(ctx, cur, cur->ne[0], sp.n_tokens, cur->nb[1], sp.t0 * cur->nb[1]);
+    ggml_tensor * rows = gather_span_rows_f16(ctx, residual, in.res_read, nullptr, nullptr, own, on_cpu);
+    if (in.res_dst) {
+        ggml_tensor * last = ggml_view_2d(ctx, rows, rows->ne[0], sp.n_res_write, rows->nb[1],
+                                          (rows->ne[1] - sp.n_res_write) * rows->nb[1]);
+        ggml_build_forward_expand(b.gf, ggml_set_rows(ctx, residual, last, in.res_dst));
+    }
+    return ggml_view_3d(ctx, rows, hp.head_dim, rows->ne[1], hp.n_head_kv, rows->nb[1],
+                        ggml_row_size(rows->type, hp.head_dim), 0);
+}
+
+// The store's columns and the f16 columns of a pooled span with a residual, as one tensor of `type` for
+// ggml's flash attention.
+ggml_tensor * joined(ggml_context * ctx, ggml_tensor * cells, ggml_tensor * tail, ggml_type type, bool on_cpu) {
+    if (on_cpu) {
+        if (cells->type != type) cells = cells_converted(ctx, cells, type, on_cpu);
+        return ggml_concat(ctx, cells, tail->type == type ? tail : ggml_cast(ctx, tail, type), 1);
+    }
+    // elsewhere ggml copies q8_0/q4_0 cells to f32 only
+    ggml_tensor * all = ggml_concat(ctx, cells->type == GGML_TYPE_F32 ? cells : ggml_cast(ctx, cells, GGML_TYPE_F32),
+                                    ggml_cast(ctx, tail, GGML_TYPE_F32), 1);
+    return type == GGML_TYPE_F32 ? all : ggml_cast(ctx, all, type);
 }
 
 }  // namespace
@@ -112,14 +145,26 @@ ggml_tensor * build_attention(GraphBuild & b, int il, ggml_tensor * q_cur, ggml_
         const StoreRead how = store_read(s, policy, sp, on_cpu);
         ggml_tensor * k = read_cells(b, s, s.k, s.k_res, sp, in, k_rows, on_cpu, how == StoreRead::Dequantized);
         ggml_tensor * v = read_cells(b, s, s.v, s.v_res, sp, in, v_rows, on_cpu, how == StoreRead::Dequantized);
-        if (b.probe) build_probe(b, il, q_cur, k, v);  // one sequence: one span
+        if (b.probe) build_probe(b, il, q_cur, k, v);  // one sequence: one span; the store's cells
+        // A pool with a residual: its cells (k, v), then the f16 columns (kv_policy_full.cpp).
+        ggml_tensor * k_tail = nullptr;
+        ggml_tensor * v_tail = nullptr;
+        if (sp.residual && policy.pooled()) {
+            k_tail = residual_tail(b, s.k_res, sp, in, k_rows, on_cpu);
+            v_tail = residual_tail(b, s.v_res, sp, in, v_rows, on_cpu);
+            if (how != StoreRead::Direct) {
+                const ggml_type t = how == StoreRead::Dequantized ? kDequantized : GGML_TYPE_F16;
+                k = joined(ctx, k, k_tail, t, on_cpu);
+                v = joined(ctx, v, v_tail, t, on_cpu);
+            }
+        }
         ggml_tensor * q = q_cur;
         if (spans.size() > 1) {
             q = ggml_view_3d(ctx, q_cur, d, hp.n_head, sp.n_tokens, q_cur->nb[1], q_cur->nb[2], sp.t0 * q_cur->nb[2]);
         }
         ggml_tensor * o = nullptr;
         if (how == StoreRead::Direct) {
-            o = attention_quantized(ctx, q, k, v, in.kq_mask, kq_scale);
+            o = attention_quantized(ctx, q, k, v, in.kq_mask, kq_scale, false, k_tail, v_tail);
         } else {
             q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n_tokens, n_head]
             o = ggml_flash_attn_ext(ctx, q, k, v, in.kq_mask, kq_scale, 0.0f, 0.0f);

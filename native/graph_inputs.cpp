@@ -44,7 +44,7 @@ void create_ubatch_inputs(GraphBuild & b) {
             SpanInputs si;
             si.kq_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, sp.n_kv, sp.n_tokens);
             ggml_set_input(si.kq_mask);
-            if (sp.gather_offset >= 0) si.gather = input(GGML_TYPE_I32, sp.n_gathered());
+            if (sp.gather_offset >= 0) si.gather = input(GGML_TYPE_I32, sp.n_store());
             if (sp.n_res) si.res_read = input(GGML_TYPE_I32, sp.n_res);
             if (sp.n_res_write) si.res_dst = input(GGML_TYPE_I64, sp.n_res_write);
             spans.push_back(si);

@@ -30,7 +30,8 @@ std::unique_ptr<KvPolicy> policy_for(const HParams & hp, const KvConfig & cfg, u
         }
         return lazy_policy(cfg);
     }
-    return hp.is_swa(il) ? make_sliding_policy(hp.n_swa, cfg.n_ubatch) : make_full_policy(cfg.n_ctx);
+    if (hp.is_swa(il)) return make_sliding_policy(hp.n_swa, cfg.n_ubatch);
+    return make_full_policy(cfg.n_ctx, cfg.full_types.at(il).quantized() ? cfg.n_full_residual : 0);
 }
 
 uint64_t cells_of(const KvPolicy & p, uint32_t n_seq) {
@@ -177,7 +178,7 @@ void KvCache::make_seq_lazy(const std::vector<int> & layers, int seq) {
         }
         // Split: the lazy part gets a group of its own with the same cell map (its stores hold the same
         // positions in the same cells); from now on the two are written and trimmed each by its own map.
-        const int h = new_group(make_full_policy(groups_[g].policy->capacity()));
+        const int h = new_group(make_full_policy(groups_[g].policy->capacity(), groups_[g].policy->residual()));
         KvGroup & src = groups_[g];
         KvGroup & dst = groups_[h];
         dst.cells = src.cells;

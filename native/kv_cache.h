@@ -69,6 +69,7 @@ struct KvConfig {
     uint32_t n_sink;
     uint32_t n_window;
     uint32_t n_residual;  // f16 positions per sequence beside a quantized lazy ring (kv_policy_lazy.cpp)
+    uint32_t n_full_residual = 0;  // ... and beside a quantized full store (kv_policy_full.cpp)
     std::vector<int> lazy_layers;
 };
 
@@ -162,8 +163,9 @@ public:
     // holding the same cells, converted by a graph run on `sched`; the store it replaces is kept aside until
     // restore_types() puts it back (every such store, or these layers'). Throws, changing nothing, if the
     // layer is not full, has what-if types already, or the copy fails.
-    void retype(const HParams & hp, int il, KvTypes types, ggml_backend_buffer_type_t buft, ggml_backend_sched_t sched,
-                GraphArena & arena);
+    // residual: the f16 positions a quantized full store keeps (KvConfig::n_full_residual).
+    void retype(const HParams & hp, int il, KvTypes types, uint32_t residual, ggml_backend_buffer_type_t buft,
+                ggml_backend_sched_t sched, GraphArena & arena);
     void restore_types();
     void restore_types(const std::vector<int> & layers);
     std::vector<int> retyped_layers() const;
@@ -253,6 +255,33 @@ private:
     void plan_gathered_span(const KvGroup & g, GroupPlan & gp, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
     // A pooled span that reads its sequence's scattered cells through a gather, in position order.
     void plan_pooled_gather(const KvGroup & g, GroupPlan & gp, AttnSpan & sp, const int32_t * pos, const int32_t * seq) const;
+    // A pooled span over its sequence's cells [lo, hi) in place, with the f16 columns of a residual after them.
+    void plan_pooled_residual(const KvGroup & g, GroupPlan & gp, AttnSpan & sp, const int32_t * pos, const int32_t * seq,
+                              uint32_t lo, uint32_t hi) const;
+    // A span's f16 columns beside a store with a residual (kv_plan.h, AttnSpan), whatever reads the store's
+    // cells (a ring's gather, a pool's cells in place or gathered): which keys a query reads in f16, the
+    // columns' mask, and the residual's reads and writes. Nothing (columns() 0) for a store without one.
+    class ResidualTail {
+    public:
+        ResidualTail(const KvPolicy & p, const KvCells & cells, int32_t seq, int32_t first, uint32_t n_q);
+        uint32_t columns() const { return R_ ? (uint32_t) R_ - 1 + n_q_ : 0; }
+        // a query at q reads the key at k in f16: the policy says so and the key is in f16 here (the span's own,
+        // or one the residual holds); the store's column for it is hidden
+        bool reads_f16(int32_t q, int32_t k) const;
+        // the f16 columns of a query's mask row: the residual's, then the span's own
+        template <class Visible>
+        void mask_row(int32_t q, Visible visible, std::vector<ggml_fp16_t> & mask) const;
+        // the residual cells the span reads, and those its last positions are written to (in gp's cell map)
+        void plan_io(GroupPlan & gp, AttnSpan & sp) const;
+
+    private:
+        const KvPolicy & p_;
+        const KvCells & cells_;
+        int32_t seq_, first_;
+        uint32_t n_q_;
+        int32_t R_;
+        std::vector<int32_t> held_;  // residual positions some query reads, oldest first
+    };
 
     // Pooled groups: where sequence seq starts looking for free cells. Each sequence has a home share of
     // the pool (1/n_seq of it), so conversations that fit their share stay contiguous and their spans do

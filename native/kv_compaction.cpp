@@ -54,10 +54,14 @@ KvCache::Conversion KvCache::plan_lazy(const HParams & hp, const KvConfig & cfg,
                                        const std::vector<ggml_backend_buffer_type_t> & buft_per_layer) {
     Conversion c;
     c.layers = layers;
-    const int src_group = stores_[layers[0]].group;
+    // Full layers, each group holding the same positions in the same cells (written in lockstep: quantized
+    // full layers with an f16 residual are a group of their own), so one placement serves them all.
+    const KvCells & first = groups_[stores_[layers[0]].group].cells;
     for (int il : layers) {
-        if (stores_[il].group != src_group || groups_[src_group].policy->kind() != KvKind::Full) {
-            throw std::runtime_error("only full layers of one group can be made lazy");
+        const KvGroup & g = groups_[stores_[il].group];
+        if (g.policy->kind() != KvKind::Full || g.cells.positions() != first.positions() ||
+            g.cells.sequences() != first.sequences()) {
+            throw std::runtime_error("only full layers holding the same cells can be made lazy");
         }
     }
     c.group = group_for(lazy_policy(cfg));
@@ -117,11 +121,11 @@ bool KvCache::copy_cells(const std::vector<CellCopy> & copies, ggml_backend_sche
 
 void KvCache::commit_lazy(Conversion && c) {
     KvGroup & dst = groups_[c.group];
-    KvGroup & src = groups_[stores_[c.layers[0]].group];
     for (size_t i = 0; i < c.layers.size(); ++i) {
         const int il = c.layers[i];
-        stores_[il] = std::move(c.stores[i]);  // frees the full store
+        KvGroup & src = groups_[stores_[il].group];
         src.layers.erase(std::find(src.layers.begin(), src.layers.end(), il));
+        stores_[il] = std::move(c.stores[i]);  // frees the full store
         dst.layers.push_back(il);
     }
     std::sort(dst.layers.begin(), dst.layers.end());

@@ -94,6 +94,8 @@ GroupPlan KvCache::plan_group(const KvGroup & g, const int32_t * pos, const int3
             plan_gathered_span(g, gp, sp, pos, seq);
         } else if (scattered) {
             plan_pooled_gather(g, gp, sp, pos, seq);
+        } else if (p.residual()) {
+            plan_pooled_residual(g, gp, sp, pos, seq, lo[s], hi[s]);
         } else {
             sp.n_kv = std::min(n_cells, pad_cells(hi[s] - lo[s]));
             sp.kv_lo = std::min(lo[s], n_cells - sp.n_kv);
@@ -112,17 +114,44 @@ void KvCache::plan_pooled_gather(const KvGroup & g, GroupPlan & gp, AttnSpan & s
                                  const int32_t * seq) const {
     const int32_t s = seq[sp.t0];
     const std::vector<std::pair<int32_t, uint32_t>> held = gp.cells.positions_of(s);
-    sp.n_kv = pad_cells((uint32_t) held.size());  // it holds at least the cells just written
+    const ResidualTail tail(*g.policy, gp.cells, s, pos[sp.t0], sp.n_tokens);
+    // it holds at least the cells just written; with a residual the f16 columns follow, the whole padded
+    const uint32_t n_tail = tail.columns();
+    const uint32_t n_store = pad_cells((uint32_t) held.size() + n_tail) - n_tail;
+    sp.n_kv = n_store + n_tail;
     sp.gather_offset = (int64_t) gp.gather.size();
-    for (uint32_t j = 0; j < sp.n_kv; ++j) gp.gather.push_back((int32_t) held[j < held.size() ? j : 0].second);
+    for (uint32_t j = 0; j < n_store; ++j) gp.gather.push_back((int32_t) held[j < held.size() ? j : 0].second);
     const KvPolicy & v = view(g, s);
     for (uint32_t i = 0; i < sp.n_tokens; ++i) {
         const int32_t q = pos[sp.t0 + i];
-        for (uint32_t j = 0; j < sp.n_kv; ++j) {  // padding (j beyond the cells held) repeats a cell, hidden
+        for (uint32_t j = 0; j < n_store; ++j) {  // padding (j beyond the cells held) repeats a cell, hidden
             const int32_t k = j < held.size() ? held[j].first : -1;
-            gp.mask.push_back(k >= 0 && k <= q && v.visible(q, k) ? mask_visible() : mask_hidden());
+            gp.mask.push_back(k >= 0 && k <= q && v.visible(q, k) && !tail.reads_f16(q, k) ? mask_visible() : mask_hidden());
         }
+        tail.mask_row(q, [&v](int32_t qq, int32_t k) { return v.visible(qq, k); }, gp.mask);
     }
+    tail.plan_io(gp, sp);
+}
+
+void KvCache::plan_pooled_residual(const KvGroup & g, GroupPlan & gp, AttnSpan & sp, const int32_t * pos,
+                                   const int32_t * seq, uint32_t lo, uint32_t hi) const {
+    // The sequence's span of cells in place, then the f16 columns; the whole a multiple of kCellPad where the
+    // pool allows.
+    const int32_t s = seq[sp.t0];
+    const ResidualTail tail(*g.policy, gp.cells, s, pos[sp.t0], sp.n_tokens);
+    const uint32_t n_cells = gp.cells.size(), n_tail = tail.columns();
+    const uint32_t n_store = std::min(n_cells, pad_cells(hi - lo + n_tail) - n_tail);
+    sp.kv_lo = std::min(lo, n_cells - n_store);
+    sp.n_kv = n_store + n_tail;
+    const KvPolicy & v = view(g, s);
+    auto from_store = [&](int32_t q, int32_t k) { return v.visible(q, k) && !tail.reads_f16(q, k); };
+    std::vector<ggml_fp16_t> rows((size_t) sp.n_tokens * n_store);
+    fill_mask_rows(gp.cells, sp.kv_lo, pos + sp.t0, seq + sp.t0, sp.n_tokens, n_store, from_store, rows.data());
+    for (uint32_t i = 0; i < sp.n_tokens; ++i) {
+        gp.mask.insert(gp.mask.end(), rows.begin() + (size_t) i * n_store, rows.begin() + (size_t) (i + 1) * n_store);
+        tail.mask_row(pos[sp.t0 + i], [&v](int32_t q, int32_t k) { return v.visible(q, k); }, gp.mask);
+    }
+    tail.plan_io(gp, sp);
 }
 
 void KvCache::plan_gathered_span(const KvGroup & g, GroupPlan & gp, AttnSpan & sp, const int32_t * pos,
@@ -131,22 +160,8 @@ void KvCache::plan_gathered_span(const KvGroup & g, GroupPlan & gp, AttnSpan & s
     const int32_t s = seq[sp.t0];
     const int32_t * q_pos = pos + sp.t0;
     const uint32_t n_q = sp.n_tokens, r0 = (uint32_t) s * g.region(), n_r = g.region();
-    // With a residual (kv_policy_lazy.cpp) a query at q reads a key at k in f16 where the policy says so
-    // (reads_residual) and the key is in f16 here: the span's own (first ..) or one the residual holds. Those
-    // columns come after the ring's.
-    const int32_t R = (int32_t) p.residual();
-    const uint32_t C = p.residual_capacity(), res0 = (uint32_t) s * C;
-    const int32_t first = q_pos[0];
-    auto in_f16 = [&](int32_t k) { return R && (k >= first || gp.cells.residual_pos(p.residual_cell(s, k)) == k); };
-    auto reads_f16 = [&](int32_t q, int32_t k) { return in_f16(k) && p.reads_residual(q, k); };
-    auto visible = [&p](int32_t q, int32_t k) { return p.visible(q, k); };
-    auto from_ring = [&](int32_t q, int32_t k) { return p.visible(q, k) && !reads_f16(q, k); };
-    std::vector<int32_t> res_held;  // residual positions some query reads, oldest first
-    for (uint32_t c = res0; c < res0 + C; ++c) {
-        const int32_t k = gp.cells.residual_pos(c);
-        if (k >= 0 && k > first - R && k < first) res_held.push_back(k);
-    }
-    std::sort(res_held.begin(), res_held.end());
+    const ResidualTail tail(p, gp.cells, s, q_pos[0], n_q);
+    auto from_ring = [&](int32_t q, int32_t k) { return p.visible(q, k) && !tail.reads_f16(q, k); };
 
     // The sequence's ring region, masked, then only the columns some query reads from it.
     std::vector<ggml_fp16_t> rows((size_t) n_q * n_r);
@@ -160,11 +175,7 @@ void KvCache::plan_gathered_span(const KvGroup & g, GroupPlan & gp, AttnSpan & s
             }
         }
     }
-    sp.residual = R > 0;
-    // Always R - 1 residual columns (the most a span can read: positions first - R + 1 .. first - 1), padded
-    // with a hidden cell: a decode step then has the shape of the one before, and its graph is reused.
-    sp.n_res = sp.residual ? (uint32_t) R - 1 : 0;
-    const uint32_t n_tail = sp.residual ? sp.n_res + n_q : 0;  // f16 columns: the residual's, the span's own
+    const uint32_t n_tail = tail.columns();  // f16 columns: the residual's, the span's own
     sp.n_kv = pad_cells(std::max<uint32_t>((uint32_t) cols.size(), 1) + n_tail);  // at least one ring row
     const uint32_t n_ring = sp.n_kv - n_tail;
     sp.gather_offset = (int64_t) gp.gather.size();
@@ -180,26 +191,55 @@ void KvCache::plan_gathered_span(const KvGroup & g, GroupPlan & gp, AttnSpan & s
         if (!pad) ring_col[k] = c++;
     }
     for (uint32_t k = 0; k < n_ring; ++k) gp.gather.push_back((int32_t) (r0 + (ring_col[k] >= 0 ? cols[ring_col[k]] : 0u)));
-    auto f16_mask = [&](int32_t q, int32_t k) {
-        return k <= q && p.reads_residual(q, k) && visible(q, k) ? mask_visible() : mask_hidden();
-    };
     for (uint32_t i = 0; i < n_q; ++i) {
         for (uint32_t k = 0; k < n_ring; ++k) gp.mask.push_back(ring_col[k] >= 0 ? rows[(size_t) i * n_r + cols[ring_col[k]]] : mask_hidden());
-        for (int32_t k : res_held) gp.mask.push_back(f16_mask(q_pos[i], k));
-        for (size_t k = res_held.size(); k < sp.n_res; ++k) gp.mask.push_back(mask_hidden());
-        for (uint32_t t = 0; sp.residual && t < n_q; ++t) gp.mask.push_back(f16_mask(q_pos[i], first + (int32_t) t));
+        tail.mask_row(q_pos[i], [&p](int32_t q, int32_t k) { return p.visible(q, k); }, gp.mask);
     }
+    tail.plan_io(gp, sp);
+}
+
+KvCache::ResidualTail::ResidualTail(const KvPolicy & p, const KvCells & cells, int32_t seq, int32_t first, uint32_t n_q)
+    : p_(p), cells_(cells), seq_(seq), first_(first), n_q_(n_q), R_((int32_t) p.residual()) {
+    const uint32_t C = p.residual_capacity(), res0 = (uint32_t) seq * C;
+    for (uint32_t c = res0; c < res0 + C; ++c) {
+        const int32_t k = cells.residual_pos(c);
+        if (k >= 0 && k > first - R_ && k < first) held_.push_back(k);
+    }
+    std::sort(held_.begin(), held_.end());
+}
+
+bool KvCache::ResidualTail::reads_f16(int32_t q, int32_t k) const {
+    // in f16 here: the span's own key, or one the residual holds
+    const bool in_f16 = R_ && (k >= first_ || cells_.residual_pos(p_.residual_cell(seq_, k)) == k);
+    return in_f16 && p_.reads_residual(q, k);
+}
+
+template <class Visible>
+void KvCache::ResidualTail::mask_row(int32_t q, Visible visible, std::vector<ggml_fp16_t> & mask) const {
+    if (!R_) return;
+    auto f16_mask = [&](int32_t k) { return k <= q && p_.reads_residual(q, k) && visible(q, k) ? mask_visible() : mask_hidden(); };
+    for (int32_t k : held_) mask.push_back(f16_mask(k));
+    for (size_t k = held_.size(); k < (size_t) R_ - 1; ++k) mask.push_back(mask_hidden());
+    for (uint32_t t = 0; t < n_q_; ++t) mask.push_back(f16_mask(first_ + (int32_t) t));
+}
+
+void KvCache::ResidualTail::plan_io(GroupPlan & gp, AttnSpan & sp) const {
+    sp.residual = R_ > 0;
     if (!sp.residual) return;
+    // Always R - 1 residual columns (the most a span can read: positions first - R + 1 .. first - 1), padded
+    // with a hidden cell: a decode step then has the shape of the one before, and its graph is reused.
+    sp.n_res = (uint32_t) R_ - 1;
     // Read the residual, then keep the span's last C positions in it. (The graph writes them from the rows
     // it read, so a cell is overwritten only after it was read.)
+    const uint32_t C = p_.residual_capacity(), res0 = (uint32_t) seq_ * C;
     sp.res_read_offset = gp.res_read.size();
-    for (int32_t k : res_held) gp.res_read.push_back((int32_t) p.residual_cell(s, k));
+    for (int32_t k : held_) gp.res_read.push_back((int32_t) p_.residual_cell(seq_, k));
     gp.res_read.resize(sp.res_read_offset + sp.n_res, (int32_t) res0);  // padding: hidden above
     sp.res_write_offset = gp.res_dst.size();
-    for (uint32_t t = n_q > C ? n_q - C : 0; t < n_q; ++t) {  // the last columns, in order
-        const uint32_t cell = p.residual_cell(s, first + (int32_t) t);
+    for (uint32_t t = n_q_ > C ? n_q_ - C : 0; t < n_q_; ++t) {  // the last columns, in order
+        const uint32_t cell = p_.residual_cell(seq_, first_ + (int32_t) t);
         gp.res_dst.push_back(cell);
-        gp.cells.set_residual(cell, first + (int32_t) t);
+        gp.cells.set_residual(cell, first_ + (int32_t) t);
     }
     sp.n_res_write = (uint32_t) (gp.res_dst.size() - sp.res_write_offset);
 }

@@ -26,8 +26,9 @@ struct UbatchInputs;
 //     other sequences' cells in between (a chunk's flash attention computes every column, hidden or not).
 //     ggml's CPU flash attention has its fast paths (split-KV for a lone query, tiles for a chunk) only for
 //     f16/f32 K and V: read in place, a q4_0 ring was 0.6x an f16 ring's prefill speed.
-//   with a residual (a quantized lazy ring, kv_policy_lazy.cpp), the columns are, in order: the gathered
-//     ring cells some query reads in 4 bits (n_kv - n_res - n_tokens of them, padding included), then the
+//   with a residual (a quantized lazy ring, kv_policy_lazy.cpp, or a quantized full store,
+//     kv_policy_full.cpp), the columns are, in order: the store's cells (a ring's gathered cells some query
+//     reads in 4 bits, a pool's in place or gathered: n_kv - n_res - n_tokens of them, padding included), then the
 //     n_res = R - 1 columns read from the residual (res_read: the positions it holds that some query reads,
 //     then a hidden cell repeated, so that consecutive decode steps have one shape and reuse one graph),
 //     then the span's own n_tokens keys as computed, rounded to f16. A key may be in both parts; the mask shows each query one. The span's last
@@ -41,7 +42,7 @@ struct AttnSpan {
     bool residual = false;       // the columns end with residual and own keys (above)
     uint32_t n_res = 0, n_res_write = 0;
     size_t res_read_offset = 0, res_write_offset = 0;  // into the group plan's res_read, res_dst
-    uint32_t n_gathered() const { return n_kv - (residual ? n_res + n_tokens : 0); }
+    uint32_t n_store() const { return n_kv - (residual ? n_res + n_tokens : 0); }  // columns of the store's cells
 };
 
 // One group's part of the plan.

@@ -45,9 +45,9 @@ public:
     // Whether a span reads the store through a gather of the cells some query of it sees (kv_plan.h,
     // AttnSpan), rather than in place: a lazy ring's visible cells are few, and are read as f16 rows.
     virtual bool gathered() const { return false; }
-    // Positions of each sequence a quantized ring also keeps in f16: its most recent ones, which take most
+    // Positions of each sequence a quantized store also keeps in f16: its most recent ones, which take most
     // of a lazy layer's attention and whose 4-bit rounding cost the most perplexity (KIVI's residual;
-    // kv_policy_lazy.cpp). 0 for every other store.
+    // kv_policy_lazy.cpp), and, where asked, a quantized full store's (kv_policy_full.cpp). 0 elsewhere.
     virtual uint32_t residual() const { return 0; }
     // Cells of each sequence's residual: residual() read by queries, as many again kept so that a rewind of
     // up to residual() + 1 tokens still finds every f16 key the next query reads (bit-identical to a fresh
@@ -63,7 +63,8 @@ public:
     }
 };
 
-std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx);
+// n_residual: f16 positions per sequence beside a quantized full store (kv_policy_full.cpp; 0: none).
+std::unique_ptr<KvPolicy> make_full_policy(uint32_t n_ctx, uint32_t n_residual = 0);
 // n_residual: f16 positions beside a quantized ring (0: none, e.g. an f16 ring).
 std::unique_ptr<KvPolicy> make_lazy_policy(uint32_t n_sink, uint32_t n_window, uint32_t n_ubatch, uint32_t n_residual);
 // A model's own sliding-window layers (gemma3): the same ring without sinks, kind "swa".

@@ -20,9 +20,10 @@ void create_probe_inputs(GraphBuild & b) {
     ggml_set_input(pg.ids);
     for (size_t gi = 0; gi < b.kv.groups().size(); ++gi) {
         const KvGroup & g = b.kv.groups()[gi];
-        // The probe runs on one sequence (Engine::decode checks), so a group has one span.
+        // The probe runs on one sequence (Engine::decode checks), so a group has one span. It reads the
+        // store's cells (a residual's f16 columns are left out: the same keys, less rounded).
         const bool full = g.policy->kind() == KvKind::Full && !g.layers.empty();
-        const uint32_t n_kv = full ? b.plan.groups[gi].spans.at(0).n_kv : 0;
+        const uint32_t n_kv = full ? b.plan.groups[gi].spans.at(0).n_store() : 0;
         ggml_tensor * all = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, n_kv, b.n_probe) : nullptr;
         ggml_tensor * win = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F16, n_kv, b.n_probe) : nullptr;
         ggml_tensor * in = full ? ggml_new_tensor_2d(b.ctx, GGML_TYPE_F32, n_kv, b.n_probe) : nullptr;
@@ -85,12 +86,12 @@ void ProbeAccumulator::set_inputs(const ProbeGraph & pg, const UbatchPlan & plan
         if (!pg.mask_all[gi]) continue;
         const GroupPlan & g = plan.groups[gi];  // the cells once the probed ubatch is written
         const AttnSpan & sp = g.spans.at(0);
-        const size_t n_sel = q_pos.size(), n_kv = sp.n_kv;
+        const size_t n_sel = q_pos.size(), n_kv = sp.n_store();
         // What the full layer's query sees, and the same trimmed to sinks + window (kv_mask.h's rule).
         std::vector<ggml_fp16_t> all(n_sel * n_kv), win(n_sel * n_kv);
-        fill_mask_rows(g.cells, sp.kv_lo, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
+        fill_mask_rows(g.cells, sp.kv_lo, q_pos.data(), q_seq.data(), n_sel, (uint32_t) n_kv,
                        [](int32_t, int32_t) { return true; }, all.data());
-        fill_mask_rows(g.cells, sp.kv_lo, q_pos.data(), q_seq.data(), n_sel, sp.n_kv,
+        fill_mask_rows(g.cells, sp.kv_lo, q_pos.data(), q_seq.data(), n_sel, (uint32_t) n_kv,
                        [&spec](int32_t q, int32_t k) { return in_sink_or_window(spec.n_sink, spec.n_window, q, k); },
                        win.data());
         std::vector<float> in(n_sel * n_kv);

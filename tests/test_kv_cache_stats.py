@@ -15,7 +15,8 @@ def pad256(n):
     return (n + 255) // 256 * 256
 
 
-def expected(hp, n_ctx, n_batch, n_ubatch, kv_type, lazy_layers, lazy_type, n_sink, n_window, lazy_residual=32):
+def expected(hp, n_ctx, n_batch, n_ubatch, kv_type, lazy_layers, lazy_type, n_sink, n_window, lazy_residual=32,
+             full_residual=32):
     n_kv = hp["head_dim"] * hp["n_head_kv"]
     layers = []
     for il in range(hp["n_layer"]):
@@ -23,8 +24,8 @@ def expected(hp, n_ctx, n_batch, n_ubatch, kv_type, lazy_layers, lazy_type, n_si
         cap = pad256(n_sink + n_window + min(n_ubatch, n_batch) - 1) if lazy else pad256(n_ctx)
         t = lazy_type if lazy else kv_type
         # a quantized ring also reads its last lazy_residual positions (at most the window) in f16, from a
-        # residual of twice as many cells (the rest for rewinds)
-        residual = min(lazy_residual, n_window) if lazy and t.startswith("q") else 0
+        # residual of twice as many cells (the rest for rewinds); a quantized full layer its last full_residual
+        residual = (min(lazy_residual, n_window) if lazy else min(full_residual, n_ctx)) if t.startswith("q") else 0
         layers.append({"layer": il, "kind": "lazy" if lazy else "full", "type_k": t, "type_v": t,
                        "capacity": cap, "residual": residual,
                        "bytes": 2 * cap * ROW_BYTES[t](n_kv) + 2 * 2 * residual * ROW_BYTES["f16"](n_kv),

@@ -147,8 +147,8 @@ def test_cli_info_shows_the_choice(tiny_model):
     path = tiny_model("llama")
     prof = _profile(path, {"q8_0/q4_0": [0.001, 0.5, 0.5, 0.5], "q4_0": [0.5] * 4, "lazy": [0.5, 0.5, 0.5, 0.0001]})
     saved = _save(prof, path, "cli")
-    r = subprocess.run([sys.executable, "-m", "py_simkv.cli", "info", path, "--n-ctx", "1024", "--n-window", "64",
-                        "--lazy-profile", saved, "--kv-fraction", "0.4"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "py_simkv.cli", "info", path, "--n-ctx", "4096", "--n-window", "64",
+                        "--lazy-profile", saved, "--kv-fraction", "0.41"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "predicted mean KLD" in r.stdout
     assert "layers 3       lazy" in r.stdout and "layers 0       full  K q8_0  V q4_0" in r.stdout

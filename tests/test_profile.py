@@ -28,7 +28,7 @@ def test_profile_holds_the_probe_scores(tiny_model, tiny_profile):
     assert prof.n_layer == 4 and len(prof.samples) == 4
     assert [s["source"].split("[")[0] for s in prof.samples] == ["prose", "code", "prose", "code"]
     assert prof.params == {"n_ctx": 256, "n_sink": 4, "n_window": 32, "w_last": 16, "loss_tokens": 128,  # half the sample
-                           "type_tokens": 128, "type_base": "q8_0", "lazy_type": "q4_0"}  # at most the scored tokens
+                           "type_tokens": 128, "type_base": "q8_0", "full_residual": 32}  # at most the scored tokens
     # Each sample's scores are what the probe reports for that sample.
     llm = Llama(tiny_model("llama"), n_ctx=256, n_threads=2)
     toks = llm.tokenize(TEXTS[0][1].encode(), add_bos=True)[:256]

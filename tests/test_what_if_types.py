@@ -84,3 +84,23 @@ def test_bad_what_if_types_are_refused_and_change_nothing(tiny_model):
     exact = Llama(path, n_ctx=256, n_threads=2, lazy_layers=[3], lazy_prefill="exact")
     with pytest.raises(ValueError, match="exact prefill"):
         lab.set_what_if_types(exact, {0: "q8_0"})
+
+
+def test_tokens_kept_while_types_are_set_are_refused_on_the_way_back(tiny_model):
+    # A store kept aside holds only what was written before: a context that kept tokens meanwhile cannot get
+    # it back (its layers would miss those positions); reset() ends the what-if with the context.
+    path = tiny_model("llama")
+    toks = _tokens(path, 80)
+    llm = Llama(path, n_ctx=256, n_threads=2)
+    llm.eval(toks[:40])
+    lab.set_what_if_types(llm, {1: "q4_0"})
+    llm.eval(toks[40:60])
+    with pytest.raises(ValueError, match="kept in the context"):
+        lab.set_what_if_types(llm, {})
+    llm.reset()
+    assert llm.kv_cache_stats()["layers"][1]["type_k"] == "f16"
+    lab.set_what_if_types(llm, {})
+    llm.eval(toks[:40])
+    fresh = Llama(path, n_ctx=256, n_threads=2)
+    fresh.eval(toks[:40])
+    assert np.array_equal(lab.what_if_nll(llm, toks[40:60]), lab.what_if_nll(fresh, toks[40:60]))

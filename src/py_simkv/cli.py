@@ -37,6 +37,8 @@ def _add_model_options(p: argparse.ArgumentParser, n_ctx_default=DEFAULTS.n_ctx,
                    help="layers with their own K/V types, whatever their kind, e.g. 0-3=q8_0,7=q8_0/q4_0")
     p.add_argument("--lazy-residual", type=int, default=DEFAULTS.lazy_residual, metavar="N",
                    help=f"most recent tokens a quantized lazy ring also keeps in f16 (default {DEFAULTS.lazy_residual})")
+    p.add_argument("--full-residual", type=int, default=DEFAULTS.full_residual, metavar="N",
+                   help=f"most recent tokens a quantized full layer also keeps in f16 (default {DEFAULTS.full_residual})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--lazy-profile", default="auto", metavar="PATH|auto",
                    help="choose lazy layers from a profile (default auto: MODEL.gguf.simkv.json beside the model, "
@@ -121,7 +123,7 @@ def _open(args, **extra):
         kw["seed"] = args.seed
     llm = Llama(path, n_ctx=args.n_ctx, n_threads=args.threads, **_devices(args), n_sink=args.n_sink,
                 n_window=args.n_window, type_k=args.type_k, type_v=args.type_v, lazy_type=args.lazy_type,
-                kv_types=args.kv_types, lazy_residual=args.lazy_residual, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode,
+                kv_types=args.kv_types, lazy_residual=args.lazy_residual, full_residual=args.full_residual, lazy_prefill=args.lazy_prefill, lazy_mode=args.lazy_mode,
                 **_lazy_choice(args), **kw)
     print(f"simkv: {_lazy_summary(llm, args)}", file=sys.stderr)
     return llm
@@ -152,7 +154,7 @@ def _kv_choice(args, path: str, model):
         raise ValueError(f"--kv-fraction/--kv-kld need a profile: none for {path}; run `simkv profile` first")
     return choose_kv(prof, model, args.n_ctx, fraction=args.kv_fraction, kld=args.kv_kld, type_k=args.type_k,
                      type_v=args.type_v, lazy_type=args.lazy_type, n_sink=args.n_sink, n_window=args.n_window,
-                     lazy_residual=args.lazy_residual, n_seq_max=getattr(args, "parallel", 1))
+                     lazy_residual=args.lazy_residual, full_residual=args.full_residual, n_seq_max=getattr(args, "parallel", 1))
 
 
 def _lazy_summary(llm, args) -> str:
@@ -307,7 +309,7 @@ def cmd_info(args) -> int:
         print(f"choice       {'--kv-fraction ' + str(args.kv_fraction) if args.kv_fraction is not None else '--kv-kld ' + str(args.kv_kld)}"
               f" from the profile: predicted mean KLD {kv.predicted_kld:.4f} from the f16 model (on its calibration text)")
     given = dict(type_k=args.type_k, type_v=args.type_v, lazy_layers=args.lazy_layers or [], lazy_type=args.lazy_type,
-                 kv_types=args.kv_types, n_sink=args.n_sink, n_window=args.n_window, lazy_residual=args.lazy_residual)
+                 kv_types=args.kv_types, n_sink=args.n_sink, n_window=args.n_window, lazy_residual=args.lazy_residual, full_residual=args.full_residual)
     rows.append(("as given: " + _config_label(args), given))
     base = kv_bytes(model, args.n_ctx)
     width = max(len(r[0]) for r in rows)
@@ -373,7 +375,7 @@ def cmd_profile(args) -> int:
     prof = profile_model(path, texts=texts, n_ctx=args.n_ctx, n_sink=args.n_sink, n_window=args.n_window,
                          w_last=args.w_last, max_samples=args.samples, loss_samples=args.loss_samples,
                          loss_tokens=args.loss_tokens, n_threads=args.threads, devices=_devices(args),
-                         race=args.race, type_tokens=args.type_tokens)
+                         race=args.race, type_tokens=args.type_tokens, type_samples=args.type_samples)
     crits = ["mass", "change"] + (["loss"] if prof.default_criterion == "loss" else [])
     means = {c: prof.mean(c) for c in crits}
     print(f"{'layer':>5}" + "".join(f"  {c:>7}" for c in crits))
@@ -387,6 +389,13 @@ def cmd_profile(args) -> int:
               f"{prof.select(criterion='loss')}")
     for c in crits:
         print(f"laziest half by {c + ':':<22}{prof.select(ratio=0.5, criterion=c)}")
+    if prof.has_types:
+        costs = prof.type_costs()
+        print("what each option adds to the all-q8_0 cache's divergence from the f16 model (nats x 1000; "
+              "--kv-fraction / --kv-kld choose from these):")
+        print(f"{'layer':>5}" + "".join(f"  {o:>9}" for o in costs))
+        for il in range(prof.n_layer):
+            print(f"{il:5d}" + "".join(f"  {1000 * costs[o][il]:9.2f}" for o in costs))
     out = args.output or default_profile_path(path)
     try:
         prof.save(out)
@@ -427,7 +436,7 @@ def cmd_serve(args) -> int:
                 path, model, choice["lazy_layers"], choice["lazy_profile"], choice["lazy_ratio"], choice["lazy_threshold"],
                 choice["lazy_criterion"], choice["lazy_budget"])[0] or []
         config = dict(type_k=args.type_k, type_v=args.type_v, kv_types=args.kv_types, lazy_layers=lazy, lazy_type=args.lazy_type, n_sink=args.n_sink,
-                      n_window=args.n_window, n_seq_max=args.parallel, lazy_residual=args.lazy_residual)
+                      n_window=args.n_window, n_seq_max=args.parallel, lazy_residual=args.lazy_residual, full_residual=args.full_residual)
         n_ctx = n_ctx_for_budget(model, int(args.kv_budget * 2**20), **config)
         if n_ctx == 0:
             raise ValueError(f"--kv-budget {args.kv_budget} MiB does not hold even the lazy rings of {args.parallel} slots")
@@ -526,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on each loss sample, score every layer's K/V options (q8_0, K q8_0 / V q4_0, q4_0, lazy) "
                          f"one layer at a time on N tokens, for --kv-fraction / --kv-kld (default {PROFILE_TYPE_TOKENS}; "
                          "0 = none)")
+    pr.add_argument("--type-samples", type=int, default=None, metavar="N",
+                    help="measure the K/V options on the first N loss samples only (default: every loss sample)")
     pr.add_argument("--no-race", dest="race", action="store_false",
                     help="measure every layer's loss on every loss sample (default: after the first sample, only "
                          "the layers still in the running; about 1.5x faster)")

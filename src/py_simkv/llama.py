@@ -95,7 +95,8 @@ class Llama:
     lazy_layers: indices of layers whose cache keeps only `n_sink` initial tokens plus a ring of the last
     `n_window` tokens, stored as `lazy_type`; a quantized ring also keeps its `lazy_residual` most recent
     tokens in f16 (they take most of a lazy layer's attention). The other layers keep all `n_ctx` tokens as
-    `type_k`/`type_v` (which may differ). kv_types gives layers their own K and V types, whatever their kind:
+    `type_k`/`type_v` (which may differ); a quantized full layer also keeps its `full_residual` most recent
+    tokens in f16 (0: none). kv_types gives layers their own K and V types, whatever their kind:
     {layer: "q8_0" or ("q8_0", "q4_0")}, a list with one entry per layer (None: the defaults), or the command
     line's form "0-3=q8_0,7=q8_0/q4_0" (kv_types.py).
     Or let a profile choose them (`simkv profile`): lazy_profile=PATH or "auto" (the MODEL.gguf.simkv.json
@@ -144,6 +145,7 @@ class Llama:
         lazy_type: str = DEFAULTS.lazy_type,
         kv_types=None,
         lazy_residual: int = DEFAULTS.lazy_residual,
+        full_residual: int = DEFAULTS.full_residual,
         lazy_profile: Optional[str] = None,
         lazy_ratio: Optional[float] = None,
         lazy_threshold: Optional[float] = None,
@@ -206,6 +208,7 @@ class Llama:
         settings = dict(n_batch=check_int("n_batch", n_batch), n_ubatch=check_int("n_ubatch", n_ubatch),
                         n_sink=check_int("n_sink", n_sink), n_window=check_int("n_window", n_window),
                         lazy_residual=check_int("lazy_residual", lazy_residual),
+                        full_residual=check_int("full_residual", full_residual),
                         type_k=cache_type_name("type_k", type_k, DEFAULTS.type_k),
                         type_v=cache_type_name("type_v", type_v, DEFAULTS.type_v),
                         lazy_type=check_str("lazy_type", lazy_type, "q4_0"),
@@ -258,7 +261,8 @@ class Llama:
             self.kv_choice = choose_kv(prof, self._model, config.n_ctx, fraction=kv_fraction, kld=kv_kld,
                                        n_sink=config.n_sink, n_window=config.n_window, lazy_type=config.lazy_type,
                                        type_k=config.type_k, type_v=config.type_v, n_ubatch=config.n_ubatch,
-                                       n_seq_max=config.n_seq_max, lazy_residual=config.lazy_residual)
+                                       n_seq_max=config.n_seq_max, lazy_residual=config.lazy_residual,
+                                       full_residual=config.full_residual)
             config.lazy_layers = self.kv_choice.lazy_layers
             config.layer_types = {**self.kv_choice.kv_types, **settings["layer_types"]}  # kv_types given win
         else:
@@ -285,6 +289,7 @@ class Llama:
         self.type_k, self.type_v, self.lazy_type = config.type_k, config.type_v, config.lazy_type
         self.kv_types = dict(config.layer_types)  # {layer: (K type, V type)}
         self.n_sink, self.n_window, self.lazy_residual = config.n_sink, config.n_window, config.lazy_residual
+        self.full_residual = config.full_residual
         self.lazy_prefill, self.lazy_mode = config.lazy_prefill, config.lazy_mode
         self.lazy_layers = sorted(config.lazy_layers)
         self.n_seq_max = config.n_seq_max

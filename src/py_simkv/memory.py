@@ -19,16 +19,19 @@ def layers_that_can_be_lazy(hparams: dict) -> List[int]:
 def kv_layers(model, n_ctx: int, type_k: str = DEFAULTS.type_k, type_v: Optional[str] = None,
               lazy_layers: Iterable[int] = (), lazy_type: str = DEFAULTS.lazy_type, kv_types=None,
               n_sink: int = DEFAULTS.n_sink, n_window: int = DEFAULTS.n_window, n_ubatch: int = DEFAULTS.n_ubatch,
-              n_seq_max: int = DEFAULTS.n_seq_max, lazy_residual: int = DEFAULTS.lazy_residual) -> List[dict]:
+              n_seq_max: int = DEFAULTS.n_seq_max, lazy_residual: int = DEFAULTS.lazy_residual,
+              full_residual: int = DEFAULTS.full_residual) -> List[dict]:
     """Each layer's KV store an engine with these settings allocates for `model` (a Llama, or a native model
     from `_native.load_model`): {layer, kind, type_k, type_v, bytes}. Full layers hold a pool of n_ctx cells
     shared by the sequences, ring layers (lazy, and a model's own sliding windows) one ring per sequence, and a
-    quantized lazy ring an f16 residual of its latest positions per sequence; type_v defaults to type_k, and
+    quantized lazy ring (and, with full_residual, a quantized full store) an f16 residual of its latest positions
+    per sequence; type_v defaults to type_k, and
     kv_types (kv_types.py) gives layers their own types. The engine's own plan: nothing is allocated."""
     native = getattr(model, "_model", model)
     cfg = engine_config(n_ctx=n_ctx, type_k=type_k, type_v=type_v or type_k, lazy_layers=list(lazy_layers),
                         lazy_type=lazy_type, layer_types=parse_kv_types(kv_types), n_sink=n_sink, n_window=n_window,
-                        n_batch=max(n_ubatch, 1), n_ubatch=n_ubatch, n_seq_max=n_seq_max, lazy_residual=lazy_residual)
+                        n_batch=max(n_ubatch, 1), n_ubatch=n_ubatch, n_seq_max=n_seq_max, lazy_residual=lazy_residual,
+                        full_residual=full_residual)
     return list(_native.planned_kv_layers(native, cfg))
 
 

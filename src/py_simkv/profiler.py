@@ -71,7 +71,7 @@ PROFILE_RACE_KEEP = (0.55, 0.4)
 # loss by less than its noise, but the divergence by 2-6x the noise.
 PROFILE_TYPE_TOKENS = 256
 TYPE_BASE = ("q8_0", "q8_0")
-TYPE_OPTIONS = (("q8_0", "q4_0"), ("q4_0", "q4_0"))  # beside the base and "lazy" (sinks + ring, lazy_type)
+TYPE_OPTIONS = (("q8_0", "q4_0"), ("q4_0", "q4_0"))  # beside the base and "lazy" (sinks + window)
 
 
 def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int = PROFILE_N_CTX,
@@ -79,7 +79,7 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
                   max_samples: int = PROFILE_SAMPLES, loss_samples: int = PROFILE_LOSS_SAMPLES,
                   loss_tokens: Optional[int] = None, n_threads: Optional[int] = None,
                   progress: bool = True, devices: Optional[dict] = None, race: bool = True,
-                  type_tokens: int = PROFILE_TYPE_TOKENS, lazy_type: str = DEFAULTS.lazy_type) -> LazyProfile:
+                  type_tokens: int = PROFILE_TYPE_TOKENS, type_samples: Optional[int] = None) -> LazyProfile:
     """Probe every layer (all full) on calibration samples of n_ctx tokens; return their scores.
 
     texts: strings or (source, text) pairs; default: the calibration set shipped with simkv.
@@ -88,14 +88,16 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     PROFILE_LOSS_TOKENS, at most half the sample) with each layer trimmed in turn, over the shared full prefix
     (n_layer + 1 evaluations of loss_tokens each); 0 = none. race: after the first loss sample, re-measure
     only the layers still in the running (PROFILE_RACE_KEEP); False: every layer on every loss sample.
-    type_tokens: on each loss sample, score every lazy-able layer's K/V options (TYPE_OPTIONS, and lazy with
-    a lazy_type ring) one at a time on that many tokens of the scored tail (kv_choice.py chooses from them);
-    0 = none.
+    type_tokens: on each loss sample (the first type_samples of them, if given), score every lazy-able layer's
+    K/V options (TYPE_OPTIONS, and lazy) one at a time on that many tokens of the scored tail (kv_choice.py
+    chooses from them); 0 = none. Quantized options keep the engine's default f16 residual (full_residual).
     devices: Llama's placement arguments (n_gpu_layers, main_gpu, rpc_servers, tensor_split)."""
     check_int("n_ctx", n_ctx, 2)
     check_int("w_last", w_last, 1)
     check_int("loss_samples", loss_samples, 0)
     check_int("type_tokens", type_tokens, 0)
+    if type_samples is not None:
+        check_int("type_samples", type_samples, 0)
     loss_tokens = min(PROFILE_LOSS_TOKENS, n_ctx // 2) if loss_tokens is None else check_int("loss_tokens", loss_tokens, 1)
     if w_last > n_ctx:
         raise ValueError(f"w_last ({w_last}) must not exceed n_ctx ({n_ctx})")
@@ -116,7 +118,8 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
     n_layer = llm.hparams["n_layer"]
     chosen = [list(layers)]  # per loss sample, the layers it measures (the first: all)
     type_tokens = min(type_tokens, loss_tokens)
-    planned = lambda: _planned_work(samples, n_loss, loss_tokens, layers, n_layer, race, chosen, type_tokens)
+    n_typed = n_loss if type_samples is None else min(type_samples, n_loss)
+    planned = lambda: _planned_work(samples, n_loss, loss_tokens, layers, n_layer, race, chosen, type_tokens, n_typed)
     meter = _Progress(planned(), progress, calibrates=n_loss > 0 and len(layers) > 1)
     results = []
     for k, (source, toks) in enumerate(samples):
@@ -134,9 +137,8 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
             for il in set(layers) - set(chosen[k]):
                 losses[il] = None  # not re-measured (racing)
             result = {"loss": losses}
-            if type_tokens:
-                result["types"] = _type_klds(llm, toks[prefix:prefix + type_tokens], layers, n_sink, n_window,
-                                             lazy_type, meter)
+            if type_tokens and k < n_typed:
+                result["types"] = _type_klds(llm, toks[prefix:prefix + type_tokens], layers, n_sink, n_window, meter)
         else:
             scores = llm.eval(toks, probe=probe)
             meter.add(len(toks), n_layer)
@@ -148,7 +150,8 @@ def profile_model(model_path: str, texts: Optional[Iterable] = None, n_ctx: int 
             chosen.append(_still_running([r["loss"] for r in results], chosen[k], n_next))
             meter.total = planned()
     meter.done()
-    types = {"type_tokens": type_tokens, "type_base": _option_name(TYPE_BASE), "lazy_type": lazy_type} if type_tokens and n_loss else {}
+    types = ({"type_tokens": type_tokens, "type_base": _option_name(TYPE_BASE), "full_residual": llm.full_residual}
+             if type_tokens and n_typed else {})
     return LazyProfile(model=llm.model_identity(),
                        params={"n_ctx": n_ctx, "n_sink": n_sink, "n_window": n_window, "w_last": w_last,
                                "loss_tokens": loss_tokens, **types},
@@ -167,7 +170,7 @@ def _still_running(losses: List[List[Optional[float]]], running: List[int], n: i
 
 
 def _planned_work(samples, n_loss: int, loss_tokens: int, layers: List[int], n_layer: int, race: bool,
-                  chosen: Sequence[List[int]], type_tokens: int = 0) -> "_Work":
+                  chosen: Sequence[List[int]], type_tokens: int = 0, n_typed: int = 0) -> "_Work":
     """The profile's work (_Work): a whole sample each, and per loss sample its what-ifs: of the layers in
     chosen[k] where known, else (racing) of as many layers as it will re-measure, at the average layer's
     cost."""
@@ -186,7 +189,7 @@ def _planned_work(samples, n_loss: int, loss_tokens: int, layers: List[int], n_l
             depths = [average] * _n_running(k, len(layers))
         for depth in depths:
             total.add(tail, depth)
-        if type_tokens:  # the f16 and the q8_0 runs, then each option of each layer from that layer up
+        if type_tokens and k < n_typed:  # the f16 and the q8_0 runs, then each option of each layer from it up
             total.add(type_tokens, 2 * n_layer)
             for il in layers:
                 total.add(type_tokens * (len(TYPE_OPTIONS) + 1), n_layer - il)
@@ -232,12 +235,12 @@ def _what_if(llm, tail, il: int, streams, n_sink: int, n_window: int) -> np.ndar
         return lab.what_if_nll(llm, tail, first_layer=il, hidden=streams[il])
 
 
-def _type_klds(llm, head, layers, n_sink: int, n_window: int, lazy_type: str, meter) -> dict:
+def _type_klds(llm, head, layers, n_sink: int, n_window: int, meter) -> dict:
     """KL divergence from the f16 model's next-token distributions over `head` (after the context llm
     holds, every layer full and f16) of the cache whose lazy-able layers hold TYPE_BASE ("base"), and of that
-    cache with one layer changed (each of TYPE_OPTIONS, and "lazy": trimmed to sinks + window with K/V of
-    lazy_type), per layer (NaN for layers that cannot be lazy). Each what-if starts at its layer, from the
-    stream the base run kept. Leaves every layer as it was."""
+    cache with one layer changed (each of TYPE_OPTIONS, with the f16 residual quantized full layers keep, and
+    "lazy": trimmed to sinks + window), per layer (NaN for layers that cannot be lazy). Each what-if starts at
+    its layer, from the stream the base run kept. Leaves every layer as it was."""
     n_layer = llm.hparams["n_layer"]
     reference = log_softmax(lab.what_if_nll(llm, head, logits=True).astype(np.float64))
     meter.add(len(head), n_layer)
@@ -253,7 +256,10 @@ def _type_klds(llm, head, layers, n_sink: int, n_window: int, lazy_type: str, me
         for il in layers:
             for o in options:
                 lazy = o == "lazy"
-                lab.set_what_if_types(llm, {**base_types, il: lazy_type if lazy else o})
+                # lazy: the layer trimmed to sinks + window in f16 (a ring's quantization, with its f16
+                # residual, is not measured: the "loss" criterion does the same)
+                lab.set_what_if_types(llm, {**{i: t for i, t in base_types.items() if not (lazy and i == il)},
+                                            **({} if lazy else {il: o})})
                 if lazy:
                     llm.set_masked_layers([il], n_sink=n_sink, n_window=n_window)
                 logits = lab.what_if_nll(llm, head, first_layer=il, hidden=streams[il], logits=True)
