@@ -300,7 +300,10 @@ void attend_tail(ggml_tensor * dst, int ith, int nth, void * ud) {
     const ggml_tensor * v = dst->src[2];
     const ggml_tensor * mask = dst->src[3];
     const int64_t d = q->ne[0], n_head = q->ne[1], n_tok = q->ne[2], n = k->ne[1], group = n_head / k->ne[2];
-    std::vector<float> qf((size_t) d), row((size_t) d), sc((size_t) n), acc((size_t) d);
+    thread_local std::vector<float> row, sc, acc;  // a thread's scratch, as attend_partials' (no allocation per step)
+    row.resize((size_t) d);
+    sc.resize((size_t) n);
+    acc.resize((size_t) d);
     for (int64_t r = ith; r < n_head * n_tok; r += nth) {
         const int64_t h = r % n_head, t = r / n_head, hk = h / group;
         const float * qr = (const float *) ((const char *) q->data + t * q->nb[2] + h * q->nb[1]);

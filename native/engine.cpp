@@ -292,13 +292,14 @@ void Engine::set_what_if_types(const std::vector<std::pair<int, KvTypes>> & laye
         check_cache_type(model_->hp(), types.v, "layer " + std::to_string(il) + "'s V type");
     }
     // A store kept aside holds only the positions written before it was: the context must be as it was then.
+    const bool typed = !kv_->retyped_layers().empty();
     bool kept_more = false;
-    for (size_t s = 0; s < n_past_.size() && !kv_->retyped_layers().empty(); ++s) kept_more = kept_more || n_past_[s] > what_if_from_[s];
+    for (size_t s = 0; typed && s < n_past_.size(); ++s) kept_more = kept_more || n_past_[s] > what_if_from_[s];
     if (kept_more) {
         throw BadInput("tokens were kept in the context while what-if types were set: the layers' own stores do not "
                        "hold them (evaluate only what-ifs then, or reset())");
     }
-    if (kv_->retyped_layers().empty()) what_if_from_ = n_past_;
+    if (!typed) what_if_from_ = n_past_;
     // Layers that keep the types they have keep their converted store (converting every layer for each
     // what-if would cost more than the what-if); the others get their own store back first.
     std::map<int, KvTypes> want(layers.begin(), layers.end());

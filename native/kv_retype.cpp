@@ -53,11 +53,10 @@ void KvCache::retype(const HParams & hp, int il, KvTypes types, uint32_t residua
         }
     }
     if (R) {  // the residual's rows from the source's (f16) cells of the same positions
-        const uint32_t C = dst.policy->residual_capacity();
         for (uint32_t seq = 0; seq < n_seq_; ++seq) {
             for (const auto & [pos, c] : src.cells.positions_of((int32_t) seq)) {
                 const uint32_t d = dst.policy->residual_cell((int32_t) seq, pos);
-                if (d < (seq + 1) * C && cells.residual_pos(d) == pos) {
+                if (cells.residual_pos(d) == pos) {
                     cc.res_src_cells.push_back((int32_t) c);
                     cc.res_dst_cells.push_back(d);
                 }
